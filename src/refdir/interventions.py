@@ -1,0 +1,185 @@
+"""Interventions on the refusal direction (paper §2.4): ablation, addition, orthogonalization.
+
+Hooks are plain PyTorch hooks placed through the :class:`~refdir.adapter.ModelAdapter`, inside
+context managers that always remove them. A direction may be one vector ``[d]`` or one vector
+per batch row ``[B, d]``: the latter lets selection score many candidates in one forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .adapter import ModelAdapter, _first_tensor, get_adapter, hidden_arg, replace_hidden_arg, replace_output
+from .errors import RefdirError
+
+
+def _as_rows(direction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast ``[d]`` or ``[B, d]`` against activations ``[B, T, d]``."""
+    r = direction.to(device=x.device, dtype=x.dtype)
+    if r.dim() == 1:
+        return r
+    if r.shape[0] != x.shape[0]:
+        raise RefdirError(f"per-row direction has {r.shape[0]} rows but the batch has {x.shape[0]}")
+    return r[:, None, :]  # [B, 1, d]
+
+
+def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """x - r r^T x for a unit direction r (``[d]`` or per-row ``[B, 1, d]``)."""
+    return x - (x * unit).sum(-1, keepdim=True) * unit
+
+
+def _unit(direction: torch.Tensor, d_model: int) -> torch.Tensor:
+    if direction.shape[-1] != d_model:
+        raise RefdirError(f"direction has size {direction.shape[-1]} but the model's d_model is {d_model}")
+    d = direction.double()
+    norm = d.norm(dim=-1, keepdim=True)
+    if not torch.isfinite(d).all() or (norm == 0).any():
+        raise RefdirError("direction contains NaN/inf or has zero norm")
+    return (d / norm).float()
+
+
+@contextlib.contextmanager
+def hooks(handles: list) -> Iterator[None]:
+    """Remove every hook handle on exit, whatever happens inside."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def directional_ablation(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
+    """Project the direction out of the residual stream at every layer and position.
+
+    Hooks the input of every decoder layer and the outputs of every attention and MLP write,
+    so no component can read or write along r. ``direction``: ``[d]`` or ``[B, d]``; normalized here.
+    """
+    ad = get_adapter(model)
+    unit = _unit(direction, ad.d_model).to(ad.device)
+
+    def pre(mod, args, kwargs):
+        x = hidden_arg(args, kwargs)
+        return replace_hidden_arg(args, kwargs, project_out(x, _as_rows(unit, x)))
+
+    def post(mod, args, out):
+        x = _first_tensor(out)
+        return replace_output(out, project_out(x, _as_rows(unit, x)))
+
+    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in ad.layers]
+    handles += [m.register_forward_hook(post) for m in ad.attn_write + ad.mlp_write]
+    with hooks(handles):
+        yield
+
+
+@contextlib.contextmanager
+def activation_addition(model: nn.Module, vector: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
+    """Add ``coeff * vector`` to the residual stream entering ``layer``, at every position.
+
+    The vector is *not* normalized: the paper adds the difference-in-means itself (norm and all).
+    ``vector``: ``[d]`` or ``[B, d]``.
+    """
+    ad = get_adapter(model)
+    if not 0 <= layer < ad.n_layers:
+        raise RefdirError(f"--layer {layer} is out of range: the model has layers 0..{ad.n_layers - 1}")
+    if vector.shape[-1] != ad.d_model:
+        raise RefdirError(f"direction has size {vector.shape[-1]} but the model's d_model is {ad.d_model}")
+    v = (coeff * vector.float()).to(ad.device)
+
+    def pre(mod, args, kwargs):
+        x = hidden_arg(args, kwargs)
+        return replace_hidden_arg(args, kwargs, x + _as_rows(v, x))
+
+    with hooks([ad.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)]):
+        yield
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a decoder layer whose output is injected later: returns its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def start_at_layer(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterator[None]:
+    """Run only layers >= ``layer``, feeding ``resid`` ``[B, T, d]`` as their input.
+
+    Activation addition at layer l leaves layers < l untouched, so selection computes that
+    prefix once per prompt and reuses it for every candidate at l (issue: performance).
+    """
+    ad = get_adapter(model)
+    saved = [ad.layers[i] for i in range(layer)]
+    for i in range(layer):
+        ad.layers[i] = _Passthrough()
+
+    def pre(mod, args, kwargs):
+        x = hidden_arg(args, kwargs)
+        return replace_hidden_arg(args, kwargs, resid.to(x.dtype).expand_as(x) if resid.shape[0] == 1 else resid.to(x.dtype))
+
+    handle = ad.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, m in enumerate(saved):
+            ad.layers[i] = m
+
+
+def _project_rows_out(weight: torch.Tensor, unit: torch.Tensor, out_dim: int) -> None:
+    """In place: remove the direction from the output space of a weight matrix.
+
+    ``out_dim`` is the axis of size d_model (0 for nn.Linear ``[out, in]``; 1 for Conv1D and
+    embeddings are handled by the caller passing the right axis).
+    """
+    w = weight.data
+    u = unit.to(device=w.device, dtype=torch.float64)
+    w64 = w.double()
+    if out_dim == 0:  # W [d, in]: W - r (r^T W)
+        w64 -= torch.outer(u, u @ w64)
+    else:  # W [n, d]: W - (W r) r^T
+        w64 -= torch.outer(w64 @ u, u)
+    w.copy_(w64.to(w.dtype))
+
+
+def _out_axis(m: nn.Module) -> int:
+    return 0 if isinstance(m, nn.Linear) else 1
+
+
+@torch.no_grad()
+def orthogonalize_weights(model: nn.Module, direction: torch.Tensor, allow_approximate: bool = False) -> nn.Module:
+    """Edit the weights in place so no component writes along r (paper Eq. 5).
+
+    Projects r out of the token (and position) embeddings and out of every attention-output and
+    MLP-output projection and its bias. With tied embeddings the unembedding is untied first, so
+    it keeps reading the original direction. Equal to :func:`directional_ablation` when the
+    projections write the residual stream directly; models whose writes pass through a norm
+    (Gemma 2/3, OLMo 2) raise unless ``allow_approximate``.
+    """
+    ad = get_adapter(model)
+    if not ad.linear_writes and not allow_approximate:
+        raise RefdirError(
+            f"{type(model).__name__} normalizes attention/MLP outputs before adding them to the residual stream, "
+            "so weight orthogonalization cannot equal ablation; pass --allow-approximate to edit the projections anyway")
+    unit = _unit(direction, ad.d_model)[0] if direction.dim() == 2 else _unit(direction, ad.d_model)
+    if ad.tied:
+        ad.unembed.weight = nn.Parameter(ad.unembed.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+        ad.tied = False
+    _project_rows_out(ad.embed.weight, unit, out_dim=1)  # [vocab, d]
+    if ad.pos_embed is not None:
+        _project_rows_out(ad.pos_embed.weight, unit, out_dim=1)
+    for m in ad.attn_out + ad.mlp_out:
+        _project_rows_out(m.weight, unit, out_dim=_out_axis(m))
+        if getattr(m, "bias", None) is not None:
+            b = m.bias.data
+            u = unit.to(b.device, torch.float64)
+            b.copy_((b.double() - (b.double() @ u) * u).to(b.dtype))
+    model._refdir_orthogonalized = True
+    return model

@@ -1,0 +1,396 @@
+"""``refdir run``: prompts -> activations -> candidates -> direction -> evaluations -> report.
+
+Each stage writes its artifact into the run folder (atomically) together with the hash of its
+inputs in ``stages.json``. A stage whose inputs are unchanged is reused; one whose inputs changed
+(model, data, sizes, seed, prompt format, refdir version, an upstream artifact) is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .activations import mean_activations
+from .data import Prompt, load_prompts, pool_after, split_prompts
+from .directions import Direction, candidate_directions, direction_from_candidates, load_direction
+from .errors import RefdirError
+from .evaluation import (condition, generate_judged, kl_and_ce, orthogonalized_copy, per_category, refusal_rate)
+from .io import load_tensors, save_tensors, write_json, write_jsonl
+from .models import DEFAULT_MODEL, load_model
+from .refusal import REFUSAL_PHRASES, derive_refusal_tokens, is_refusal, last_logits, refusal_metric
+from .selection import SelectionConfig, require_choice, select_direction
+from .templates import PromptFormat, format_prompt, post_instruction_tokens, tokenize_prompts
+
+RUN_FORMAT = 1
+
+PRESETS = {
+    # CPU-sized defaults (documented in the README): the paper's sizes, 64 new tokens.
+    "default": {},
+    "quick": {"n_train": 32, "n_val": 8, "n_eval": 16, "max_new_tokens": 24},
+    "paper": {"max_new_tokens": 512, "regenerate_ortho": True},
+}
+
+
+@dataclass
+class RunConfig:
+    model: str = DEFAULT_MODEL
+    harmful: str = "builtin:harmful"
+    harmless: str = "builtin:harmless"
+    eval_harmful: str | None = None  # default: held out from `harmful`
+    eval_harmless: str | None = None
+    n_train: int = 128
+    n_val: int = 32
+    n_eval: int = 100
+    seed: int = 42
+    system: str | None = None  # None: the template's own default system prompt
+    filter: str = "auto"  # auto | metric | generation | none
+    refusal_tokens: list[str] | None = None
+    max_new_tokens: int = 64
+    regenerate_ortho: bool = False
+    min_refusal_rate: float = 0.1
+    batch_size: int = 16
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["selection"] = self.selection.to_json()
+        return d
+
+    @property
+    def fmt(self) -> PromptFormat:
+        return PromptFormat(system=self.system)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class RunFolder:
+    """A run folder: one artifact per stage, and ``stages.json`` with each stage's input hash."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.stages_file = self.path / "stages.json"
+        self.stages = self._read_stages()
+
+    def _read_stages(self) -> dict:
+        if not self.stages_file.exists():
+            return {}
+        try:
+            data = json.loads(self.stages_file.read_text())
+        except json.JSONDecodeError:
+            raise RefdirError(f"{self.stages_file} is corrupt; delete the run folder or choose another --out") from None
+        if not isinstance(data, dict) or int(data.get("format", 1)) > RUN_FORMAT:
+            raise RefdirError(f"{self.path} was written by a newer refdir; upgrade refdir or choose another --out")
+        return data.get("stages", {})
+
+    def fresh(self, stage: str, key: str, *artifacts: str) -> bool:
+        """True when ``stage`` completed with the same inputs and its artifacts are all present."""
+        return self.stages.get(stage, {}).get("key") == key and all((self.path / a).exists() for a in artifacts)
+
+    def done(self, stage: str, key: str, seconds: float) -> None:
+        self.stages[stage] = {"key": key, "seconds": round(seconds, 2), "refdir": __version__}
+        write_json(self.stages_file, {"format": RUN_FORMAT, "stages": self.stages})
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def artifact_hash(self, name: str) -> str:
+        return _file_hash(self.path / name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: prompts (splits, filtering, refusal tokens)
+
+
+def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
+    harmful, harmless = load_prompts(cfg.harmful), load_prompts(cfg.harmless)
+    out = {}
+    for side, pool, ev in (("harmful", harmful, cfg.eval_harmful), ("harmless", harmless, cfg.eval_harmless)):
+        if ev is None:  # hold the eval set out of the training pool
+            (eval_set,) = split_prompts(pool, [cfg.n_eval], cfg.seed + 1, f"{side} ({getattr(cfg, side)})")
+            rest = pool_after(pool, [eval_set])
+        else:
+            eval_set = load_prompts(ev)[: cfg.n_eval]
+            rest = pool_after(pool, [eval_set])
+        (ordered,) = split_prompts(rest, [cfg.n_train + cfg.n_val], cfg.seed, f"{side} ({getattr(cfg, side)})")
+        refill = pool_after(rest, [ordered])
+        out[side] = ordered + refill  # candidates for train+val in order, refill pool after them
+        out[f"eval_{side}"] = eval_set
+    return out
+
+
+@torch.no_grad()
+def _first_logits_and_completions(model, tok, prompts: list[str], fmt: PromptFormat, n_new: int, bs: int):
+    """Greedy short completions plus the logits at the first generated position ``[N, V]``."""
+    dev = next(model.parameters()).device
+    logits, comps = [], []
+    from tqdm.auto import tqdm
+    for i in tqdm(range(0, len(prompts), bs), desc="screen prompts", leave=False):
+        b = tokenize_prompts(tok, prompts[i:i + bs], fmt, dev)
+        g = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=n_new,
+                           do_sample=False, pad_token_id=tok.pad_token_id, output_logits=True,
+                           return_dict_in_generate=True, temperature=None, top_p=None, top_k=None)
+        logits.append(g.logits[0].float())
+        comps += [tok.decode(r, skip_special_tokens=True) for r in g.sequences[:, b.input_ids.shape[1]:]]
+    return torch.cat(logits), comps
+
+
+def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
+    """Train/val/eval splits after the paper's filtering, the refusal tokens, and what was measured.
+
+    Filtering keeps harmful prompts the model refuses and harmless ones it answers. Two rules:
+    ``metric`` (refusal log-odds > 0 / < 0, the paper's) and ``generation`` (greedy completion
+    judged by refusal phrases). ``auto`` uses the metric rule when it agrees with generation on
+    at least 90% of the harmful prompts, and generation otherwise (on Qwen2.5-0.5B the metric keeps
+    11 of 128 harmful prompts although the model refuses about half).
+    """
+    sets = _load_sets(cfg)
+    need = cfg.n_train + cfg.n_val
+    harm, harmless = sets["harmful"], sets["harmless"]
+    if len(harm) < need or len(harmless) < need:
+        raise RefdirError(f"not enough prompts: need {need} train+val per side after holding out {cfg.n_eval} "
+                          f"for eval, have {len(harm)} harmful and {len(harmless)} harmless; lower the sizes")
+    n_new = 8
+    hl, hc = _first_logits_and_completions(model, tok, [p.instruction for p in harm], cfg.fmt, n_new, cfg.batch_size)
+    ll, lc = _first_logits_and_completions(model, tok, [p.instruction for p in harmless], cfg.fmt, n_new,
+                                           cfg.batch_size)
+    if cfg.refusal_tokens:
+        ids = [tok(t, add_special_tokens=False)["input_ids"][0] for t in cfg.refusal_tokens]
+        tok_info = {"tokens": cfg.refusal_tokens, "token_ids": ids, "source": "user"}
+    else:
+        ids, tok_info = derive_refusal_tokens(tok, hc[: cfg.n_train])
+        tok_info["source"] = "greedy refusals on harmful training prompts"
+    idt = torch.tensor(ids)
+    h_metric, l_metric = refusal_metric(hl, idt), refusal_metric(ll, idt)
+    h_gen = [is_refusal(c) for c in hc]
+    l_gen = [is_refusal(c) for c in lc]
+    gen_rate = sum(h_gen) / len(h_gen)
+    if gen_rate < cfg.min_refusal_rate:
+        raise RefdirError(
+            f"the model barely refuses: {sum(h_gen)} of {len(h_gen)} harmful prompts refused by greedy generation "
+            f"(< {cfg.min_refusal_rate:.0%}); there is no refusal behaviour to find a direction for")
+    m_keep_h = (h_metric > 0).tolist()
+    agreement = sum(a == b for a, b in zip(m_keep_h, h_gen)) / len(h_gen)
+    rule = cfg.filter if cfg.filter != "auto" else ("metric" if agreement >= 0.9 else "generation")
+    if rule == "metric":
+        keep_h, keep_l = m_keep_h, (l_metric < 0).tolist()
+    elif rule == "generation":
+        keep_h, keep_l = h_gen, [not r for r in l_gen]
+    elif rule == "none":
+        keep_h, keep_l = [True] * len(harm), [True] * len(harmless)
+    else:
+        raise RefdirError(f"unknown --filter '{cfg.filter}' (use auto, metric, generation or none)")
+
+    def pick(prompts, keep, side):
+        kept = [p for p, k in zip(prompts, keep) if k]
+        if len(kept) < need:  # not enough survive: top up with unfiltered prompts, in order
+            kept += [p for p, k in zip(prompts, keep) if not k][: need - len(kept)]
+        return kept[: cfg.n_train], kept[cfg.n_train:need], sum(keep)
+
+    htr, hva, hk = pick(harm, keep_h, "harmful")
+    ltr, lva, lk = pick(harmless, keep_l, "harmless")
+    example = format_prompt(tok, "<instruction>", cfg.fmt)
+    return {
+        "harmful_train": [p.to_json() for p in htr], "harmful_val": [p.to_json() for p in hva],
+        "harmless_train": [p.to_json() for p in ltr], "harmless_val": [p.to_json() for p in lva],
+        "eval_harmful": [p.to_json() for p in sets["eval_harmful"]],
+        "eval_harmless": [p.to_json() for p in sets["eval_harmless"]],
+        "refusal_tokens": tok_info,
+        "filter": {"rule": rule, "requested": cfg.filter, "metric_generation_agreement": round(agreement, 4),
+                   "harmful_pool": len(harm), "harmless_pool": len(harmless),
+                   "harmful_kept": hk, "harmless_kept": lk,
+                   "harmful_kept_by_metric": int(sum(m_keep_h)), "harmful_refused_by_generation": int(sum(h_gen)),
+                   "harmless_refused_by_generation": int(sum(l_gen)),
+                   "harmful_topped_up": max(0, need - hk), "harmless_topped_up": max(0, need - lk)},
+        "prompt_format": {**cfg.fmt.to_json(), "example": example,
+                          "post_instruction_tokens": post_instruction_tokens(tok, cfg.fmt)},
+    }
+
+
+def _instructions(items: list[dict]) -> list[str]:
+    return [x["instruction"] for x in items]
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=print, stop_after: str | None = None) -> dict:
+    """Run (or resume) every stage; returns the summary dict written to ``summary.json``."""
+    run = RunFolder(out)
+    t_start = time.time()
+    if model is None:
+        model, tok = load_model(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    spec = getattr(model, "refdir_spec", cfg.model)
+    base_key = {"model": spec, "refdir": __version__, "dtype": cfg.dtype, "system": cfg.system}
+
+    # 1. prompts
+    key1 = _hash({**base_key, "data": [cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless],
+                  "sizes": [cfg.n_train, cfg.n_val, cfg.n_eval], "seed": cfg.seed, "filter": cfg.filter,
+                  "refusal_tokens": cfg.refusal_tokens, "min_refusal_rate": cfg.min_refusal_rate})
+    t = time.time()
+    if run.fresh("prompts", key1, "prompts.json"):
+        log("prompts: reused")
+    else:
+        log("prompts: splitting, filtering and deriving refusal tokens")
+        write_json(run.file("prompts.json"), prepare_prompts(model, tok, cfg))
+        run.done("prompts", key1, time.time() - t)
+    write_json(run.file("config.json"), {"format": RUN_FORMAT, "refdir": __version__, **cfg.to_json(),
+                                         "model_spec": spec})
+    data = json.loads(run.file("prompts.json").read_text())
+    ref_ids = data["refusal_tokens"]["token_ids"]
+    if stop_after == "prompts":
+        return data
+
+    # 2. activations and candidates
+    key2 = _hash({"prompts": run.artifact_hash("prompts.json"), **base_key})
+    t = time.time()
+    if run.fresh("extract", key2, "candidates.safetensors"):
+        log("extract: reused")
+    else:
+        log("extract: mean activations at every layer and post-instruction position")
+        hb = tokenize_prompts(tok, _instructions(data["harmful_train"]), cfg.fmt)
+        lb = tokenize_prompts(tok, _instructions(data["harmless_train"]), cfg.fmt)
+        n_post = min(hb.n_post, lb.n_post)
+        mh = mean_activations(model, hb, n_post, cfg.batch_size, desc="extract harmful")
+        ml = mean_activations(model, lb, n_post, cfg.batch_size, desc="extract harmless")
+        save_tensors(run.file("candidates.safetensors"),
+                     {"candidates": candidate_directions(mh, ml), "mean_harmful": mh, "mean_harmless": ml},
+                     metadata={"model": spec})
+        run.done("extract", key2, time.time() - t)
+    candidates = load_tensors(run.file("candidates.safetensors"))["candidates"]
+    if stop_after == "extract":
+        return {"candidates": list(candidates.shape)}
+
+    # 3. selection
+    key3 = _hash({"candidates": run.artifact_hash("candidates.safetensors"), "sel": cfg.selection.to_json(),
+                  "prompts": run.artifact_hash("prompts.json"), **base_key})
+    t = time.time()
+    if run.fresh("select", key3, "selection.json", "direction.safetensors"):
+        log("select: reused")
+    else:
+        log(f"select: scoring {candidates.shape[0] * candidates.shape[1]} candidate directions")
+        hv = tokenize_prompts(tok, _instructions(data["harmful_val"]), cfg.fmt)
+        lv = tokenize_prompts(tok, _instructions(data["harmless_val"]), cfg.fmt)
+        res = select_direction(model, candidates, hv, lv, ref_ids, cfg.selection)
+        sel = res.to_json()
+        sel["seconds"] = round(time.time() - t, 2)
+        write_json(run.file("selection.json"), sel)
+        p, l = require_choice(res)
+        scores = {"bypass": float(res.bypass[p, l]), "induce": float(res.induce[p, l]), "kl": float(res.kl[p, l]),
+                  **res.baseline}
+        direction_from_candidates(candidates, p, l, spec, scores).save(run.file("direction"))
+        run.done("select", key3, time.time() - t)
+    direction = load_direction(run.path, expect_d_model=candidates.shape[-1])
+    if stop_after == "select":
+        return direction.meta()
+
+    # 4. evaluation
+    key4 = _hash({"direction": run.artifact_hash("direction.safetensors"), "prompts": run.artifact_hash("prompts.json"),
+                  "max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, **base_key})
+    t = time.time()
+    if run.fresh("evaluate", key4, "eval.json", "completions.jsonl"):
+        log("evaluate: reused")
+    else:
+        log("evaluate: generating completions under each condition")
+        ev, rows = evaluate_direction(model, tok, direction, data, cfg)
+        ev["seconds"] = round(time.time() - t, 2)
+        write_jsonl(run.file("completions.jsonl"), rows)
+        write_json(run.file("eval.json"), ev)
+        run.done("evaluate", key4, time.time() - t)
+    ev = json.loads(run.file("eval.json").read_text())
+
+    # 5. report
+    from .report import write_report
+    write_report(run.path)
+    summary = summarize(run.path)
+    summary["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
+    write_json(run.file("summary.json"), summary)
+    return summary
+
+
+def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunConfig) -> tuple[dict, list[dict]]:
+    """Refusal rates per condition, KL/CE on harmless prompts, and orthogonalization ≡ ablation."""
+    fmt, bs, n_new = cfg.fmt, cfg.batch_size, cfg.max_new_tokens
+    harm, harmless = data["eval_harmful"], data["eval_harmless"]
+    hp, hcat = _instructions(harm), [x.get("category") for x in harm]
+    lp, lcat = _instructions(harmless), [x.get("category") for x in harmless]
+    results: dict[str, dict] = {}
+    rows: list[dict] = []
+
+    def record(cond: str, split: str, items):
+        results.setdefault(split, {})[cond] = {"refusal_rate": refusal_rate(items), "n": len(items),
+                                               "per_category": per_category(items)}
+        rows.extend({"split": split, "condition": cond, "prompt": j.prompt, "category": j.category,
+                     "refused": j.refused, "completion": j.completion} for j in items)
+        return items
+
+    for cond in ("baseline", "ablation", "actadd-"):
+        with condition(model, cond, direction):
+            record(cond, "harmful", generate_judged(model, tok, hp, hcat, fmt, n_new, bs, f"harmful/{cond}"))
+    for cond in ("baseline", "actadd+"):
+        with condition(model, cond, direction):
+            record(cond, "harmless", generate_judged(model, tok, lp, lcat, fmt, n_new, bs, f"harmless/{cond}"))
+
+    # orthogonalized weights: equal to ablation on logits (always), regenerated with --preset paper
+    ortho = orthogonalized_copy(model, direction, allow_approximate=True)
+    from .adapter import get_adapter
+    exact = get_adapter(model).linear_writes
+    b = tokenize_prompts(tok, hp[:16], fmt)
+    with condition(model, "ablation", direction):
+        la = last_logits(model, b.input_ids, b.attention_mask)
+    lo = last_logits(ortho, b.input_ids, b.attention_mask)
+    ortho_check = {"max_abs_logit_diff_vs_ablation": float((la - lo).abs().max()), "n_prompts": b.input_ids.shape[0],
+                   "exact_by_construction": exact}
+    if cfg.regenerate_ortho:
+        record("ortho", "harmful", generate_judged(ortho, tok, hp, hcat, fmt, n_new, bs, "harmful/ortho"))
+    else:  # ortho ≡ ablation: the generated completions are those of ablation (checked on logits above)
+        results["harmful"]["ortho"] = {**results["harmful"]["ablation"], "from": "ablation (logit-equivalent)"}
+
+    # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
+    base_comps = [r["completion"] for r in rows if r["split"] == "harmless" and r["condition"] == "baseline"]
+    ctx = {"baseline": lambda: condition(model, "baseline", direction),
+           "ablation": lambda: condition(model, "ablation", direction),
+           "actadd+": lambda: condition(model, "actadd+", direction),
+           "ortho": lambda: condition(ortho, "baseline", direction)}
+    klce = kl_and_ce(model, tok, lp, base_comps, fmt, ctx, n_tokens=16, batch_size=bs, models={"ortho": ortho})
+    del ortho
+    ev = {"direction": direction.meta(), "refusal": results, "kl_ce_harmless": klce, "ortho_check": ortho_check,
+          "max_new_tokens": n_new, "refusal_phrases": list(REFUSAL_PHRASES)}
+    return ev, rows
+
+
+def summarize(run_path: Path) -> dict:
+    """The headline numbers of a finished run (printed as a table by the CLI)."""
+    ev = json.loads((run_path / "eval.json").read_text())
+    d = ev["direction"]
+    r = ev["refusal"]
+    klce = ev["kl_ce_harmless"]
+    return {
+        "model": json.loads((run_path / "config.json").read_text()).get("model_spec"),
+        "layer": d["layer"], "pos": d["pos"], "norm": round(d["norm"], 3),
+        "kl_selection": round(d["scores"].get("kl", float("nan")), 4),
+        "harmful_refusal": {c: round(v["refusal_rate"], 3) for c, v in r["harmful"].items()},
+        "harmless_refusal": {c: round(v["refusal_rate"], 3) for c, v in r["harmless"].items()},
+        "ce_harmless": {c: round(v["ce"], 4) for c, v in klce.items()},
+        "kl_harmless_first": {c: round(v["kl_first"], 4) for c, v in klce.items()},
+        "ortho_max_logit_diff": ev["ortho_check"]["max_abs_logit_diff_vs_ablation"],
+    }

@@ -1,0 +1,151 @@
+"""A self-contained ``report.html`` for a run folder: heatmaps, refusal bars, KL/CE table, examples.
+
+Images are PNGs embedded as base64; the page needs no network and no other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from .io import write_text
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def heatmaps(selection: dict, post_tokens: list[str] | None = None) -> str:
+    """Layer × position heatmaps of bypass, induce and KL (grey where not scored)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.2))
+    for ax, key, cmap in zip(axes, ("bypass", "induce", "kl"), ("RdBu_r", "RdBu_r", "viridis")):
+        arr = np.array([[np.nan if v is None else v for v in row] for row in selection[key]], dtype=float)
+        im = ax.imshow(arr, aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_facecolor("#ddd")
+        ax.set_title({"bypass": "bypass (refusal metric, ablated)", "induce": "induce (refusal metric, +r)",
+                      "kl": "KL on harmless (ablated)"}[key])
+        ax.set_xlabel("layer")
+        ax.set_yticks(range(arr.shape[0]))
+        ax.set_yticklabels([repr(t)[1:-1] for t in post_tokens] if post_tokens and len(post_tokens) == arr.shape[0]
+                           else [str(i - arr.shape[0]) for i in range(arr.shape[0])], fontsize=7)
+        if selection.get("chosen"):
+            p, l = selection["chosen"]
+            ax.scatter([l], [p], marker="*", s=140, c="gold", edgecolors="k")
+        fig.colorbar(im, ax=ax)
+    return _png(fig)
+
+
+def refusal_bars(refusal: dict) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, colors = [], [], []
+    for split, color in (("harmful", "#c0392b"), ("harmless", "#2471a3")):
+        for cond, m in refusal.get(split, {}).items():
+            labels.append(f"{split}\n{cond}")
+            values.append(m["refusal_rate"])
+            colors.append(color)
+    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 1, 3))
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("refusal rate (substring)")
+    for i, v in enumerate(values):
+        ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
+    return _png(fig)
+
+
+def _first_sentence(text: str, limit: int = 90) -> str:
+    line = " ".join(text.split())
+    for sep in (". ", "! ", "? ", ":"):
+        if sep in line:
+            line = line.split(sep)[0] + sep.strip()
+            break
+    return line[:limit] + ("…" if len(line) > limit else "")
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return "—" if math.isnan(v) else f"{v:.4f}"
+        return html.escape(str(v))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}
+th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}
+.note{color:#666;font-size:13px}"""
+
+
+def write_report(run_path: str | Path) -> Path:
+    """Render ``report.html`` from whatever artifacts the run folder holds."""
+    run = Path(run_path)
+    load = lambda n: json.loads((run / n).read_text()) if (run / n).exists() else None  # noqa: E731
+    cfg, prompts, sel, ev = load("config.json") or {}, load("prompts.json"), load("selection.json"), load("eval.json")
+    parts = [f"<h1>refdir report</h1><p>model <code>{html.escape(str(cfg.get('model_spec')))}</code>, "
+             f"refdir {html.escape(str(cfg.get('refdir')))}, seed {cfg.get('seed')}</p>"]
+    if prompts:
+        f = prompts["filter"]
+        pf = prompts["prompt_format"]
+        parts.append("<h2>Prompts</h2>" + _table(
+            ["split", "n"], [[k, len(prompts[k])] for k in ("harmful_train", "harmful_val", "harmless_train",
+                                                            "harmless_val", "eval_harmful", "eval_harmless")]))
+        parts.append(f"<p>Filter rule: <b>{f['rule']}</b> (requested {f['requested']}; metric/generation agreement "
+                     f"{f['metric_generation_agreement']:.2f}); harmful kept {f['harmful_kept']}/{f['harmful_pool']}, "
+                     f"harmless kept {f['harmless_kept']}/{f['harmless_pool']}. Refusal tokens: "
+                     f"<code>{html.escape(str(prompts['refusal_tokens']['tokens']))}</code>.</p>"
+                     f"<p>Exact prompt format:</p><pre>{html.escape(pf['example'])}</pre>"
+                     f"<p class=note>post-instruction tokens: {html.escape(str(pf['post_instruction_tokens']))}</p>")
+    if sel:
+        post = prompts["prompt_format"]["post_instruction_tokens"] if prompts else None
+        parts.append(f"<h2>Direction selection</h2><img src='{heatmaps(sel, post)}'>")
+        parts.append("<p class=note>Candidate outcomes: " + html.escape(json.dumps(sel["counts"])) +
+                     f"; baseline: {html.escape(json.dumps(sel['baseline']))}</p>")
+    if ev:
+        d = ev["direction"]
+        parts.append("<h2>Chosen direction</h2>" + _table(
+            ["layer", "pos", "norm", "bypass", "induce", "KL"],
+            [[d["layer"], d["pos"], d["norm"], d["scores"].get("bypass"), d["scores"].get("induce"),
+              d["scores"].get("kl")]]))
+        parts.append(f"<h2>Refusal rate per condition</h2><img src='{refusal_bars(ev['refusal'])}'>")
+        parts.append("<h2>KL and cross-entropy on harmless prompts</h2>" + _table(
+            ["condition", "KL first token", "KL mean (16 tok)", "CE on baseline completions"],
+            [[c, v["kl_first"], v["kl_mean"], v["ce"]] for c, v in ev["kl_ce_harmless"].items()]))
+        oc = ev["ortho_check"]
+        parts.append(f"<p>Orthogonalized weights vs hook ablation: max |Δlogit| = {oc['max_abs_logit_diff_vs_ablation']:.2e}"
+                     f" on {oc['n_prompts']} prompts (exact by construction: {oc['exact_by_construction']}).</p>")
+        if (run / "completions.jsonl").exists():
+            rows = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines() if x.strip()]
+            ex = []
+            for split, cond in (("harmful", "baseline"), ("harmful", "ablation"), ("harmless", "baseline"),
+                                ("harmless", "actadd+")):
+                for r in [r for r in rows if r["split"] == split and r["condition"] == cond][:3]:
+                    text = _first_sentence(r["completion"], 60 if split == "harmful" else 100)
+                    ex.append([split, cond, r["prompt"][:70], "yes" if r["refused"] else "no", text])
+            parts.append("<h2>Example completions</h2><p class=note>Cut to one line; harmful ones to their "
+                         "first sentence.</p>" + _table(["split", "condition", "prompt", "refused", "completion"], ex))
+    if (run / "suffix_analysis.json").exists():
+        parts.append("<h2>Adversarial suffix analysis</h2><p>See suffix_analysis.json.</p>")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>refdir report</title><style>{CSS}</style></head>" \
+           f"<body>{''.join(parts)}</body></html>"
+    out = run / "report.html"
+    write_text(out, page)
+    return out

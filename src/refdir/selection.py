@@ -1,0 +1,310 @@
+"""Select the refusal direction among the candidates (paper §2.3, App. C).
+
+For each candidate ``r[p, l]``:
+
+* ``bypass``: mean refusal metric on harmful validation prompts with r̂ ablated everywhere;
+* ``induce``: mean refusal metric on harmless validation prompts with r added at layer l;
+* ``kl``: KL(baseline || ablated) of the next-token distribution on harmless prompts.
+
+Filters: l < 0.8·L, KL < 0.1, induce > 0; the lowest bypass wins.
+
+Speed (issue: performance). Candidates are scored many per forward pass (one direction per
+batch row); only the last position is unembedded; harmful and harmless prompts can share one
+ablated pass; induce runs only layers >= l on a cached prefix. With ``prune`` (default), a
+*linear screen* orders all candidates at the cost of one forward+backward pass: to first order,
+ablating r̂ from every residual write w changes the refusal metric m by ``-r̂ᵀ M r̂`` with
+``M = Σ w (∂m/∂w)ᵀ`` summed over writes, positions and prompts (attribution patching). Full
+bypass scores are then computed in screen order, a chunk at a time, and KL/induce lazily in
+bypass order until a candidate passes every filter. ``exhaustive`` scores everything.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .activations import resid_pre_all
+from .adapter import get_adapter
+from .errors import RefdirError
+from .interventions import directional_ablation, start_at_layer
+from .refusal import batched_last_logits, last_logits, position_ids, refusal_metric
+from .templates import Batch
+
+
+@dataclass
+class SelectionConfig:
+    max_layer_frac: float = 0.8  # discard candidates from layers >= int(0.8 * L)
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    batch_rows: int = 64  # rows (candidate x prompt) per forward pass
+    prune: bool = True
+    chunk: int = 8  # candidates given a full bypass score per round, in screen order
+    exhaustive: bool = False  # score every candidate, late layers too (full heatmaps)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SelectionResult:
+    bypass: torch.Tensor  # [n_post, L], NaN where not scored
+    induce: torch.Tensor
+    kl: torch.Tensor
+    screen: torch.Tensor  # screened bypass [n_post, L], NaN where not screened
+    reasons: list[list[str]]  # [n_post][L]: "chosen", "ok", "layer", "kl", "induce", "pruned"
+    chosen: tuple[int, int] | None  # (pos_index, layer)
+    baseline: dict = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for row in self.reasons:
+            for r in row:
+                out[r] = out.get(r, 0) + 1
+        return out
+
+    def to_json(self) -> dict:
+        def clean(t: torch.Tensor) -> list:
+            return [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in t.tolist()]
+        return {"bypass": clean(self.bypass), "induce": clean(self.induce), "kl": clean(self.kl),
+                "screen": clean(self.screen), "reasons": self.reasons, "chosen": self.chosen,
+                "baseline": self.baseline, "counts": self.counts()}
+
+
+def _repeat(batch_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N, ...]`` -> ``[k*N, ...]``, candidate-major (rows c*N .. c*N+N-1 belong to candidate c)."""
+    return batch_ids.repeat(k, *([1] * (batch_ids.dim() - 1)))
+
+
+def _concat(a: Batch, b: Batch) -> Batch:
+    """Stack two left-padded batches into one (re-padding on the left)."""
+    t = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (t - x.shape[1], 0), value=value)
+    return Batch(torch.cat([pad(a.input_ids, 0), pad(b.input_ids, 0)]),  # pad ids are masked out
+                 torch.cat([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]), min(a.n_post, b.n_post))
+
+
+def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_base || P) per row; ``base_logp`` and ``logits`` ``[N, V]``."""
+    logp = torch.log_softmax(logits.double(), -1)
+    return (base_logp.exp() * (base_logp - logp)).sum(-1).float()
+
+
+class _Scorer:
+    """Holds the validation batches, their baselines and the per-layer prefix cache."""
+
+    def __init__(self, model, harmful: Batch, harmless: Batch, refusal_ids: list[int], cfg: SelectionConfig):
+        self.model, self.cfg = model, cfg
+        self.ad = get_adapter(model)
+        self.ids = torch.tensor(refusal_ids, device=self.ad.device)
+        self.harmful, self.harmless = harmful, harmless
+        self.both = _concat(harmful, harmless)
+        self.n_harm = harmful.input_ids.shape[0]
+        base_harmless = batched_last_logits(model, harmless, cfg.batch_rows)
+        self.base_logp = torch.log_softmax(base_harmless.double(), -1)  # [N, V]
+        base_harmful = batched_last_logits(model, harmful, cfg.batch_rows)
+        self.baseline = {"harmful_refusal_metric": float(refusal_metric(base_harmful, self.ids).mean()),
+                         "harmless_refusal_metric": float(refusal_metric(base_harmless, self.ids).mean())}
+        self._prefix: dict[int, torch.Tensor] = {}
+
+    def _prefix_at(self, layer: int) -> torch.Tensor:
+        """resid_pre of the harmless prompts at ``layer`` ``[N, T, d]`` (computed once per layer set)."""
+        if layer not in self._prefix:
+            self._prefix.update(resid_pre_all(self.model, self.harmless, list(range(self.ad.n_layers))))
+        return self._prefix[layer]
+
+    def ablation(self, units: torch.Tensor, batch: Batch, n: int | None = None) -> torch.Tensor:
+        """Last-position logits with a different unit direction per candidate: ``[K, n, V]``."""
+        n = n or batch.input_ids.shape[0]
+        ids, mask = batch.input_ids[:n], batch.attention_mask[:n]
+        per = max(1, self.cfg.batch_rows // n)
+        outs = []
+        for i in range(0, units.shape[0], per):
+            u = units[i:i + per]
+            k = u.shape[0]
+            rows = u.repeat_interleave(n, 0)  # [k*n, d]
+            with directional_ablation(self.model, rows):
+                outs.append(last_logits(self.model, _repeat(ids, k), _repeat(mask, k)).view(k, n, -1))
+        return torch.cat(outs)
+
+    def bypass_kl(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bypass ``[K]`` and KL ``[K]`` from one shared ablated pass over harmful + harmless prompts."""
+        logits = self.ablation(units, self.both)  # [K, Nh + Nl, V]
+        bypass = torch.stack([refusal_metric(x[: self.n_harm], self.ids).mean() for x in logits])
+        kl = torch.stack([_kl(self.base_logp, x[self.n_harm:]).mean() for x in logits])
+        return bypass, kl
+
+    def bypass(self, units: torch.Tensor) -> torch.Tensor:
+        """Full bypass score ``[K]``: mean refusal metric on harmful prompts with r̂ ablated."""
+        return torch.stack([refusal_metric(x, self.ids).mean() for x in self.ablation(units, self.harmful)])
+
+    def kl(self, units: torch.Tensor) -> torch.Tensor:
+        """KL(baseline || ablated) ``[K]`` on the harmless prompts' next-token distribution."""
+        return torch.stack([_kl(self.base_logp, x).mean() for x in self.ablation(units, self.harmless)])
+
+    def linear_screen(self, units: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """First-order estimate of the bypass score of every candidate ``[K]`` from one backward pass."""
+        ad = self.ad
+        d = ad.d_model
+        M = torch.zeros(d, d, dtype=torch.float64, device=ad.device)
+        base = []
+        acts: list[torch.Tensor] = []
+
+        def keep(mod, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            if not t.requires_grad:
+                t.requires_grad_(True)
+            t.retain_grad()
+            acts.append(t)
+
+        handles = [m.register_forward_hook(keep) for m in [ad.embed] + ad.attn_write + ad.mlp_write]
+        n = self.n_harm
+        try:
+            with torch.enable_grad():
+                for i in range(0, n, batch_size):
+                    acts.clear()
+                    ids = self.harmful.input_ids[i:i + batch_size]
+                    mask = self.harmful.attention_mask[i:i + batch_size]
+                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                                     use_cache=False, logits_to_keep=1)
+                    m = refusal_metric(out.logits[:, -1, :], self.ids)
+                    base.append(m.detach())
+                    m.sum().backward()
+                    for t in acts:
+                        if t.grad is not None:
+                            M += t.detach().reshape(-1, d).double().T @ t.grad.reshape(-1, d).double()
+        finally:
+            for h in handles:
+                h.remove()
+            acts.clear()
+        u = units.double()
+        delta = -((u @ M) * u).sum(-1) / n  # [K]
+        return (torch.cat(base).mean().double() + delta).float()
+
+    def induce(self, vectors: torch.Tensor, layer: int) -> torch.Tensor:
+        """Refusal metric on harmless prompts with each vector added at ``layer`` ``[K]``."""
+        prefix = self._prefix_at(layer)  # [N, T, d]
+        n = prefix.shape[0]
+        per = max(1, self.cfg.batch_rows // n)
+        out = []
+        for i in range(0, vectors.shape[0], per):
+            v = vectors[i:i + per]
+            k = v.shape[0]
+            resid = _repeat(prefix, k) + v.repeat_interleave(n, 0)[:, None, :].to(prefix.dtype)
+            with start_at_layer(self.model, layer, resid):
+                logits = last_logits(self.model, _repeat(self.harmless.input_ids, k),
+                                     _repeat(self.harmless.attention_mask, k))
+            out.append(refusal_metric(logits, self.ids).view(k, n).mean(1))
+        return torch.cat(out)
+
+
+def select_direction(model, candidates: torch.Tensor, harmful_val: Batch, harmless_val: Batch,
+                     refusal_ids: list[int], cfg: SelectionConfig = SelectionConfig(),
+                     progress: bool = True) -> SelectionResult:
+    """Score candidates ``[n_post, L, d]`` and choose one (see the module docstring)."""
+    n_post, n_layers, _ = candidates.shape
+    scorer = _Scorer(model, harmful_val, harmless_val, refusal_ids, cfg)
+    nan = lambda: torch.full((n_post, n_layers), float("nan"))  # noqa: E731
+    bypass, induce, kl, screen = nan(), nan(), nan(), nan()
+    max_layer = int(n_layers * cfg.max_layer_frac)
+    allc = [(p, l) for l in range(n_layers) for p in range(n_post)]
+    norms = candidates.norm(dim=-1)  # [n_post, L]
+    # layer-0 candidates at template positions are exactly zero (same tokens, same embeddings)
+    nonzero = norms > 1e-6 * float(norms.max().clamp_min(1e-30))
+    allc = [c for c in allc if nonzero[c]]
+    eligible = [(p, l) for p, l in allc if l < max_layer]
+    units = candidates / norms[..., None].clamp_min(1e-12)
+
+    def score(cands: list[tuple[int, int]], what: tuple[str, ...]) -> None:
+        """Fill the requested score tables for ``cands`` (induce grouped by layer for the prefix cache)."""
+        if not cands:
+            return
+        u = torch.stack([units[p, l] for p, l in cands])
+        if "bypass" in what and "kl" in what:
+            b, k = scorer.bypass_kl(u)
+        else:
+            b = scorer.bypass(u) if "bypass" in what else None
+            k = scorer.kl(u) if "kl" in what else None
+        for j, (p, l) in enumerate(cands):
+            if b is not None:
+                bypass[p, l] = b[j]
+            if k is not None:
+                kl[p, l] = k[j]
+        if "induce" in what:
+            for l in sorted({l for _, l in cands}):
+                at = [p for p, ll in cands if ll == l]
+                ind = scorer.induce(torch.stack([candidates[p, l] for p in at]), l)
+                for j, p in enumerate(at):
+                    induce[p, l] = ind[j]
+
+    def passes(p: int, l: int) -> bool:
+        return bool(kl[p, l] < cfg.kl_threshold and induce[p, l] > cfg.induce_threshold)
+
+    todo = allc if cfg.exhaustive else eligible
+    if cfg.exhaustive or not cfg.prune:
+        for i in tqdm(range(0, len(todo), cfg.chunk), desc="select", disable=not progress, leave=False):
+            score(todo[i:i + cfg.chunk], ("bypass", "kl", "induce"))
+    else:
+        sc = scorer.linear_screen(torch.stack([units[p, l] for p, l in eligible]))
+        for j, (p, l) in enumerate(eligible):
+            screen[p, l] = sc[j]
+        order = [eligible[j] for j in torch.argsort(sc).tolist()]
+        done = False
+        bar = tqdm(total=len(order), desc="select", disable=not progress, leave=False)
+        for i in range(0, len(order), cfg.chunk):
+            part = order[i:i + cfg.chunk]
+            score(part, ("bypass",))
+            bar.update(len(part))
+            # lazily check the filters in increasing bypass over everything scored so far
+            scored = sorted(order[: i + cfg.chunk], key=lambda c: float(bypass[c]))
+            for c in scored:
+                if math.isnan(float(kl[c])):
+                    score([c], ("kl", "induce"))
+                if passes(*c):
+                    done = True
+                    break
+            if done:
+                break
+        bar.close()
+
+    reasons = [["" for _ in range(n_layers)] for _ in range(n_post)]
+    best, best_score = None, float("inf")
+    for p, l in [(p, l) for l in range(n_layers) for p in range(n_post)]:
+        if not nonzero[p, l]:
+            reasons[p][l] = "zero"
+        elif l >= max_layer:
+            reasons[p][l] = "layer"
+        elif math.isnan(float(bypass[p, l])):
+            reasons[p][l] = "pruned"
+        elif math.isnan(float(kl[p, l])):
+            reasons[p][l] = "pruned"  # bypass known, but a better-bypass candidate already passed
+        elif not kl[p, l] < cfg.kl_threshold:
+            reasons[p][l] = "kl"
+        elif not induce[p, l] > cfg.induce_threshold:
+            reasons[p][l] = "induce"
+        else:
+            reasons[p][l] = "ok"
+            if float(bypass[p, l]) < best_score:
+                best, best_score = (p, l), float(bypass[p, l])
+    if best is not None:
+        reasons[best[0]][best[1]] = "chosen"
+    return SelectionResult(bypass, induce, kl, screen, reasons, best, scorer.baseline)
+
+
+def explain_no_choice(result: SelectionResult) -> str:
+    """One line saying which filter removed how many candidates."""
+    c = result.counts()
+    return (f"every candidate direction was filtered out: {c.get('layer', 0)} by layer >= 0.8L, "
+            f"{c.get('kl', 0)} by KL >= threshold, {c.get('induce', 0)} by induce <= threshold, "
+            f"{c.get('pruned', 0)} pruned; the model may not refuse (check the baseline refusal rate) "
+            "or try --kl-threshold / --no-prune")
+
+
+def require_choice(result: SelectionResult) -> tuple[int, int]:
+    if result.chosen is None:
+        raise RefdirError(explain_no_choice(result))
+    return result.chosen
