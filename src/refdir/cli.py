@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--filter", default="auto", choices=["auto", "metric", "generation", "none"])
     r.add_argument("--refusal-tokens", nargs="+", default=None, help="override the derived refusal tokens")
     r.add_argument("--kl-threshold", type=float, default=0.1)
-    r.add_argument("--induce-threshold", type=float, default=0.0)
+    r.add_argument("--induce-threshold", type=float, default=None,
+                   help="induce filter (default: the model's calibrated refusal log-odds; the paper uses 0)")
     r.add_argument("--min-refusal-rate", type=float, default=0.1,
                    help="stop when the model refuses fewer harmful prompts than this (no direction to find)")
     r.add_argument("--no-prune", action="store_true", help="score every eligible candidate fully")

@@ -71,12 +71,12 @@ def _parse_jsonl(text: str, name: str, field: str) -> list[Prompt]:
 
 
 def _parse_csv(text: str, name: str, field: str) -> list[Prompt]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or field not in reader.fieldnames:
-        raise RefdirError(f"{name}: no column '{field}' (columns: {', '.join(reader.fieldnames or [])}); "
-                          "use --field to name the instruction column")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     out = []
     try:
+        if not reader.fieldnames or field not in reader.fieldnames:
+            raise RefdirError(f"{name}: no column '{field}' (columns: {', '.join(reader.fieldnames or [])}); "
+                              "use --field to name the instruction column")
         for row in reader:
             if row.get(field) is None:
                 raise RefdirError(f"{name}: malformed CSV on line {reader.line_num}: missing '{field}' value")

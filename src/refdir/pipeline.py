@@ -57,7 +57,7 @@ class RunConfig:
     batch_size: int = 16
     dtype: str = "float32"
     trust_remote_code: bool = False
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(induce_threshold=None))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -168,16 +168,25 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
     if len(harm) < need or len(harmless) < need:
         raise RefdirError(f"not enough prompts: need {need} train+val per side after holding out {cfg.n_eval} "
                           f"for eval, have {len(harm)} harmful and {len(harmless)} harmless; lower the sizes")
-    n_new = 8
-    hl, hc = _first_logits_and_completions(model, tok, [p.instruction for p in harm], cfg.fmt, n_new, cfg.batch_size)
+    n_new = 8  # "I'm sorry, but I can't" fits: enough to judge a refusal
+    # screen only as many prompts as filtering is likely to need (the rest is the refill pool)
+    head = min(len(harm), max(2 * need, 64))
+    hl, hc = _first_logits_and_completions(model, tok, [p.instruction for p in harm[:head]], cfg.fmt, n_new,
+                                           cfg.batch_size)
+    if sum(map(is_refusal, hc)) < need and head < len(harm):
+        tl, tc = _first_logits_and_completions(model, tok, [p.instruction for p in harm[head:]], cfg.fmt, n_new,
+                                               cfg.batch_size)
+        hl, hc = torch.cat([hl, tl]), hc + tc
+    harm = harm[: len(hc)]
+    harmless = harmless[: min(len(harmless), need + max(need // 4, 8))]  # models rarely refuse these
     ll, lc = _first_logits_and_completions(model, tok, [p.instruction for p in harmless], cfg.fmt, n_new,
                                            cfg.batch_size)
     if cfg.refusal_tokens:
         ids = [tok(t, add_special_tokens=False)["input_ids"][0] for t in cfg.refusal_tokens]
         tok_info = {"tokens": cfg.refusal_tokens, "token_ids": ids, "source": "user"}
     else:
-        ids, tok_info = derive_refusal_tokens(tok, hc[: cfg.n_train])
-        tok_info["source"] = "greedy refusals on harmful training prompts"
+        ids, tok_info = derive_refusal_tokens(tok, hc)
+        tok_info["source"] = "greedy refusals on the screened harmful training pool"
     idt = torch.tensor(ids)
     h_metric, l_metric = refusal_metric(hl, idt), refusal_metric(ll, idt)
     h_gen = [is_refusal(c) for c in hc]
@@ -190,6 +199,9 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
     m_keep_h = (h_metric > 0).tolist()
     agreement = sum(a == b for a, b in zip(m_keep_h, h_gen)) / len(h_gen)
     rule = cfg.filter if cfg.filter != "auto" else ("metric" if agreement >= 0.9 else "generation")
+    tau, tau_acc = calibrate_threshold(torch.cat([h_metric, l_metric]), h_gen + l_gen)
+    if rule == "metric" and agreement >= 0.9:
+        tau = 0.0  # the paper's threshold is calibrated for this model: keep it
     if rule == "metric":
         keep_h, keep_l = m_keep_h, (l_metric < 0).tolist()
     elif rule == "generation":
@@ -214,8 +226,11 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
         "eval_harmful": [p.to_json() for p in sets["eval_harmful"]],
         "eval_harmless": [p.to_json() for p in sets["eval_harmless"]],
         "refusal_tokens": tok_info,
+        # log-odds above which the model's own generations are refusals: the induce threshold
+        "metric_threshold": round(float(tau), 4),
+        "metric_threshold_accuracy": round(float(tau_acc), 4),
         "filter": {"rule": rule, "requested": cfg.filter, "metric_generation_agreement": round(agreement, 4),
-                   "harmful_pool": len(harm), "harmless_pool": len(harmless),
+                   "harmful_screened": len(harm), "harmless_screened": len(harmless),
                    "harmful_kept": hk, "harmless_kept": lk,
                    "harmful_kept_by_metric": int(sum(m_keep_h)), "harmful_refused_by_generation": int(sum(h_gen)),
                    "harmless_refused_by_generation": int(sum(l_gen)),
@@ -223,6 +238,20 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
         "prompt_format": {**cfg.fmt.to_json(), "example": example,
                           "post_instruction_tokens": post_instruction_tokens(tok, cfg.fmt)},
     }
+
+
+def calibrate_threshold(metric: torch.Tensor, refused: list[bool]) -> tuple[float, float]:
+    """The refusal-metric threshold that best separates generated refusals from answers.
+
+    The paper's 0 assumes P(refusal tokens) > 0.5 when the model refuses; weak models refuse with
+    P("I") of 0.2-0.5, so the calibrated threshold is what "induce" has to exceed for them.
+    Returns (threshold, accuracy of ``metric > threshold`` against the generations).
+    """
+    vals = sorted(set(metric.tolist()))
+    cuts = [vals[0] - 1.0] + [(a + b) / 2 for a, b in zip(vals, vals[1:])] + [vals[-1] + 1.0]
+    y = torch.tensor(refused)
+    best = max(((float((((metric > c) == y).float()).mean()), -abs(c), c) for c in cuts))
+    return best[2], best[0]
 
 
 def _instructions(items: list[dict]) -> list[str]:
@@ -290,9 +319,13 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         log(f"select: scoring {candidates.shape[0] * candidates.shape[1]} candidate directions")
         hv = tokenize_prompts(tok, _instructions(data["harmful_val"]), cfg.fmt)
         lv = tokenize_prompts(tok, _instructions(data["harmless_val"]), cfg.fmt)
-        res = select_direction(model, candidates, hv, lv, ref_ids, cfg.selection)
+        sel_cfg = cfg.selection
+        if sel_cfg.induce_threshold is None:  # auto: the calibrated refusal threshold of this model
+            sel_cfg = SelectionConfig(**{**sel_cfg.to_json(), "induce_threshold": data["metric_threshold"]})
+        res = select_direction(model, candidates, hv, lv, ref_ids, sel_cfg)
         sel = res.to_json()
         sel["seconds"] = round(time.time() - t, 2)
+        sel["config"] = sel_cfg.to_json()
         write_json(run.file("selection.json"), sel)
         p, l = require_choice(res)
         scores = {"bypass": float(res.bypass[p, l]), "induce": float(res.induce[p, l]), "kl": float(res.kl[p, l]),

@@ -109,8 +109,8 @@ def write_report(run_path: str | Path) -> Path:
             ["split", "n"], [[k, len(prompts[k])] for k in ("harmful_train", "harmful_val", "harmless_train",
                                                             "harmless_val", "eval_harmful", "eval_harmless")]))
         parts.append(f"<p>Filter rule: <b>{f['rule']}</b> (requested {f['requested']}; metric/generation agreement "
-                     f"{f['metric_generation_agreement']:.2f}); harmful kept {f['harmful_kept']}/{f['harmful_pool']}, "
-                     f"harmless kept {f['harmless_kept']}/{f['harmless_pool']}. Refusal tokens: "
+                     f"{f['metric_generation_agreement']:.2f}); harmful kept {f['harmful_kept']}/{f['harmful_screened']}, "
+                     f"harmless kept {f['harmless_kept']}/{f['harmless_screened']}. Refusal tokens: "
                      f"<code>{html.escape(str(prompts['refusal_tokens']['tokens']))}</code>.</p>"
                      f"<p>Exact prompt format:</p><pre>{html.escape(pf['example'])}</pre>"
                      f"<p class=note>post-instruction tokens: {html.escape(str(pf['post_instruction_tokens']))}</p>")

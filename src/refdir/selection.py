@@ -38,7 +38,7 @@ from .templates import Batch
 class SelectionConfig:
     max_layer_frac: float = 0.8  # discard candidates from layers >= int(0.8 * L)
     kl_threshold: float = 0.1
-    induce_threshold: float = 0.0
+    induce_threshold: float | None = 0.0  # None: calibrated per model by the pipeline
     batch_rows: int = 64  # rows (candidate x prompt) per forward pass
     prune: bool = True
     chunk: int = 8  # candidates given a full bypass score per round, in screen order
@@ -259,12 +259,14 @@ def select_direction(model, candidates: torch.Tensor, harmful_val: Batch, harmle
             part = order[i:i + cfg.chunk]
             score(part, ("bypass",))
             bar.update(len(part))
-            # lazily check the filters in increasing bypass over everything scored so far
+            # check the filters lazily, in increasing bypass over everything scored so far:
+            # induce first (cheap: only layers >= l run), KL only where induce passes
             scored = sorted(order[: i + cfg.chunk], key=lambda c: float(bypass[c]))
-            for c in scored:
-                if math.isnan(float(kl[c])):
-                    score([c], ("kl", "induce"))
-                if passes(*c):
+            for k in range(0, len(scored), cfg.chunk):
+                group = scored[k:k + cfg.chunk]
+                score([c for c in group if math.isnan(float(induce[c]))], ("induce",))
+                score([c for c in group if induce[c] > cfg.induce_threshold and math.isnan(float(kl[c]))], ("kl",))
+                if any(passes(*c) for c in group):
                     done = True
                     break
             if done:
@@ -280,12 +282,14 @@ def select_direction(model, candidates: torch.Tensor, harmful_val: Batch, harmle
             reasons[p][l] = "layer"
         elif math.isnan(float(bypass[p, l])):
             reasons[p][l] = "pruned"
-        elif math.isnan(float(kl[p, l])):
+        elif math.isnan(float(induce[p, l])):
             reasons[p][l] = "pruned"  # bypass known, but a better-bypass candidate already passed
-        elif not kl[p, l] < cfg.kl_threshold:
-            reasons[p][l] = "kl"
         elif not induce[p, l] > cfg.induce_threshold:
             reasons[p][l] = "induce"
+        elif math.isnan(float(kl[p, l])):
+            reasons[p][l] = "pruned"
+        elif not kl[p, l] < cfg.kl_threshold:
+            reasons[p][l] = "kl"
         else:
             reasons[p][l] = "ok"
             if float(bypass[p, l]) < best_score:

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Fresh machine -> passing tests: a venv with the CPU torch build, refdir, test deps and the small
+# offline model (for the end-to-end test), then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test,models-small]"
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,89 @@
+import pytest
+import torch
+from torch import nn
+
+from refdir.adapter import build_adapter, get_adapter
+from refdir.errors import RefdirError
+from refdir.templates import PromptFormat, format_prompt, post_instruction_count, post_instruction_tokens
+from tiny import FAMILIES, make_tokenizer, tiny_model
+
+SANDWICH = {"gemma2", "gemma3", "olmo2"}
+
+
+def test_at_least_eight_families():
+    assert len(FAMILIES) >= 8
+
+
+def test_adapter_finds_every_part(tiny, family):
+    model, _ = tiny
+    ad = get_adapter(model)
+    assert ad.n_layers == 4 and ad.d_model == 64
+    assert len(ad.attn_out) == len(ad.mlp_out) == 4
+    assert ad.linear_writes == (family not in SANDWICH)
+    # the writes really are what changes the residual stream: ablating r from them (and the
+    # embedding) leaves every layer output orthogonal to r
+    from refdir.interventions import directional_ablation
+    r = torch.randn(64)
+    outs = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in ad.layers]
+    with directional_ablation(model, r):
+        model(input_ids=torch.arange(3, 12)[None])
+    for h in hooks:
+        h.remove()
+    for o in outs:
+        assert (o @ (r / r.norm())).abs().max() < 1e-4
+
+
+def test_unknown_architecture_is_a_clear_error():
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"hidden_size": 8, "num_hidden_layers": 2})()
+            self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    with pytest.raises(RefdirError, match="unsupported architecture"):
+        build_adapter(Weird())
+
+
+@pytest.mark.parametrize("template,expected", [
+    ("chatml", ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]),
+    ("llama3", ["<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n\n"]),
+    ("gemma", ["<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]),
+    ("phi3", ["<|end|>", "\n", "<|assistant|>", "\n"]),
+    ("llama2", [" [/INST]"]),
+])
+def test_post_instruction_tokens_per_template(template, expected):
+    tok = make_tokenizer(template)
+    got = post_instruction_tokens(tok, PromptFormat())
+    assert "".join(got) == "".join(expected)
+    assert "color" not in "".join(got)
+
+
+@pytest.mark.parametrize("instruction", ["Name a color", "Ends with a space ", "Ends in digits 42", "Quote'",
+                                         "Ends with ]", "x"])
+def test_post_instruction_boundary_never_includes_instruction_text(instruction):
+    tok = make_tokenizer("llama2")
+    text = format_prompt(tok, instruction)
+    n = post_instruction_count(tok, text, instruction.strip())
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    post = tok.decode(ids[len(ids) - n:])
+    assert post.strip() == "[/INST]"
+
+
+def test_missing_chat_template_is_a_clear_error():
+    tok = make_tokenizer("chatml")
+    tok.chat_template = None
+    with pytest.raises(RefdirError, match="no chat template"):
+        format_prompt(tok, "hi")
+
+
+def test_template_without_system_role_merges_the_system_prompt():
+    tok = make_tokenizer("gemma")
+    text = format_prompt(tok, "Name a color.", PromptFormat(system="Be brief."))
+    assert "Be brief." in text and "Name a color." in text
+
+
+def test_family_templates_give_post_positions(tiny, family):
+    _, tok = tiny
+    assert len(post_instruction_tokens(tok)) >= 1

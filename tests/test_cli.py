@@ -1,0 +1,85 @@
+"""End-to-end CLI on a tiny checkpoint folder: run, resume, evaluate, export, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from refdir.cli import main
+
+LOOSE = ["--preset", "quick", "--filter", "none", "--kl-threshold", "100", "--induce-threshold=-1e9",
+         "--min-refusal-rate", "0", "--n-train", "12", "--n-val", "6", "--n-eval", "6", "--max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["run", "--model", str(tiny_folder), "--out", str(out), *LOOSE]) == 0
+    return out
+
+
+def test_run_writes_every_artifact(tiny_run):
+    for name in ("config.json", "prompts.json", "candidates.safetensors", "selection.json", "direction.safetensors",
+                 "direction.json", "eval.json", "completions.jsonl", "report.html", "summary.json", "stages.json"):
+        assert (tiny_run / name).exists(), name
+    ev = json.loads((tiny_run / "eval.json").read_text())
+    assert ev["ortho_check"]["max_abs_logit_diff_vs_ablation"] < 1e-4
+    assert set(ev["refusal"]["harmful"]) == {"baseline", "ablation", "actadd-", "ortho"}
+    html = (tiny_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
+    pf = json.loads((tiny_run / "prompts.json").read_text())["prompt_format"]
+    assert "<instruction>" in pf["example"] and "system" in pf["example"]
+
+
+def test_rerun_reuses_every_stage(tiny_run, tiny_folder, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir() if p.suffix == ".safetensors"}
+    assert main(["run", "--model", str(tiny_folder), "--out", str(tiny_run), *LOOSE]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reused") == 4
+    after = {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir() if p.suffix == ".safetensors"}
+    assert before == after
+
+
+def test_changed_seed_recomputes(tiny_run, tiny_folder, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    assert main(["run", "--model", str(tiny_folder), "--out", str(out), *LOOSE, "--seed", "7",
+                 "--stop-after", "prompts"]) == 0
+    assert "reused" not in capsys.readouterr().err
+
+
+def test_evaluate_command(tiny_run, tiny_folder, tmp_path):
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--model", str(tiny_folder), "--direction", str(tiny_run), "--prompts",
+                 "builtin:harmful", "--n", "3", "--intervention", "ablate", "--max-new-tokens", "3",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res) >= {"refusal_rate", "n", "items"} and res["n"] == 3
+    assert set(res["items"][0]) >= {"prompt", "refused", "completion"}
+
+
+def test_export_loads_with_plain_transformers(tiny_run, tiny_folder, tmp_path):
+    out = tmp_path / "exported"
+    assert main(["export", "--model", str(tiny_folder), "--direction", str(tiny_run), "--out", str(out)]) == 0
+    meta = json.loads((out / "refdir.json").read_text())
+    assert meta["layer"] >= 0 and meta["direction_norm"] > 0
+    code = f"""
+import torch, transformers, json
+m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+ids = torch.tensor([[3, 17, 40, 99, 5, 4]])
+print(json.dumps(m(input_ids=ids).logits[0, -1].tolist()))
+"""
+    got = torch.tensor(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                 check=True).stdout.strip().splitlines()[-1]))
+    from refdir.directions import load_direction
+    from refdir.interventions import directional_ablation
+    from refdir.models import load_model
+    model, _ = load_model(str(tiny_folder))
+    with directional_ablation(model, load_direction(tiny_run).vector), torch.no_grad():
+        want = model(input_ids=torch.tensor([[3, 17, 40, 99, 5, 4]])).logits[0, -1]
+    assert (got - want).abs().max() < 1e-4
+    # a second export into the same folder needs --force
+    assert main(["export", "--model", str(tiny_folder), "--direction", str(tiny_run), "--out", str(out)]) == 2

@@ -1,0 +1,79 @@
+import torch
+
+from refdir.activations import mean_activations
+from refdir.directions import candidate_directions
+from refdir.interventions import directional_ablation
+from refdir.refusal import last_logits, refusal_metric
+from refdir.selection import SelectionConfig, _Scorer, select_direction
+from refdir.templates import tokenize_prompts
+from refdir.data import load_builtin
+from tiny import tiny_model
+
+H = [p.instruction for p in load_builtin("harmful")]
+L = [p.instruction for p in load_builtin("harmless")]
+REF = [5, 6]
+LOOSE = dict(kl_threshold=10.0, induce_threshold=-1e9)
+
+
+def _setup(family="qwen2", seed=0):
+    model, tok = tiny_model(family, seed=seed)
+    c = candidate_directions(mean_activations(model, tokenize_prompts(tok, H[:24])),
+                             mean_activations(model, tokenize_prompts(tok, L[:24])))
+    return model, tok, c, tokenize_prompts(tok, H[24:36]), tokenize_prompts(tok, L[24:36])
+
+
+def test_batched_scores_equal_one_candidate_at_a_time():
+    model, tok, c, hv, lv = _setup()
+    scorer = _Scorer(model, hv, lv, REF, SelectionConfig(batch_rows=24))
+    units = torch.stack([c[-1, 2], c[-2, 3], c[-3, 1]])
+    units = units / units.norm(dim=-1, keepdim=True)
+    bypass, kl = scorer.bypass_kl(units)
+    for k, u in enumerate(units):
+        with directional_ablation(model, u):
+            ref = refusal_metric(last_logits(model, hv.input_ids, hv.attention_mask), torch.tensor(REF)).mean()
+        assert abs(float(bypass[k]) - float(ref)) < 1e-4
+    assert torch.allclose(bypass, scorer.bypass(units), atol=1e-4)
+    assert torch.allclose(kl, scorer.kl(units), atol=1e-5)
+
+
+def test_induce_with_prefix_cache_equals_activation_addition():
+    from refdir.interventions import activation_addition
+    model, tok, c, hv, lv = _setup()
+    scorer = _Scorer(model, hv, lv, REF, SelectionConfig())
+    for layer in (1, 3):
+        vec = c[-1, layer]
+        fast = scorer.induce(vec[None], layer)[0]
+        with activation_addition(model, vec, layer):
+            ref = refusal_metric(last_logits(model, lv.input_ids, lv.attention_mask), torch.tensor(REF)).mean()
+        assert abs(float(fast) - float(ref)) < 1e-4
+
+
+def test_linear_screen_tracks_true_bypass():
+    model, tok, c, hv, lv = _setup()
+    scorer = _Scorer(model, hv, lv, REF, SelectionConfig())
+    units = c[:, 1:3].reshape(-1, c.shape[-1])
+    units = units / units.norm(dim=-1, keepdim=True)
+    approx, exact = scorer.linear_screen(units), scorer.bypass(units)
+    rank = lambda x: x.argsort().argsort().float()  # noqa: E731
+    rho = torch.corrcoef(torch.stack([rank(approx), rank(exact)]))[0, 1]
+    assert rho > 0.5
+
+
+def test_pruned_choice_equals_exhaustive():
+    for family, seed in (("qwen2", 0), ("llama", 1), ("phi3", 2)):
+        model, tok, c, hv, lv = _setup(family, seed)
+        fast = select_direction(model, c, hv, lv, REF, SelectionConfig(**LOOSE), progress=False)
+        full = select_direction(model, c, hv, lv, REF, SelectionConfig(prune=False, **LOOSE), progress=False)
+        assert fast.chosen == full.chosen, family
+
+
+def test_filters_and_reasons():
+    model, tok, c, hv, lv = _setup()
+    res = select_direction(model, c, hv, lv, REF, SelectionConfig(kl_threshold=1e-9, induce_threshold=-1e9),
+                           progress=False)
+    assert res.chosen is None
+    counts = res.counts()
+    assert counts["layer"] == c.shape[0]  # layer 3 of 4 is >= 0.8 L
+    assert counts.get("kl", 0) >= 1
+    from refdir.selection import explain_no_choice
+    assert "KL" in explain_no_choice(res)
