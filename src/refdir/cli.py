@@ -21,7 +21,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="offline alias, hub id, local folder or .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--system", default=None, help="system prompt (default: the template's own; '' for an empty one)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template for a tokenizer without one (e.g. a base model)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model (off by default)")
+
+
+def _chat_template(a) -> str | None:
+    if a.chat_template is None:
+        return None
+    try:
+        return Path(a.chat_template).read_text()
+    except OSError as e:
+        raise RefdirError(f"cannot read --chat-template {a.chat_template}: {e.strerror}") from None
 
 
 def _positive(v: str) -> int:
@@ -35,9 +46,9 @@ def _positive(v: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="refdir", description="Find, test and use the refusal direction of chat LMs.")
+    ap = _Parser(prog="refdir", description="Find, test and use the refusal direction of chat LMs.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="extract -> select -> evaluate -> report")
     _add_model_args(r)
@@ -89,20 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_writable(path: Path) -> None:
+    """Fail before heavy work when the output cannot be created (checked by a real probe file)."""
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
+    ok = parent.is_dir() and os.access(parent, os.W_OK)
+    if ok:
+        try:
+            import tempfile
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError:
+            ok = False
+    if not ok:
         raise RefdirError(f"output location {path} is not writable; choose another --out")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"refdir: error: {message} (see {self.prog} --help)\n")
+
+
 def cmd_run(a) -> int:
-    from .pipeline import PRESETS, RunConfig, run_pipeline
+    from .pipeline import PRESETS, RunConfig, run_pipeline, validate_inputs
     from .selection import SelectionConfig
 
     preset = PRESETS[a.preset]
     cfg = RunConfig(model=a.model, harmful=a.harmful, harmless=a.harmless, eval_harmful=a.eval_harmful,
-                    eval_harmless=a.eval_harmless, seed=a.seed, system=a.system, filter=a.filter,
+                    eval_harmless=a.eval_harmless, seed=a.seed, system=a.system, chat_template=_chat_template(a), filter=a.filter,
                     refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
                     trust_remote_code=a.trust_remote_code,
                     selection=SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold, prune=not a.no_prune,
@@ -112,11 +139,7 @@ def cmd_run(a) -> int:
     for k in ("n_train", "n_val", "n_eval", "max_new_tokens"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
-    # validate data sources before loading the model
-    from .data import load_prompts
-    for src in (cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless):
-        if src is not None:
-            load_prompts(src)
+    validate_inputs(cfg)  # data sources and sizes, before loading the model
     out = Path(a.out or f"runs/{Path(a.model).name}-seed{a.seed}")
     _check_writable(out)
     t = time.time()
@@ -164,7 +187,7 @@ def cmd_evaluate(a) -> int:
         direction.layer = a.layer
     if a.intervention == "actadd" and direction.layer < 0:
         raise RefdirError("this direction file records no layer; pass --layer for actadd")
-    fmt = PromptFormat(system=a.system)
+    fmt = PromptFormat(system=a.system, chat_template=_chat_template(a))
     ins, cats = [p.instruction for p in prompts], [p.category for p in prompts]
     if a.intervention == "ortho":
         m = orthogonalized_copy(model, direction)

@@ -71,7 +71,7 @@ def _parse_jsonl(text: str, name: str, field: str) -> list[Prompt]:
 
 
 def _parse_csv(text: str, name: str, field: str) -> list[Prompt]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     out = []
     try:
         if not reader.fieldnames or field not in reader.fieldnames:

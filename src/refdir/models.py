@@ -187,7 +187,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     ``trust_remote_code`` stays off unless the caller asks: model repos can ship code.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # refdir shows its own progress; keep stderr for errors
     path = resolve_model_path(spec)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -17,6 +17,7 @@ import torch
 
 from . import __version__
 from .activations import mean_activations
+from .adapter import get_adapter
 from .data import Prompt, load_prompts, pool_after, split_prompts
 from .directions import Direction, candidate_directions, direction_from_candidates, load_direction
 from .errors import RefdirError
@@ -49,6 +50,7 @@ class RunConfig:
     n_eval: int = 100
     seed: int = 42
     system: str | None = None  # None: the template's own default system prompt
+    chat_template: str | None = None  # Jinja template for tokenizers without one
     filter: str = "auto"  # auto | metric | generation | none
     refusal_tokens: list[str] | None = None
     max_new_tokens: int = 64
@@ -66,7 +68,7 @@ class RunConfig:
 
     @property
     def fmt(self) -> PromptFormat:
-        return PromptFormat(system=self.system)
+        return PromptFormat(system=self.system, chat_template=self.chat_template)
 
 
 def _hash(obj) -> str:
@@ -116,6 +118,27 @@ class RunFolder:
         return _file_hash(self.path / name)
 
 
+def check_run_folder(path: Path, model: str) -> None:
+    """Refuse to mix runs: a folder holding another model's run, or a newer format, is an error."""
+    cfg_file = path / "config.json"
+    if path.exists() and not path.is_dir():
+        raise RefdirError(f"--out {path} is a file, not a folder")
+    if not cfg_file.exists():
+        return
+    try:
+        old = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        raise RefdirError(f"{cfg_file} is corrupt; delete the run folder or choose another --out") from None
+    if not isinstance(old, dict):
+        raise RefdirError(f"{cfg_file} is not a refdir run config; choose another --out")
+    if int(old.get("format", 1)) > RUN_FORMAT:
+        raise RefdirError(f"{path} was written by a newer refdir (format {old['format']}); upgrade refdir or "
+                          "choose another --out")
+    if old.get("model") not in (None, model):
+        raise RefdirError(f"run folder {path} holds a run of model '{old['model']}', not '{model}'; "
+                          "choose another --out")
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage 1: prompts (splits, filtering, refusal tokens)
 
@@ -135,6 +158,17 @@ def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
         out[side] = ordered + refill  # candidates for train+val in order, refill pool after them
         out[f"eval_{side}"] = eval_set
     return out
+
+
+def validate_inputs(cfg: RunConfig) -> dict[str, list[Prompt]]:
+    """Load every prompt source and check the sizes: all before any model is loaded."""
+    sets = _load_sets(cfg)
+    need = cfg.n_train + cfg.n_val
+    if len(sets["harmful"]) < need or len(sets["harmless"]) < need:
+        raise RefdirError(f"not enough prompts: need {need} train+val per side after holding out {cfg.n_eval} "
+                          f"for eval, have {len(sets['harmful'])} harmful and {len(sets['harmless'])} harmless; "
+                          "lower the sizes or add prompts")
+    return sets
 
 
 @torch.no_grad()
@@ -162,12 +196,9 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
     at least 90% of the harmful prompts, and generation otherwise (on Qwen2.5-0.5B the metric keeps
     11 of 128 harmful prompts although the model refuses about half).
     """
-    sets = _load_sets(cfg)
+    sets = validate_inputs(cfg)
     need = cfg.n_train + cfg.n_val
     harm, harmless = sets["harmful"], sets["harmless"]
-    if len(harm) < need or len(harmless) < need:
-        raise RefdirError(f"not enough prompts: need {need} train+val per side after holding out {cfg.n_eval} "
-                          f"for eval, have {len(harm)} harmful and {len(harmless)} harmless; lower the sizes")
     n_new = 8  # "I'm sorry, but I can't" fits: enough to judge a refusal
     # screen only as many prompts as filtering is likely to need (the rest is the refill pool)
     head = min(len(harm), max(2 * need, 64))
@@ -264,12 +295,16 @@ def _instructions(items: list[dict]) -> list[str]:
 
 def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=print, stop_after: str | None = None) -> dict:
     """Run (or resume) every stage; returns the summary dict written to ``summary.json``."""
-    run = RunFolder(out)
     t_start = time.time()
+    check_run_folder(Path(out), cfg.model)
     if model is None:
         model, tok = load_model(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     spec = getattr(model, "refdir_spec", cfg.model)
-    base_key = {"model": spec, "refdir": __version__, "dtype": cfg.dtype, "system": cfg.system}
+    get_adapter(model)  # unsupported architecture: fail before writing anything
+    format_prompt(tok, "x", cfg.fmt)  # no chat template: likewise
+    run = RunFolder(out)
+    base_key = {"model": spec, "refdir": __version__, "dtype": cfg.dtype, "system": cfg.system,
+                "chat_template": cfg.chat_template}
 
     # 1. prompts
     key1 = _hash({**base_key, "data": [cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless],

@@ -1,0 +1,208 @@
+"""Bad input: every case gives a one-line message, exit status 2 and writes nothing.
+
+The table below is also rendered into docs/errors.md by ``python tests/test_errors.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from refdir.cli import main
+
+
+def _write(p: Path, text: str) -> str:
+    p.write_text(text)
+    return str(p)
+
+
+def _run(model, *extra):
+    return ["run", "--model", str(model), "--preset", "quick", *extra]
+
+
+def _direction(tmp: Path, vec: torch.Tensor, model: str = "") -> str:
+    from refdir.directions import Direction
+    Direction(vec, 1, -1, model).save(tmp / "dir" / "direction")
+    return str(tmp / "dir")
+
+
+def _no_template_folder(tmp: Path, tiny: Path) -> str:
+    d = tmp / "notemplate"
+    shutil.copytree(tiny, d)
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def _unsupported_folder(tmp: Path) -> str:
+    import transformers
+    cfg = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=640, state_size=4)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    d = tmp / "mamba"
+    model.save_pretrained(d)
+    from tiny import make_tokenizer
+    make_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+def _run_folder_of_other_model(tmp: Path) -> str:
+    d = tmp / "otherrun"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"format": 1, "model": "some/other-model"}))
+    return str(d)
+
+
+def _newer_run_folder(tmp: Path) -> str:
+    d = tmp / "newrun"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"format": 99}))
+    return str(d)
+
+
+# (case, argv builder, expected message fragment). Builders get (tmp_path, tiny_folder, run_dir).
+CASES = [
+    ("missing dataset", lambda t, m, r: _run(m, "--harmful", str(t / "nope.json")), "dataset not found"),
+    ("empty dataset", lambda t, m, r: _run(m, "--harmful", _write(t / "e.json", "[]")), "empty"),
+    ("unreadable dataset (not UTF-8)", lambda t, m, r: _run(m, "--harmful", str(_bytes(t / "b.txt"))), "cannot read"),
+    ("malformed JSON", lambda t, m, r: _run(m, "--harmful", _write(t / "m.json", '[\n"a",\n')), "line"),
+    ("malformed JSONL", lambda t, m, r: _run(m, "--harmful", _write(t / "m.jsonl", '{"instruction":"a"}\n{x\n')),
+     "line 2"),
+    ("malformed CSV", lambda t, m, r: _run(m, "--harmful", _write(t / "m.csv", 'instruction\n"a\n')), "CSV"),
+    ("CSV without the column", lambda t, m, r: _run(m, "--harmful", _write(t / "c.csv", "text\na\n")), "column"),
+    ("duplicate prompts", lambda t, m, r: _run(m, "--harmful", _write(t / "d.txt", "a\nb\na\n")), "duplicates"),
+    ("blank prompts", lambda t, m, r: _run(m, "--harmful", _write(t / "b.json", '["a", " "]')), "blank"),
+    ("fewer prompts than the sizes", lambda t, m, r: _run(m, "--harmful", _write(t / "s.txt", "a\nb\nc\n")),
+     "requested"),
+    ("non-positive sizes", lambda t, m, r: _run(m, "--n-train", "0"), "positive"),
+    ("unknown model id", lambda t, m, r: _run("no-such-model"), "unknown model"),
+    ("model folder without config", lambda t, m, r: _run(str(t)), "config.json"),
+    ("model without chat template", lambda t, m, r: _run(_no_template_folder(t, m)), "chat template"),
+    ("unsupported architecture", lambda t, m, r: _run(_unsupported_folder(t)), "unsupported architecture"),
+    ("corrupt GGUF", lambda t, m, r: _run(_write(t / "bad.gguf", "GGUF\x03garbage")), "GGUF"),
+    ("run folder of another model", lambda t, m, r: _run(m, "--out", _run_folder_of_other_model(t)), "holds a run"),
+    ("run folder of a newer format", lambda t, m, r: _run(m, "--out", _newer_run_folder(t)), "newer refdir"),
+    ("output not writable", lambda t, m, r: _run(m, "--out", str(_file(t) / "sub")), "not writable"),
+    ("direction of wrong d_model", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
+                                                    _direction(t, torch.randn(65)), "--prompts", "builtin:harmful",
+                                                    "--intervention", "ablate", "--out", str(t / "o.json")], "d_model"),
+    ("direction with NaN", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
+                                            _direction(t, torch.full((64,), float("nan"))), "--prompts",
+                                            "builtin:harmful", "--intervention", "ablate", "--out", str(t / "o.json")],
+     "NaN"),
+    ("direction of zero norm", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
+                                                _direction(t, torch.zeros(64)), "--prompts", "builtin:harmful",
+                                                "--intervention", "ablate", "--out", str(t / "o.json")], "zero norm"),
+    ("direction from another model", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
+                                                      _direction(t, torch.randn(64), "other/model"), "--prompts",
+                                                      "builtin:harmful", "--intervention", "ablate",
+                                                      "--out", str(t / "o.json")], "computed on model"),
+    ("missing direction", lambda t, m, r: ["evaluate", "--model", str(m), "--direction", str(t / "none"),
+                                           "--prompts", "builtin:harmful", "--intervention", "ablate",
+                                           "--out", str(t / "o.json")], "not found"),
+    ("--layer out of range", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
+                                              _direction(t, torch.randn(64)), "--prompts", "builtin:harmful",
+                                              "--intervention", "actadd", "--layer", "99",
+                                              "--out", str(t / "o.json")], "out of range"),
+    ("unknown intervention", lambda t, m, r: ["evaluate", "--model", str(m), "--direction", "x", "--prompts",
+                                              "builtin:harmful", "--intervention", "zap", "--out", "o.json"],
+     "invalid choice"),
+    ("export into a non-empty folder", lambda t, m, r: ["export", "--model", str(m), "--direction",
+                                                        _direction(t, torch.randn(64)), "--out", str(_nonempty(t))],
+     "--force"),
+]
+
+
+def _bytes(p: Path) -> Path:
+    p.write_bytes(b"\xff\xfe\x00bad")
+    return p
+
+
+def _file(t: Path) -> Path:
+    f = t / "afile"
+    f.write_text("x")
+    return f
+
+
+def _nonempty(t: Path) -> Path:
+    d = t / "full"
+    d.mkdir(exist_ok=True)
+    (d / "keep.txt").write_text("x")
+    return d
+
+
+def _snapshot(root: Path) -> set:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case,argv,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, argv, fragment, tmp_path, tiny_folder, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
+    args = argv(tmp_path, tiny_folder, None)
+    before = _snapshot(tmp_path)
+    with pytest.raises(SystemExit) if case in ("non-positive sizes", "unknown intervention") else _nullctx() as exc:
+        rc = main(args)
+    if exc is not None:
+        rc = exc.value.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("refdir: error:"), err
+    assert fragment.lower() in err[0].lower(), err[0]
+    assert "Traceback" not in err[0]
+    created = _snapshot(tmp_path) - before
+    assert not {c for c in created if not c.startswith("cache")}, created
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_missing_and_wrong_version_model_packages(monkeypatch, tmp_path, capsys):
+    from refdir import models
+    fake = models.OfflineModel("fake-model", ("refdir-no-such-package-part1",), 1, "0" * 64, "models-small")
+    monkeypatch.setitem(models.OFFLINE_MODELS, "fake-model", fake)
+    assert main(["run", "--model", "fake-model"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install" in err and "refdir-no-such-package-part1" in err and len(err.strip().splitlines()) == 1
+    # wrong version: the installed parts do not assemble to the pinned size/sha256
+    monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
+    wrong = models.OfflineModel("wrong-model", ("pytest",), 123, "0" * 64, "models-small")
+    monkeypatch.setattr(models, "_package_data_files", lambda pkg: [Path(__file__)])
+    monkeypatch.setitem(models.OFFLINE_MODELS, "wrong-model", wrong)
+    assert main(["run", "--model", "wrong-model"]) == 2
+    err = capsys.readouterr().err
+    assert "sha256" in err and "reinstall" in err
+
+
+def test_disk_full_during_export_leaves_nothing(tiny_folder, tmp_path, monkeypatch, capsys):
+    import transformers
+    d = _direction(tmp_path, torch.randn(64))
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    out = tmp_path / "exp"
+    assert main(["export", "--model", str(tiny_folder), "--direction", d, "--out", str(out)]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".exp")]
+
+
+def render_table() -> str:
+    rows = ["| case | message contains |", "|---|---|"]
+    rows += [f"| {c} | `{f}` |" for c, _, f in CASES]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_table() + "\n")
