@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when the model refuses fewer harmful prompts than this (no direction to find)")
     r.add_argument("--no-prune", action="store_true", help="score every eligible candidate fully")
     r.add_argument("--exhaustive", action="store_true", help="score all candidates, late layers too")
-    r.add_argument("--batch-size", type=_positive, default=16)
+    r.add_argument("--batch-size", type=_positive, default=32)
     r.add_argument("--stop-after", choices=["prompts", "extract", "select"], default=None)
 
     e = sub.add_parser("evaluate", help="refusal rate of a prompt set under one intervention")

@@ -49,7 +49,7 @@ class Direction:
         """``direction.safetensors`` (the vector) + ``direction.json`` (its metadata) beside it."""
         path = Path(path)
         save_tensors(path.with_suffix(".safetensors"), {"direction": self.vector.float().cpu()},
-                     metadata={"layer": str(self.layer), "pos": str(self.pos), "model": self.model})
+                     metadata={"model": self.model})  # one key: safetensors orders keys arbitrarily
         with atomic_path(path.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(self.meta(), indent=1) + "\n")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ class RunConfig:
     max_new_tokens: int = 64
     regenerate_ortho: bool = False
     min_refusal_rate: float = 0.1
-    batch_size: int = 16
+    batch_size: int = 32  # prompts per forward; larger batches amortize weight reads when decoding
     dtype: str = "float32"
     trust_remote_code: bool = False
     selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(induce_threshold=None))
@@ -91,6 +92,8 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         self.stages_file = self.path / "stages.json"
         self.stages = self._read_stages()
+        for stale in self.path.glob(".*.tmp"):  # left by a run killed mid-write
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
     def _read_stages(self) -> dict:
         if not self.stages_file.exists():
@@ -151,7 +154,8 @@ def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
             (eval_set,) = split_prompts(pool, [cfg.n_eval], cfg.seed + 1, f"{side} ({getattr(cfg, side)})")
             rest = pool_after(pool, [eval_set])
         else:
-            eval_set = load_prompts(ev)[: cfg.n_eval]
+            given = load_prompts(ev)
+            eval_set = given if len(given) <= cfg.n_eval else split_prompts(given, [cfg.n_eval], cfg.seed + 1, ev)[0]
             rest = pool_after(pool, [eval_set])
         (ordered,) = split_prompts(rest, [cfg.n_train + cfg.n_val], cfg.seed, f"{side} ({getattr(cfg, side)})")
         refill = pool_after(rest, [ordered])

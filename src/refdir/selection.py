@@ -304,8 +304,8 @@ def explain_no_choice(result: SelectionResult) -> str:
     c = result.counts()
     return (f"every candidate direction was filtered out: {c.get('layer', 0)} by layer >= 0.8L, "
             f"{c.get('kl', 0)} by KL >= threshold, {c.get('induce', 0)} by induce <= threshold, "
-            f"{c.get('pruned', 0)} pruned; the model may not refuse (check the baseline refusal rate) "
-            "or try --kl-threshold / --no-prune")
+            f"{c.get('zero', 0)} zero; see selection.json for every score (relax with --induce-threshold or "
+            "--kl-threshold, or use more training prompts)")
 
 
 def require_choice(result: SelectionResult) -> tuple[int, int]:

@@ -1,0 +1,80 @@
+"""The README's results table: `refdir run` with defaults on the paper's data from ../shared/datasets.
+
+Training pools: harmful_train.json / harmless_train.json; harmful eval: JailbreakBench (100);
+harmless eval: 100 sampled from harmless_val.json (seed 42). One run folder per model under
+runs/results-<model>; the table goes to results/results.md and each summary to results/<model>.json.
+
+    python benchmarks/results.py [--models M ...] [--extra-args "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+MODELS = ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]
+
+
+def run(model: str, extra: list[str], tag: str) -> dict:
+    out = ROOT / "runs" / f"results-{model}{tag}"
+    cmd = [sys.executable, "-m", "refdir.cli", "run", "--model", model, "--out", str(out),
+           "--harmful", str(SHARED / "harmful_train.json"), "--harmless", str(SHARED / "harmless_train.json"),
+           "--eval-harmful", str(SHARED / "jailbreakbench.json"), "--eval-harmless", str(SHARED / "harmless_val.json"),
+           *extra]
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t
+    if p.returncode != 0:
+        msg = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"model": model, "ok": False, "message": msg, "wall_s": round(wall, 1), "args": extra}
+    s = json.loads((out / "summary.json").read_text())
+    prompts = json.loads((out / "prompts.json").read_text())
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    return {"model": model, "ok": True, "summary": s, "wall_s": round(wall, 1), "args": extra,
+            "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
+            "filter": prompts["filter"], "refusal_tokens": prompts["refusal_tokens"]["tokens"],
+            "metric_threshold": prompts["metric_threshold"]}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | layer/pos | KL (sel.) | harmful: baseline | ablation | ortho | −r | harmless: baseline | +r "
+           "| CE base → ablated | wall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["model"] + (f" `{' '.join(r['args'])}`" if r["args"] else "")
+        if not r["ok"]:
+            out.append(f"| {name} | stopped: {r['message'].replace('|', '/')} | | | | | | | | | {r['wall_s'] / 60:.1f} min |")
+            continue
+        s = r["summary"]
+        h, l, ce = s["harmful_refusal"], s["harmless_refusal"], s["ce_harmless"]
+        out.append(f"| {name} | {s['layer']}/{s['pos']} | {s['kl_selection']:.3f} | {h['baseline']:.2f} | "
+                   f"{h['ablation']:.2f} | {h['ortho']:.2f} | {h['actadd-']:.2f} | {l['baseline']:.2f} | "
+                   f"{l['actadd+']:.2f} | {ce['baseline']:.3f} → {ce['ablation']:.3f} | {r['wall_s'] / 60:.1f} min |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--extra-args", default="", help="extra `refdir run` arguments for every model")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    (ROOT / "results").mkdir(exist_ok=True)
+    rows = []
+    for m in a.models:
+        r = run(m, shlex.split(a.extra_args), a.tag)
+        (ROOT / "results" / f"{m}{a.tag}.json").write_text(json.dumps(r, indent=1) + "\n")
+        print(json.dumps(r)[:400], flush=True)
+        rows.append(r)
+    md = table(rows)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
