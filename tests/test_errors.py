@@ -199,8 +199,29 @@ def test_disk_full_during_export_leaves_nothing(tiny_folder, tmp_path, monkeypat
 
 
 def render_table() -> str:
-    rows = ["| case | message contains |", "|---|---|"]
-    rows += [f"| {c} | `{f}` |" for c, _, f in CASES]
+    """Run every case and tabulate the real one-line message (paths shortened)."""
+    import contextlib
+    import io
+    import os
+    import tempfile
+
+    from tiny import tiny_model
+    rows = ["| case | message |", "|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        os.environ["REFDIR_CACHE"] = str(t / "cache")
+        model, tok = tiny_model("qwen2")
+        (t / "tinyq").mkdir()
+        model.save_pretrained(t / "tinyq")
+        tok.save_pretrained(t / "tinyq")
+        for case, argv, _ in CASES:
+            work = t / case.replace(" ", "_").replace("/", "_")
+            work.mkdir()
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+                main(argv(work, t / "tinyq", None))
+            line = err.getvalue().strip().splitlines()[-1].replace(str(work), "…").replace(str(t), "…")
+            rows.append(f"| {case} | `{line.replace('|', '/')}` |")
     return "\n".join(rows)
 
 

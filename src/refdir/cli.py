@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--harmless", default="builtin:harmless")
     r.add_argument("--eval-harmful", default=None)
     r.add_argument("--eval-harmless", default=None)
+    r.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
     r.add_argument("--n-train", type=_positive)
     r.add_argument("--n-val", type=_positive)
     r.add_argument("--n-eval", type=_positive)
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--intervention", required=True, choices=["none", "ablate", "actadd", "ortho"])
     e.add_argument("--coeff", type=float, default=1.0, help="activation-addition coefficient (negative subtracts)")
     e.add_argument("--layer", type=int, default=None, help="layer for actadd (default: the direction's)")
+    e.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
     e.add_argument("--n", type=_positive, default=None, help="use the first N prompts")
     e.add_argument("--max-new-tokens", type=_positive, default=64)
     e.add_argument("--batch-size", type=_positive, default=16)
@@ -129,7 +131,7 @@ def cmd_run(a) -> int:
 
     preset = PRESETS[a.preset]
     cfg = RunConfig(model=a.model, harmful=a.harmful, harmless=a.harmless, eval_harmful=a.eval_harmful,
-                    eval_harmless=a.eval_harmless, seed=a.seed, system=a.system, chat_template=_chat_template(a), filter=a.filter,
+                    eval_harmless=a.eval_harmless, prompt_field=a.field, seed=a.seed, system=a.system, chat_template=_chat_template(a), filter=a.filter,
                     refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
                     trust_remote_code=a.trust_remote_code,
                     selection=SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold, prune=not a.no_prune,
@@ -168,12 +170,13 @@ def print_summary(s: dict) -> None:
 def cmd_evaluate(a) -> int:
     from .data import load_prompts
     from .directions import load_direction
-    from .evaluation import condition, generate_judged, orthogonalized_copy, refusal_rate
+    from .evaluation import condition, generate_judged, refusal_rate
+    from .interventions import orthogonalize_weights
     from .io import write_json
     from .models import load_model
     from .templates import PromptFormat
 
-    prompts = load_prompts(a.prompts)[: a.n] if a.n else load_prompts(a.prompts)
+    prompts = load_prompts(a.prompts, a.field)[: a.n or None]
     direction = load_direction(a.direction)
     out = Path(a.out)
     _check_writable(out)
@@ -190,8 +193,8 @@ def cmd_evaluate(a) -> int:
     fmt = PromptFormat(system=a.system, chat_template=_chat_template(a))
     ins, cats = [p.instruction for p in prompts], [p.category for p in prompts]
     if a.intervention == "ortho":
-        m = orthogonalized_copy(model, direction)
-        items = generate_judged(m, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, "ortho")
+        orthogonalize_weights(model, direction.vector)  # in place: this process owns the model
+        items = generate_judged(model, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, "ortho")
     else:
         with condition(model, a.intervention, direction, a.coeff):
             items = generate_judged(model, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, a.intervention)

@@ -9,14 +9,13 @@ generation and scoring code serves all of them.
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .directions import Direction
-from .interventions import activation_addition, directional_ablation, orthogonalize_weights
+from .interventions import activation_addition, directional_ablation
 from .refusal import REFUSAL_PHRASES, generate, is_refusal, position_ids
 from .templates import PromptFormat, format_prompt, tokenize_prompts
 
@@ -31,13 +30,6 @@ def condition(model, name: str, direction: Direction, coeff: float = 1.0) -> con
         sign = -1.0 if name == "actadd-" else 1.0
         return activation_addition(model, direction.vector, direction.layer, sign * coeff)
     raise ValueError(f"unknown intervention '{name}' (use none, ablate, actadd or ortho)")
-
-
-def orthogonalized_copy(model, direction: Direction, allow_approximate: bool = False):
-    """A deep copy of the model with the direction orthogonalized out of its weights."""
-    m2 = copy.deepcopy(model)
-    m2._refdir_adapter = None
-    return orthogonalize_weights(m2, direction.vector, allow_approximate)
 
 
 @dataclass
@@ -171,16 +163,19 @@ def _teacher_forced(model, tokenizer, prompts: list[str], completions: list[str]
 
 def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt: PromptFormat,
               ctx_factories: dict[str, Callable[[], contextlib.AbstractContextManager]], n_tokens: int = 16,
-              batch_size: int = 8, models: dict | None = None) -> dict[str, dict]:
+              batch_size: int = 8, reference: list | None = None) -> dict[str, dict]:
     """For each condition: KL(baseline || condition) at the first token and averaged over the first
-    ``n_tokens`` of the baseline completion, and CE of the baseline completion under the condition."""
-    models = models or {}
-    base = _teacher_forced(model, tokenizer, prompts, completions, fmt, n_tokens, contextlib.nullcontext, batch_size)
+    ``n_tokens`` of the baseline completion, and CE of the baseline completion under the condition.
+
+    The baseline's teacher-forced log-probs are returned under ``"baseline"["_base"]`` so a later call
+    (e.g. after orthogonalizing the weights in place) can pass them as ``reference``.
+    """
+    base = reference if reference is not None else _teacher_forced(
+        model, tokenizer, prompts, completions, fmt, n_tokens, contextlib.nullcontext, batch_size)
     out = {}
     for name, factory in ctx_factories.items():
-        m = models.get(name, model)
-        cur = base if name == "baseline" else _teacher_forced(m, tokenizer, prompts, completions, fmt, n_tokens,
-                                                              factory, batch_size)
+        cur = base if (name == "baseline" and reference is None) else _teacher_forced(
+            model, tokenizer, prompts, completions, fmt, n_tokens, factory, batch_size)
         kl_first, kl_mean, ce_sum, ce_n = [], [], 0.0, 0
         for (blp, tgt, mask, nc), (lp, _, _, _) in zip(base, cur):
             kl = (blp.exp() * (blp - lp)).sum(-1)  # [n]
@@ -191,5 +186,6 @@ def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt:
                 ce_n += nc
         out[name] = {"kl_first": sum(kl_first) / len(kl_first), "kl_mean": sum(kl_mean) / len(kl_mean),
                      "ce": ce_sum / max(ce_n, 1)}
+    if "baseline" in out:
+        out["baseline"]["_base"] = base
     return out
-

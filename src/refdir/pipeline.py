@@ -7,6 +7,7 @@ inputs in ``stages.json``. A stage whose inputs are unchanged is reused; one who
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -22,7 +23,8 @@ from .adapter import get_adapter
 from .data import Prompt, load_prompts, pool_after, split_prompts
 from .directions import Direction, candidate_directions, direction_from_candidates, load_direction
 from .errors import RefdirError
-from .evaluation import (condition, generate_judged, kl_and_ce, orthogonalized_copy, per_category, refusal_rate)
+from .evaluation import condition, generate_judged, kl_and_ce, per_category, refusal_rate
+from .interventions import orthogonalize_weights
 from .io import load_tensors, save_tensors, write_json, write_jsonl
 from .models import DEFAULT_MODEL, load_model
 from .refusal import REFUSAL_PHRASES, derive_refusal_tokens, is_refusal, last_logits, refusal_metric
@@ -44,6 +46,7 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     harmful: str = "builtin:harmful"
     harmless: str = "builtin:harmless"
+    prompt_field: str = "instruction"  # column/key holding the instruction in user files
     eval_harmful: str | None = None  # default: held out from `harmful`
     eval_harmless: str | None = None
     n_train: int = 128
@@ -147,14 +150,14 @@ def check_run_folder(path: Path, model: str) -> None:
 
 
 def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
-    harmful, harmless = load_prompts(cfg.harmful), load_prompts(cfg.harmless)
+    harmful, harmless = load_prompts(cfg.harmful, cfg.prompt_field), load_prompts(cfg.harmless, cfg.prompt_field)
     out = {}
     for side, pool, ev in (("harmful", harmful, cfg.eval_harmful), ("harmless", harmless, cfg.eval_harmless)):
         if ev is None:  # hold the eval set out of the training pool
             (eval_set,) = split_prompts(pool, [cfg.n_eval], cfg.seed + 1, f"{side} ({getattr(cfg, side)})")
             rest = pool_after(pool, [eval_set])
         else:
-            given = load_prompts(ev)
+            given = load_prompts(ev, cfg.prompt_field)
             eval_set = given if len(given) <= cfg.n_eval else split_prompts(given, [cfg.n_eval], cfg.seed + 1, ev)[0]
             rest = pool_after(pool, [eval_set])
         (ordered,) = split_prompts(rest, [cfg.n_train + cfg.n_val], cfg.seed, f"{side} ({getattr(cfg, side)})")
@@ -311,7 +314,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
                 "chat_template": cfg.chat_template}
 
     # 1. prompts
-    key1 = _hash({**base_key, "data": [cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless],
+    key1 = _hash({**base_key, "data": [cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless, cfg.prompt_field],
                   "sizes": [cfg.n_train, cfg.n_val, cfg.n_eval], "seed": cfg.seed, "filter": cfg.filter,
                   "refusal_tokens": cfg.refusal_tokens, "min_refusal_rate": cfg.min_refusal_rate})
     t = time.time()
@@ -400,7 +403,11 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
 
 
 def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunConfig) -> tuple[dict, list[dict]]:
-    """Refusal rates per condition, KL/CE on harmless prompts, and orthogonalization ≡ ablation."""
+    """Refusal rates per condition, KL/CE on harmless prompts, and orthogonalization ≡ ablation.
+
+    The model's weights are orthogonalized in place at the end (keeping a second copy would
+    double peak memory): pass a model you no longer need unmodified.
+    """
     fmt, bs, n_new = cfg.fmt, cfg.batch_size, cfg.max_new_tokens
     harm, harmless = data["eval_harmful"], data["eval_harmless"]
     hp, hcat = _instructions(harm), [x.get("category") for x in harm]
@@ -422,29 +429,29 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
         with condition(model, cond, direction):
             record(cond, "harmless", generate_judged(model, tok, lp, lcat, fmt, n_new, bs, f"harmless/{cond}"))
 
-    # orthogonalized weights: equal to ablation on logits (always), regenerated with --preset paper
-    ortho = orthogonalized_copy(model, direction, allow_approximate=True)
-    from .adapter import get_adapter
-    exact = get_adapter(model).linear_writes
+    # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
+    base_comps = [r["completion"] for r in rows if r["split"] == "harmless" and r["condition"] == "baseline"]
+    ctx = {c: (lambda c=c: condition(model, c, direction)) for c in ("baseline", "ablation", "actadd+")}
+    klce = kl_and_ce(model, tok, lp, base_comps, fmt, ctx, n_tokens=16, batch_size=bs)
     b = tokenize_prompts(tok, hp[:16], fmt)
     with condition(model, "ablation", direction):
         la = last_logits(model, b.input_ids, b.attention_mask)
-    lo = last_logits(ortho, b.input_ids, b.attention_mask)
+
+    # orthogonalized weights, in place and last (no second copy of the model in memory): equal to
+    # ablation on logits (always checked); regenerated only with --preset paper
+    exact = get_adapter(model).linear_writes
+    orthogonalize_weights(model, direction.vector, allow_approximate=True)
+    lo = last_logits(model, b.input_ids, b.attention_mask)
     ortho_check = {"max_abs_logit_diff_vs_ablation": float((la - lo).abs().max()), "n_prompts": b.input_ids.shape[0],
                    "exact_by_construction": exact}
+    klce.update(kl_and_ce(model, tok, lp, base_comps, fmt, {"ortho": contextlib.nullcontext}, n_tokens=16,
+                          batch_size=bs, reference=klce["baseline"]["_base"]))
     if cfg.regenerate_ortho:
-        record("ortho", "harmful", generate_judged(ortho, tok, hp, hcat, fmt, n_new, bs, "harmful/ortho"))
+        record("ortho", "harmful", generate_judged(model, tok, hp, hcat, fmt, n_new, bs, "harmful/ortho"))
     else:  # ortho ≡ ablation: the generated completions are those of ablation (checked on logits above)
         results["harmful"]["ortho"] = {**results["harmful"]["ablation"], "from": "ablation (logit-equivalent)"}
-
-    # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
-    base_comps = [r["completion"] for r in rows if r["split"] == "harmless" and r["condition"] == "baseline"]
-    ctx = {"baseline": lambda: condition(model, "baseline", direction),
-           "ablation": lambda: condition(model, "ablation", direction),
-           "actadd+": lambda: condition(model, "actadd+", direction),
-           "ortho": lambda: condition(ortho, "baseline", direction)}
-    klce = kl_and_ce(model, tok, lp, base_comps, fmt, ctx, n_tokens=16, batch_size=bs, models={"ortho": ortho})
-    del ortho
+    for v in klce.values():
+        v.pop("_base", None)
     ev = {"direction": direction.meta(), "refusal": results, "kl_ce_harmless": klce, "ortho_check": ortho_check,
           "max_new_tokens": n_new, "refusal_phrases": list(REFUSAL_PHRASES)}
     return ev, rows
