@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
 from .activations import mean_activations
@@ -183,8 +184,7 @@ def _first_logits_and_completions(model, tok, prompts: list[str], fmt: PromptFor
     """Greedy short completions plus the logits at the first generated position ``[N, V]``."""
     dev = next(model.parameters()).device
     logits, comps = [], []
-    from tqdm.auto import tqdm
-    for i in tqdm(range(0, len(prompts), bs), desc="screen prompts", leave=False):
+    for i in range(0, len(prompts), bs):
         b = tokenize_prompts(tok, prompts[i:i + bs], fmt, dev)
         g = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=n_new,
                            do_sample=False, pad_token_id=tok.pad_token_id, output_logits=True,
@@ -207,18 +207,26 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
     need = cfg.n_train + cfg.n_val
     harm, harmless = sets["harmful"], sets["harmless"]
     n_new = 8  # "I'm sorry, but I can't" fits: enough to judge a refusal
-    # screen only as many prompts as filtering is likely to need (the rest is the refill pool)
-    head = min(len(harm), max(2 * need, 64))
-    hl, hc = _first_logits_and_completions(model, tok, [p.instruction for p in harm[:head]], cfg.fmt, n_new,
-                                           cfg.batch_size)
-    if sum(map(is_refusal, hc)) < need and head < len(harm):
-        tl, tc = _first_logits_and_completions(model, tok, [p.instruction for p in harm[head:]], cfg.fmt, n_new,
-                                               cfg.batch_size)
-        hl, hc = torch.cat([hl, tl]), hc + tc
-    harm = harm[: len(hc)]
-    harmless = harmless[: min(len(harmless), need + max(need // 4, 8))]  # models rarely refuse these
-    ll, lc = _first_logits_and_completions(model, tok, [p.instruction for p in harmless], cfg.fmt, n_new,
-                                           cfg.batch_size)
+
+    def screen(prompts: list[Prompt], enough, desc: str) -> tuple[torch.Tensor, list[str]]:
+        """Screen prompts a batch at a time until ``enough(completions)``: the rest stays unscreened."""
+        logits, comps = [], []
+        bar = tqdm(total=len(prompts), desc=desc, leave=False)
+        for i in range(0, len(prompts), cfg.batch_size):
+            lg, cp = _first_logits_and_completions(model, tok, [p.instruction for p in prompts[i:i + cfg.batch_size]],
+                                                   cfg.fmt, n_new, cfg.batch_size)
+            logits.append(lg)
+            comps += cp
+            bar.update(len(cp))
+            if len(comps) >= need + 8 and enough(comps):
+                break
+        bar.close()
+        return torch.cat(logits), comps
+
+    # enough refusals to fill train+val with a margin (the generation rule is the inclusive one)
+    hl, hc = screen(harm, lambda cs: sum(map(is_refusal, cs)) >= need + need // 8, "screen harmful")
+    ll, lc = screen(harmless, lambda cs: sum(not is_refusal(c) for c in cs) >= need + need // 8, "screen harmless")
+    harm, harmless = harm[: len(hc)], harmless[: len(lc)]
     if cfg.refusal_tokens:
         ids = [tok(t, add_special_tokens=False)["input_ids"][0] for t in cfg.refusal_tokens]
         tok_info = {"tokens": cfg.refusal_tokens, "token_ids": ids, "source": "user"}
