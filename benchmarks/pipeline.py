@@ -1,0 +1,123 @@
+"""Whole-pipeline cost: `refdir run` with defaults, FLOP efficiency, generation speed, peak memory.
+
+    python benchmarks/pipeline.py [--model M] [--out RUN] [--gen-prompts 16] [--gen-tokens 32]
+
+* ``run_minutes``: wall time of a fresh `refdir run` with defaults (built-in data, paper sizes).
+* ``flop_efficiency``: a lower bound of the FLOPs done (2 x parameters x tokens through every decoder
+  layer, counted by hooks, plus the unembedding rows actually computed; backward passes and attention
+  scores not counted) divided by wall time and by this machine's measured fp32 matmul throughput.
+* ``ortho_gen_ratio`` / ``hook_gen_ratio``: greedy-generation tokens/s of the orthogonalized model and
+  of hook-based ablation, each relative to the unmodified model, same prompts, same process.
+* ``peak_rss_ratio``: the process's peak resident memory during the run / the model's fp32 size.
+
+Last line: ``run_minutes=… flop_efficiency=… ortho_gen_ratio=… hook_gen_ratio=… peak_rss_ratio=…``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from refdir.adapter import get_adapter
+from refdir.data import load_builtin
+from refdir.directions import load_direction
+from refdir.interventions import directional_ablation, orthogonalize_weights
+from refdir.models import DEFAULT_MODEL, load_model
+from refdir.pipeline import RunConfig, run_pipeline
+from refdir.refusal import generate
+
+
+def matmul_gflops(n: int = 2048, reps: int = 8) -> float:
+    """Measured fp32 matmul throughput of this machine (all threads)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+class FlopCounter:
+    """Forward FLOPs of the matmuls in every decoder layer and the unembedding, counted by hooks."""
+
+    def __init__(self, model):
+        ad = get_adapter(model)
+        self.flops = 0.0
+        self.handles = []
+        for layer in ad.layers:
+            n = sum(p.numel() for p in layer.parameters() if p.dim() == 2)
+            self.handles.append(layer.register_forward_pre_hook(self._pre(n), with_kwargs=True))
+        n_unembed = ad.unembed.weight.numel()
+        self.handles.append(ad.unembed.register_forward_pre_hook(
+            lambda m, args: self._add(2 * n_unembed * args[0].shape[:-1].numel())))
+
+    def _add(self, f: float) -> None:
+        self.flops += f
+
+    def _pre(self, n_params: int):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self._add(2 * n_params * x.shape[:-1].numel())
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def gen_tokens_per_s(model, tok, prompts: list[str], n_new: int) -> float:
+    t = time.perf_counter()
+    generate(model, tok, prompts, max_new_tokens=n_new, batch_size=len(prompts), desc=None)
+    return len(prompts) * n_new / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--gen-prompts", type=int, default=16)
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--reuse", action="store_true", help="keep an existing run folder (resume) instead of a fresh run")
+    a = ap.parse_args()
+    out = Path(a.out or f"runs/bench-pipeline-{a.model}")
+    if out.exists() and not a.reuse:
+        shutil.rmtree(out)
+    peak_gflops = matmul_gflops()
+    print(f"machine fp32 matmul: {peak_gflops:.1f} GFLOP/s, threads {torch.get_num_threads()}", flush=True)
+
+    t = time.perf_counter()
+    model, tok = load_model(a.model)
+    size_bytes = sum(p.numel() * 4 for p in model.parameters())
+    counter = FlopCounter(model)
+    run_pipeline(RunConfig(model=a.model), out, model, tok, log=lambda m: print(m, flush=True))
+    counter.remove()
+    wall = time.perf_counter() - t
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    eff = counter.flops / wall / (peak_gflops * 1e9)
+    print(f"refdir run: {wall / 60:.1f} min, >= {counter.flops / 1e12:.1f} TFLOP "
+          f"({counter.flops / wall / 1e9:.1f} GFLOP/s, {eff:.0%} of matmul peak), peak RSS {peak_rss / 2**30:.2f} GiB "
+          f"for a {size_bytes / 2**30:.2f} GiB fp32 model", flush=True)
+
+    # generation speed: baseline vs hooks vs orthogonalized weights (fresh model: the run edited its copy)
+    del model
+    model, tok = load_model(a.model)
+    prompts = [p.instruction for p in load_builtin("harmless")[: a.gen_prompts]]
+    direction = load_direction(out)
+    gen_tokens_per_s(model, tok, prompts[:2], 4)  # warm-up
+    base = gen_tokens_per_s(model, tok, prompts, a.gen_tokens)
+    with directional_ablation(model, direction.vector):
+        hooked = gen_tokens_per_s(model, tok, prompts, a.gen_tokens)
+    orthogonalize_weights(model, direction.vector, allow_approximate=True)
+    ortho = gen_tokens_per_s(model, tok, prompts, a.gen_tokens)
+    print(f"generation tokens/s: baseline {base:.1f}, hook ablation {hooked:.1f}, orthogonalized {ortho:.1f}")
+    print(f"run_minutes={wall / 60:.1f} flop_efficiency={eff:.2f} ortho_gen_ratio={ortho / base:.2f} "
+          f"hook_gen_ratio={hooked / base:.2f} peak_rss_ratio={peak_rss / size_bytes:.2f}")
+
+
+if __name__ == "__main__":
+    main()
