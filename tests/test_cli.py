@@ -83,3 +83,31 @@ print(json.dumps(m(input_ids=ids).logits[0, -1].tolist()))
     assert (got - want).abs().max() < 1e-4
     # a second export into the same folder needs --force
     assert main(["export", "--model", str(tiny_folder), "--direction", str(tiny_run), "--out", str(out)]) == 2
+
+
+def test_suffix_and_analysis_commands(tiny_run, tiny_folder, tmp_path):
+    import shutil
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    assert main(["suffix", "--model", str(tiny_folder), "--run", str(run), "--steps", "2", "--n-prompts", "2",
+                 "--n-tokens", "4", "--topk", "8", "--search-batch", "4", "--n-eval", "3",
+                 "--max-new-tokens", "3"]) == 0
+    s = json.loads((run / "suffix.json").read_text())
+    assert set(s["refusal_rate"]) == {"none", "random", "adversarial"} and s["steps"] == 2
+    assert main(["analyze-suffix", "--model", str(tiny_folder), "--run", str(run), "--n", "4", "--top-k", "3"]) == 0
+    a = json.loads((run / "suffix_analysis.json").read_text())
+    assert len(a["top_heads"]) == 3 and set(a["cosine_per_layer"]) >= {"harmful", "harmful+adversarial"}
+    assert "Adversarial suffix analysis" in (run / "report.html").read_text()
+    f = tmp_path / "suf.txt"
+    f.write_text("zz yy xx")
+    assert main(["analyze-suffix", "--model", str(tiny_folder), "--run", str(run), "--n", "3",
+                 "--suffix-file", str(f)]) == 0
+
+
+def test_compare_base_command(tiny_run, tiny_folder, tmp_path):
+    out = tmp_path / "cb.json"
+    assert main(["compare-base", "--chat", str(tiny_folder), "--base", str(tiny_folder), "--direction",
+                 str(tiny_run), "--n", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["cosine"]
+    # same model as chat and base: the chat side (with template prefix) differs from the bare base side
+    assert len(res["harmful"]["chat"]["mean"]) == 4

@@ -201,3 +201,28 @@ def base_vs_chat_cosines(chat, chat_tok, base, base_tok, instructions: list[str]
                           f"{direction.numel()}: compare-base needs a base/chat pair of the same architecture")
     base_cos = run(base, base_tok, [s + "\n" for s in instructions])
     return {"chat": chat_cos, "base": base_cos}
+
+
+def _mean_sd(x: torch.Tensor) -> dict:
+    return {"mean": x.mean(0).tolist(), "sd": x.std(0, unbiased=False).tolist()}
+
+
+def suffix_analysis(model, tok, harmful: list[str], harmless: list[str], direction: torch.Tensor, adv_suffix: str,
+                    n_suffix_tokens: int, top_k: int = 8, seed: int = 0,
+                    fmt: PromptFormat = PromptFormat()) -> dict:
+    """Fig. 5 and 6 on refusal-eliciting harmful prompts: plain, + random suffix, + adversarial suffix."""
+    rand = random_suffixes(tok, len(harmful), n_suffix_tokens, seed)
+    batches = {"harmful": tokenize_with_suffix(tok, harmful, None, fmt),
+               "harmful+random": tokenize_with_suffix(tok, harmful, rand, fmt),
+               "harmful+adversarial": tokenize_with_suffix(tok, harmful, [adv_suffix] * len(harmful), fmt),
+               "harmless": tokenize_with_suffix(tok, harmless, None, fmt)}
+    cos = {k: _mean_sd(cosine_per_layer(model, b, direction)) for k, b in batches.items()}
+    attr = {k: head_attributions(model, batches[k], direction)["heads"] for k in
+            ("harmful", "harmful+random", "harmful+adversarial")}
+    heads = top_heads(attr["harmful"], top_k)
+    head_attr = {k: [float(v[:, l, h].mean()) for l, h in heads] for k, v in attr.items()}
+    mass = {k: {r: v.mean(0).tolist() for r, v in attention_mass(model, batches[k], heads).items()}
+            for k in ("harmful+random", "harmful+adversarial")}
+    return {"n_harmful": len(harmful), "n_harmless": len(harmless), "adversarial_suffix": adv_suffix,
+            "random_suffix_tokens": n_suffix_tokens, "cosine_per_layer": cos, "top_heads": heads,
+            "head_attribution": head_attr, "attention_mass": mass}

@@ -97,6 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--allow-approximate", action="store_true",
                    help="edit projections even where writes pass through a norm (not equal to ablation)")
 
+    g = sub.add_parser("suffix", help="optimize an adversarial suffix (GCG) and screen it for universality")
+    _add_model_args(g)
+    g.add_argument("--run", required=True, help="run folder (its prompts and direction are used)")
+    g.add_argument("--n-prompts", type=_positive, default=4, help="harmful training prompts to optimize on")
+    g.add_argument("--n-tokens", type=_positive, default=20)
+    g.add_argument("--steps", type=_positive, default=100)
+    g.add_argument("--time-budget", type=float, default=None, help="stop optimizing after this many seconds")
+    g.add_argument("--topk", type=_positive, default=64)
+    g.add_argument("--search-batch", type=_positive, default=32, help="candidate swaps evaluated per step")
+    g.add_argument("--n-eval", type=_positive, default=32, help="held-out harmful prompts for the screen")
+    g.add_argument("--max-new-tokens", type=_positive, default=32)
+    g.add_argument("--seed", type=int, default=0)
+
+    s_ = sub.add_parser("analyze-suffix", help="cosine per layer, refusal heads, attention hijacking (paper §5)")
+    _add_model_args(s_)
+    s_.add_argument("--run", required=True)
+    s_.add_argument("--suffix-file", default=None, help="a text file with the suffix (default: RUN/suffix.json)")
+    s_.add_argument("--n", type=_positive, default=32, help="harmful and harmless prompts to analyze")
+    s_.add_argument("--top-k", type=_positive, default=8)
+    s_.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("compare-base", help="App. J: the chat model's direction in a base model")
+    c.add_argument("--chat", required=True)
+    c.add_argument("--base", required=True)
+    c.add_argument("--direction", required=True)
+    c.add_argument("--n", type=_positive, default=32)
+    c.add_argument("--out", required=True)
+    c.add_argument("--trust-remote-code", action="store_true")
+
     sub.add_parser("models", help="list the offline model aliases and whether their packages are installed")
     return ap
 
@@ -222,6 +251,107 @@ def cmd_export(a) -> int:
     return 0
 
 
+def _run_prompts(run: Path) -> dict:
+    f = run / "prompts.json"
+    if not f.is_file():
+        raise RefdirError(f"{run} has no prompts.json: run `refdir run --out {run}` first")
+    return json.loads(f.read_text())
+
+
+def _load_for_run(a):
+    from .adapter import get_adapter
+    from .directions import load_direction
+    from .models import load_model
+    from .templates import PromptFormat
+    run = Path(a.run)
+    data = _run_prompts(run)
+    load_direction(run)  # validate before loading the model
+    model, tok = load_model(a.model, a.dtype, trust_remote_code=a.trust_remote_code)
+    direction = load_direction(run, expect_d_model=get_adapter(model).d_model,
+                               expect_model=getattr(model, "refdir_spec", None))
+    return run, data, model, tok, direction, PromptFormat(system=a.system, chat_template=_chat_template(a))
+
+
+def cmd_suffix(a) -> int:
+    from .analysis import random_suffixes
+    from .evaluation import generate_judged, refusal_rate
+    from .io import write_json
+    from .suffix import affirmative_target, gcg
+
+    run, data, model, tok, direction, fmt = _load_for_run(a)
+    train = [x["instruction"] for x in data["harmful_train"][: a.n_prompts]]
+    res = gcg(model, tok, train, [affirmative_target(x) for x in train], a.n_tokens, a.steps, a.topk,
+              a.search_batch, a.seed, a.time_budget, fmt)
+    held = [x["instruction"] for x in data["eval_harmful"][: a.n_eval]]
+    rand = random_suffixes(tok, len(held), a.n_tokens, a.seed)
+    rates = {}
+    for name, prompts in (("none", held), ("random", [f"{p} {r}" for p, r in zip(held, rand)]),
+                          ("adversarial", [f"{p} {res.suffix}" for p in held])):
+        items = generate_judged(model, tok, prompts, [None] * len(prompts), fmt, a.max_new_tokens, 16, name)
+        rates[name] = refusal_rate(items)
+    out = {"suffix": res.suffix, "token_ids": res.token_ids, "steps": res.steps, "seconds": round(res.seconds, 1),
+           "losses": res.losses, "n_train_prompts": len(train), "n_eval": len(held), "refusal_rate": rates,
+           "seed": a.seed, "n_tokens": a.n_tokens}
+    write_json(run / "suffix.json", out)
+    print(f"GCG: {res.steps} steps in {res.seconds:.0f} s, loss {res.losses[0] if res.losses else float('nan'):.3f}"
+          f" -> {res.losses[-1] if res.losses else float('nan'):.3f}; held-out refusal: none {rates['none']:.2f}, "
+          f"random suffix {rates['random']:.2f}, adversarial suffix {rates['adversarial']:.2f}")
+    return 0
+
+
+def cmd_analyze_suffix(a) -> int:
+    from .analysis import suffix_analysis
+    from .io import write_json
+    from .report import write_report
+
+    run = Path(a.run)
+    if a.suffix_file:
+        try:
+            suffix = Path(a.suffix_file).read_text().strip()
+        except OSError as e:
+            raise RefdirError(f"cannot read --suffix-file {a.suffix_file}: {e.strerror}") from None
+        if not suffix:
+            raise RefdirError(f"--suffix-file {a.suffix_file} is empty")
+    elif (run / "suffix.json").is_file():
+        suffix = json.loads((run / "suffix.json").read_text())["suffix"]
+    else:
+        raise RefdirError(f"no suffix: pass --suffix-file or run `refdir suffix --run {run}` first")
+    run, data, model, tok, direction, fmt = _load_for_run(a)
+    harmful = [x["instruction"] for x in data["harmful_val"] + data["harmful_train"]][: a.n]
+    harmless = [x["instruction"] for x in data["harmless_val"] + data["harmless_train"]][: a.n]
+    n_tok = len(tok(suffix, add_special_tokens=False)["input_ids"])
+    t = time.time()
+    res = suffix_analysis(model, tok, harmful, harmless, direction.vector, suffix, n_tok, a.top_k, a.seed, fmt)
+    res["seconds"] = round(time.time() - t, 1)
+    write_json(run / "suffix_analysis.json", res)
+    write_report(run)
+    print(f"suffix analysis written to {run / 'suffix_analysis.json'} and {run / 'report.html'}")
+    return 0
+
+
+def cmd_compare_base(a) -> int:
+    from .analysis import base_vs_chat_cosines
+    from .directions import load_direction
+    from .io import write_json
+    from .models import load_model
+
+    direction = load_direction(a.direction)
+    out = Path(a.out)
+    _check_writable(out)
+    from .data import load_builtin
+    harmful = [p.instruction for p in load_builtin("harmful")[: a.n]]
+    harmless = [p.instruction for p in load_builtin("harmless")[: a.n]]
+    chat, ctok = load_model(a.chat, trust_remote_code=a.trust_remote_code)
+    base, btok = load_model(a.base, trust_remote_code=a.trust_remote_code)
+    res = {}
+    for name, ins in (("harmful", harmful), ("harmless", harmless)):
+        cos = base_vs_chat_cosines(chat, ctok, base, btok, ins, direction.vector)
+        res[name] = {k: {"mean": v.mean(0).tolist(), "sd": v.std(0, unbiased=False).tolist()} for k, v in cos.items()}
+    write_json(out, {"chat": a.chat, "base": a.base, "direction": a.direction, "n": a.n, "cosine": res})
+    print(f"compare-base written to {out}")
+    return 0
+
+
 def cmd_models(a) -> int:
     from .models import DEFAULT_MODEL, OFFLINE_MODELS, offline_parts
     for alias, m in OFFLINE_MODELS.items():
@@ -238,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        return {"run": cmd_run, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models}[a.cmd](a)
+        return {"run": cmd_run, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models,
+                "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
     except RefdirError as e:
         if a.debug:
             raise

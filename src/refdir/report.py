@@ -70,6 +70,44 @@ def refusal_bars(refusal: dict) -> str:
     return _png(fig)
 
 
+def suffix_figures(sa: dict) -> str:
+    """Fig. 5 (cosine with r̂ per layer) and Fig. 6 (refusal heads, attention hijacking) side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.6))
+    ax = axes[0]
+    for name, c in sa["cosine_per_layer"].items():
+        m, sd = np.array(c["mean"]), np.array(c["sd"])
+        ax.plot(m, label=name)
+        ax.fill_between(range(len(m)), m - sd, m + sd, alpha=0.2)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("cos(resid, r̂) at last position")
+    ax.legend(fontsize=7)
+    heads = [f"L{l}H{h}" for l, h in sa["top_heads"]]
+    x = np.arange(len(heads))
+    ax = axes[1]
+    for i, (name, vals) in enumerate(sa["head_attribution"].items()):
+        ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(heads, rotation=45, fontsize=7)
+    ax.set_ylabel("attribution onto r̂")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    for i, name in enumerate(("harmful+random", "harmful+adversarial")):
+        m = sa["attention_mass"][name]
+        ax.bar(x + (i - 0.5) * 0.4, m["instruction"], width=0.4, label=f"{name}: instruction")
+        ax.bar(x + (i - 0.5) * 0.4, m["suffix"], width=0.4, bottom=m["instruction"], label=f"{name}: suffix",
+               alpha=0.6)
+    ax.set_xticks(x)
+    ax.set_xticklabels(heads, rotation=45, fontsize=7)
+    ax.set_ylabel("attention from last position")
+    ax.legend(fontsize=6)
+    return _png(fig)
+
+
 def _first_sentence(text: str, limit: int = 90) -> str:
     line = " ".join(text.split())
     for sep in (". ", "! ", "? ", ":"):
@@ -142,8 +180,15 @@ def write_report(run_path: str | Path) -> Path:
                     ex.append([split, cond, r["prompt"][:70], "yes" if r["refused"] else "no", text])
             parts.append("<h2>Example completions</h2><p class=note>Cut to one line; harmful ones to their "
                          "first sentence.</p>" + _table(["split", "condition", "prompt", "refused", "completion"], ex))
-    if (run / "suffix_analysis.json").exists():
-        parts.append("<h2>Adversarial suffix analysis</h2><p>See suffix_analysis.json.</p>")
+    sa, sj = load("suffix_analysis.json"), load("suffix.json")
+    if sa:
+        parts.append("<h2>Adversarial suffix analysis (paper §5)</h2>")
+        if sj:
+            r = sj["refusal_rate"]
+            parts.append(f"<p>GCG: {sj['steps']} steps, {sj['seconds']} s on {sj['n_train_prompts']} prompts; "
+                         f"held-out refusal rate (n={sj['n_eval']}): none {r['none']:.2f}, random suffix "
+                         f"{r['random']:.2f}, adversarial suffix {r['adversarial']:.2f}.</p>")
+        parts.append(f"<img src='{suffix_figures(sa)}'>")
     page = f"<!doctype html><html><head><meta charset=utf-8><title>refdir report</title><style>{CSS}</style></head>" \
            f"<body>{''.join(parts)}</body></html>"
     out = run / "report.html"

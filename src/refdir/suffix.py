@@ -1,0 +1,138 @@
+"""Adversarial suffixes by Greedy Coordinate Gradient (Zou et al. 2023), sized for a CPU budget.
+
+One suffix of ``n_tokens`` is optimized jointly on a few harmful training prompts so the model's
+reply starts with an affirmative target ("Sure, here is ..."). Each step: the gradient of the target
+loss w.r.t. the one-hot suffix gives, per position, the top-k promising substitutions; a batch of
+single-token swaps is evaluated exactly and the best kept. Candidates that do not survive a
+decode/encode round trip are skipped, so the saved text reproduces the optimized tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import get_adapter
+from .templates import PromptFormat, _add_special, format_prompt
+
+MARK = "\u0000SUFFIX\u0000"
+
+
+@dataclass
+class GCGResult:
+    suffix: str
+    token_ids: list[int]
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def _pieces(tok, instruction: str, target: str, fmt: PromptFormat) -> tuple[list[int], list[int], list[int]]:
+    """Token ids before the suffix, after it (template), and of the target completion."""
+    text = format_prompt(tok, f"{instruction} {MARK}", fmt)
+    before, after = text.split(MARK)
+    pre = tok(before, add_special_tokens=_add_special(tok, before))["input_ids"]
+    post = tok(after, add_special_tokens=False)["input_ids"]
+    tgt = tok(target, add_special_tokens=False)["input_ids"]
+    return pre, post, tgt
+
+
+def _allowed_tokens(tok, vocab_rows: int) -> torch.Tensor:
+    """Printable, non-special tokens: a suffix a user could paste. ``[vocab_rows]`` (embedding rows)."""
+    special = set(tok.all_special_ids)
+    ok = torch.zeros(vocab_rows, dtype=torch.bool)
+    for i in range(min(len(tok), vocab_rows)):
+        if i in special:
+            continue
+        s = tok.decode([i])
+        ok[i] = s.isprintable() and s.strip() != "" and s.isascii()
+    return ok
+
+
+def _batch_loss(model, embed, rows: list[tuple[list[int], torch.Tensor, list[int], list[int]]]) -> torch.Tensor:
+    """Mean target cross-entropy per row; each row is (pre ids, suffix ids, post ids, target ids)."""
+    seqs = [torch.tensor(p + s.tolist() + q + t) for p, s, q, t in rows]
+    T = max(len(x) for x in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, T - len(x):], mask[i, T - len(x):] = x, 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids.to(embed.weight.device), attention_mask=mask.to(embed.weight.device),
+                   position_ids=pos.to(embed.weight.device), use_cache=False).logits
+    losses = []
+    for i, (_, _, _, t) in enumerate(rows):
+        n = len(t)
+        lp = torch.log_softmax(logits[i, T - n - 1:T - 1].float(), -1)
+        losses.append(-lp[torch.arange(n), torch.tensor(t, device=lp.device)].mean())
+    return torch.stack(losses)
+
+
+def gcg(model, tok, instructions: list[str], targets: list[str], n_tokens: int = 20, steps: int = 50,
+        topk: int = 64, batch: int = 32, seed: int = 0, time_budget: float | None = None,
+        fmt: PromptFormat = PromptFormat(), progress: bool = True) -> GCGResult:
+    """Optimize one suffix for all ``instructions`` toward their ``targets`` (a step or time budget)."""
+    ad = get_adapter(model)
+    embed = ad.embed
+    g = torch.Generator().manual_seed(seed)
+    pieces = [_pieces(tok, i, t, fmt) for i, t in zip(instructions, targets)]
+    allowed = _allowed_tokens(tok, embed.weight.shape[0])
+    init = tok(" !" * n_tokens, add_special_tokens=False)["input_ids"][:n_tokens]
+    suffix = torch.tensor(init + init[-1:] * (n_tokens - len(init)))
+    res = GCGResult(tok.decode(suffix), suffix.tolist())
+    t0 = time.time()
+    W = embed.weight  # [V, d]
+    bar = tqdm(range(steps), desc="gcg", disable=not progress, leave=False)
+    for step in bar:
+        if time_budget is not None and time.time() - t0 > time_budget:
+            break
+        # gradient of the loss w.r.t. the one-hot suffix
+        one_hot = torch.zeros(n_tokens, W.shape[0], dtype=W.dtype, device=W.device)
+        one_hot[torch.arange(n_tokens), suffix.to(W.device)] = 1.0
+        one_hot.requires_grad_(True)
+        with torch.enable_grad():
+            total = 0.0
+            for pre, post, tgt in pieces:
+                e_suf = one_hot @ W  # [n, d]
+                ids_pre, ids_post = torch.tensor(pre), torch.tensor(post + tgt)
+                emb = torch.cat([embed(ids_pre.to(W.device)), e_suf, embed(ids_post.to(W.device))])[None]
+                logits = model(inputs_embeds=emb, use_cache=False).logits[0]
+                n = len(tgt)
+                lp = torch.log_softmax(logits[-n - 1:-1].float(), -1)
+                loss = -lp[torch.arange(n), torch.tensor(tgt, device=lp.device)].mean()
+                loss.backward()
+                total += float(loss.detach())
+        grad = one_hot.grad.clone()  # [n, V]
+        grad[:, ~allowed.to(grad.device)] = float("inf")
+        top = (-grad).topk(topk, dim=-1).indices.cpu()  # [n, k]
+        # a batch of single-token swaps, one random position each
+        pos = torch.randint(n_tokens, (batch,), generator=g)
+        choice = top[pos, torch.randint(topk, (batch,), generator=g)]
+        cands = suffix.repeat(batch, 1)
+        cands[torch.arange(batch), pos] = choice
+        keep = [c for c in cands if tok(tok.decode(c), add_special_tokens=False)["input_ids"] == c.tolist()]
+        if not keep:
+            res.losses.append(total / len(pieces))
+            continue
+        with torch.no_grad():
+            cand_loss = torch.zeros(len(keep))
+            for pre, post, tgt in pieces:
+                cand_loss += _batch_loss(model, embed, [(pre, c, post, tgt) for c in keep]).cpu()
+        best = int(cand_loss.argmin())
+        if float(cand_loss[best]) / len(pieces) < total / len(pieces):
+            suffix = keep[best].clone()
+        res.losses.append(min(total, float(cand_loss[best])) / len(pieces))
+        bar.set_postfix(loss=f"{res.losses[-1]:.3f}")
+        res.steps = step + 1
+    res.suffix, res.token_ids = tok.decode(suffix), suffix.tolist()
+    res.seconds = time.time() - t0
+    return res
+
+
+def affirmative_target(instruction: str) -> str:
+    """The usual GCG target: "Sure, here is" plus the request rephrased lightly."""
+    text = instruction.strip().rstrip(".?!")
+    return "Sure, here is " + (text[0].lower() + text[1:] if text else "")
