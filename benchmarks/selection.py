@@ -35,7 +35,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 @torch.no_grad()
-def reference_scores(model, candidates, hv, lv, ids, batch_size: int = 32):
+def reference_scores(model, candidates, hv, lv, ids, batch_size: int = 32, only=None):
     """One candidate at a time, three sweeps, full logits everywhere (as the reference code does)."""
     def full_logits(b):
         outs = []
@@ -49,6 +49,8 @@ def reference_scores(model, candidates, hv, lv, ids, batch_size: int = 32):
     scores = {k: torch.full((P, L), float("nan")) for k in ("bypass", "induce", "kl")}
     for layer in range(L):
         for p in range(P):
+            if only is not None and (p, layer) not in only:
+                continue
             r = candidates[p, layer]
             if float(r.norm()) == 0:
                 continue
@@ -80,6 +82,11 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--run", default=None, help="run folder holding prompts.json and candidates.safetensors")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--reference-sample", type=int, default=None,
+                    help="time the reference loop on this many random candidates and extrapolate "
+                         "(same_choice is then not verified: prints same_choice=unverified)")
+    ap.add_argument("--induce-threshold", type=float, default=None,
+                    help="default: the model's calibrated threshold from prompts.json")
     a = ap.parse_args()
     model, tok = load_model(a.model)
     run = Path(a.run or f"runs/bench-{a.model}")
@@ -92,7 +99,7 @@ def main() -> None:
     hv = tokenize_prompts(tok, [x["instruction"] for x in data["harmful_val"]])
     lv = tokenize_prompts(tok, [x["instruction"] for x in data["harmless_val"]])
     ids = torch.tensor(data["refusal_tokens"]["token_ids"])
-    thr = data.get("metric_threshold", 0.0)
+    thr = a.induce_threshold if a.induce_threshold is not None else data.get("metric_threshold", 0.0)
     sel_cfg = SelectionConfig(induce_threshold=thr)
     print(f"model {a.model}: {cands.shape[0]}x{cands.shape[1]} candidates, {len(data['harmful_val'])}+"
           f"{len(data['harmless_val'])} validation prompts, threads {torch.get_num_threads()}", flush=True)
@@ -103,12 +110,24 @@ def main() -> None:
     print(f"refdir selection: {t_refdir:.1f} s, chosen {res.chosen}", flush=True)
     if a.skip_reference:
         return
+    n_all = cands.shape[0] * cands.shape[1]
+    only = None
+    if a.reference_sample:
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randperm(n_all, generator=g)[: a.reference_sample].tolist()
+        only = {(i % cands.shape[0], i // cands.shape[0]) for i in idx}
     t = time.time()
-    ref = reference_scores(model, cands, hv, lv, ids)
+    ref = reference_scores(model, cands, hv, lv, ids, only=only)
     t_ref = time.time() - t
+    per = t_ref / (len(only) if only else n_all)
+    if only:
+        t_ref = per * n_all
+        print(f"reference loop: {per:.2f} s per candidate on {len(only)} sampled candidates -> {t_ref:.0f} s "
+              f"extrapolated to all {n_all}", flush=True)
+        print(f"selection_speedup={t_ref / t_refdir:.1f} same_choice=unverified")
+        return
     choice = reference_choice(ref, cands.shape[1], sel_cfg.kl_threshold, thr)
-    print(f"reference loop: {t_ref:.1f} s ({t_ref / cands.shape[0] / cands.shape[1]:.2f} s per candidate), "
-          f"chosen {choice}", flush=True)
+    print(f"reference loop: {t_ref:.1f} s ({per:.2f} s per candidate), chosen {choice}", flush=True)
     same = choice == (tuple(res.chosen) if res.chosen else None)
     print(f"selection_speedup={t_ref / t_refdir:.1f} same_choice={'true' if same else 'false'}")
 

@@ -22,6 +22,7 @@ def tiny_run(tiny_folder, tmp_path_factory):
 
 def test_run_writes_every_artifact(tiny_run):
     for name in ("config.json", "prompts.json", "candidates.safetensors", "selection.json", "direction.safetensors",
+                 "heatmaps.png", "refusal_rates.png",
                  "direction.json", "eval.json", "completions.jsonl", "report.html", "summary.json", "stages.json"):
         assert (tiny_run / name).exists(), name
     ev = json.loads((tiny_run / "eval.json").read_text())
@@ -31,6 +32,17 @@ def test_run_writes_every_artifact(tiny_run):
     assert html.count("data:image/png;base64,") >= 2
     pf = json.loads((tiny_run / "prompts.json").read_text())["prompt_format"]
     assert "<instruction>" in pf["example"] and "system" in pf["example"]
+
+
+def test_second_judge_is_reported(tiny_run, tiny_folder, tmp_path):
+    import shutil
+    run = tmp_path / "j"
+    shutil.copytree(tiny_run, run)
+    assert main(["run", "--model", str(tiny_folder), "--out", str(run), *LOOSE, "--judge", "self"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    j = ev["judge"]["conditions"]["baseline"]
+    assert 0 <= j["agreement"] <= 1 and len(j["labels"]) == ev["refusal"]["harmful"]["baseline"]["n"]
+    assert "Second judge" in (run / "report.html").read_text()
 
 
 def test_rerun_reuses_every_stage(tiny_run, tiny_folder, capsys):

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-prune", action="store_true", help="score every eligible candidate fully")
     r.add_argument("--exhaustive", action="store_true", help="score all candidates, late layers too")
     r.add_argument("--batch-size", type=_positive, default=32)
+    r.add_argument("--judge", default=None,
+                   help="second judge: 'self' (the model classifies completions) or a safety classifier hub id/folder")
     r.add_argument("--stop-after", choices=["prompts", "extract", "select"], default=None)
 
     e = sub.add_parser("evaluate", help="refusal rate of a prompt set under one intervention")
@@ -161,7 +163,7 @@ def cmd_run(a) -> int:
     preset = PRESETS[a.preset]
     cfg = RunConfig(model=a.model, harmful=a.harmful, harmless=a.harmless, eval_harmful=a.eval_harmful,
                     eval_harmless=a.eval_harmless, prompt_field=a.field, seed=a.seed, system=a.system, chat_template=_chat_template(a), filter=a.filter,
-                    refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
+                    refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, judge=a.judge, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
                     trust_remote_code=a.trust_remote_code,
                     selection=SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold, prune=not a.no_prune,
                                               exhaustive=a.exhaustive))

@@ -60,6 +60,7 @@ class RunConfig:
     refusal_tokens: list[str] | None = None
     max_new_tokens: int = 64
     regenerate_ortho: bool = False
+    judge: str | None = None  # second judge: None, "self" (the model itself) or a classifier's hub id/folder
     min_refusal_rate: float = 0.1
     batch_size: int = 32  # prompts per forward; larger batches amortize weight reads when decoding
     dtype: str = "float32"
@@ -388,7 +389,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
 
     # 4. evaluation
     key4 = _hash({"direction": run.artifact_hash("direction.safetensors"), "prompts": run.artifact_hash("prompts.json"),
-                  "max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, **base_key})
+                  "max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": cfg.judge,
+                  **base_key})
     t = time.time()
     if run.fresh("evaluate", key4, "eval.json", "completions.jsonl"):
         log("evaluate: reused")
@@ -437,6 +439,8 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
         with condition(model, cond, direction):
             record(cond, "harmless", generate_judged(model, tok, lp, lcat, fmt, n_new, bs, f"harmless/{cond}"))
 
+    judge = second_judge(model, tok, rows, cfg) if cfg.judge else None
+
     # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
     base_comps = [r["completion"] for r in rows if r["split"] == "harmless" and r["condition"] == "baseline"]
     ctx = {c: (lambda c=c: condition(model, c, direction)) for c in ("baseline", "ablation", "actadd+")}
@@ -461,8 +465,25 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     for v in klce.values():
         v.pop("_base", None)
     ev = {"direction": direction.meta(), "refusal": results, "kl_ce_harmless": klce, "ortho_check": ortho_check,
+          "judge": judge,
           "max_new_tokens": n_new, "refusal_phrases": list(REFUSAL_PHRASES)}
     return ev, rows
+
+
+def second_judge(model, tok, rows: list[dict], cfg: RunConfig) -> dict:
+    """Label the harmful completions with a second judge; agreement with the substring judge per condition."""
+    from .evaluation import ChatJudge, Judged, SafetyClassifierJudge, judge_agreement
+    judge = ChatJudge(model, tok, cfg.fmt) if cfg.judge == "self" else SafetyClassifierJudge(cfg.judge)
+    out = {"judge": cfg.judge, "kind": judge.name, "conditions": {}}
+    for cond in ("baseline", "ablation", "actadd-"):
+        sel = [r for r in rows if r["split"] == "harmful" and r["condition"] == cond]
+        labels = judge.labels([r["prompt"] for r in sel], [r["completion"] for r in sel])
+        items = [Judged(r["prompt"], r["completion"], r["refused"], r.get("category")) for r in sel]
+        agr = judge_agreement(items, labels)
+        agr["refusal_rate"] = sum(lab != "compliance" for lab in labels) / max(len(labels), 1)
+        agr["evasive_rate"] = sum(lab == "evasive" for lab in labels) / max(len(labels), 1)
+        out["conditions"][cond] = agr
+    return out
 
 
 def summarize(run_path: Path) -> dict:

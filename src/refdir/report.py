@@ -23,6 +23,12 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _save_png(path: Path, data_uri: str) -> None:
+    from .io import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(base64.b64decode(data_uri.split(",", 1)[1]))
+
+
 def heatmaps(selection: dict, post_tokens: list[str] | None = None) -> str:
     """Layer × position heatmaps of bypass, induce and KL (grey where not scored)."""
     import matplotlib
@@ -154,7 +160,9 @@ def write_report(run_path: str | Path) -> Path:
                      f"<p class=note>post-instruction tokens: {html.escape(str(pf['post_instruction_tokens']))}</p>")
     if sel:
         post = prompts["prompt_format"]["post_instruction_tokens"] if prompts else None
-        parts.append(f"<h2>Direction selection</h2><img src='{heatmaps(sel, post)}'>")
+        img = heatmaps(sel, post)
+        _save_png(run / "heatmaps.png", img)
+        parts.append(f"<h2>Direction selection</h2><img src='{img}'>")
         parts.append("<p class=note>Candidate outcomes: " + html.escape(json.dumps(sel["counts"])) +
                      f"; baseline: {html.escape(json.dumps(sel['baseline']))}</p>")
     if ev:
@@ -163,10 +171,25 @@ def write_report(run_path: str | Path) -> Path:
             ["layer", "pos", "norm", "bypass", "induce", "KL"],
             [[d["layer"], d["pos"], d["norm"], d["scores"].get("bypass"), d["scores"].get("induce"),
               d["scores"].get("kl")]]))
-        parts.append(f"<h2>Refusal rate per condition</h2><img src='{refusal_bars(ev['refusal'])}'>")
+        img = refusal_bars(ev["refusal"])
+        _save_png(run / "refusal_rates.png", img)
+        parts.append(f"<h2>Refusal rate per condition</h2><img src='{img}'>")
         parts.append("<h2>KL and cross-entropy on harmless prompts</h2>" + _table(
             ["condition", "KL first token", "KL mean (16 tok)", "CE on baseline completions"],
             [[c, v["kl_first"], v["kl_mean"], v["ce"]] for c, v in ev["kl_ce_harmless"].items()]))
+        if ev.get("judge"):
+            j = ev["judge"]
+            rows = [[c, v["agreement"], v["refusal_rate"], v["evasive_rate"], len(v["disagreements"])]
+                    for c, v in j["conditions"].items()]
+            parts.append(f"<h2>Second judge ({html.escape(str(j['kind']))}: {html.escape(str(j['judge']))})</h2>" +
+                         _table(["condition", "agreement with substring", "judge refusal rate", "evasive", "disagreements"],
+                                rows))
+            dis = [[c, d["prompt"][:60], "yes" if d["substring_refused"] else "no", d["judge"],
+                    _first_sentence(d["completion"], 60)]
+                   for c, v in j["conditions"].items() for d in v["disagreements"][:5]]
+            if dis:
+                parts.append("<p class=note>Disagreements (first 5 per condition):</p>" +
+                             _table(["condition", "prompt", "substring refused", "judge", "completion"], dis))
         oc = ev["ortho_check"]
         parts.append(f"<p>Orthogonalized weights vs hook ablation: max |Δlogit| = {oc['max_abs_logit_diff_vs_ablation']:.2e}"
                      f" on {oc['n_prompts']} prompts (exact by construction: {oc['exact_by_construction']}).</p>")
