@@ -123,3 +123,12 @@ def test_compare_base_command(tiny_run, tiny_folder, tmp_path):
     res = json.loads(out.read_text())["cosine"]
     # same model as chat and base: the chat side (with template prefix) differs from the bare base side
     assert len(res["harmful"]["chat"]["mean"]) == 4
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="Debian chromium not installed")
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    png = tmp_path / "shot.png"
+    subprocess.run(["bash", str(__import__("pathlib").Path(__file__).parents[1] / "scripts" / "screenshot_report.sh"),
+                    str(tiny_run), str(png)], check=True, capture_output=True, timeout=120)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000  # a rendered page, not a blank one
