@@ -93,7 +93,8 @@ def main() -> None:
     cfg = RunConfig(model=a.model)
     if SHARED.exists():
         cfg.harmful, cfg.harmless = str(SHARED / "harmful_train.json"), str(SHARED / "harmless_train.json")
-    run_pipeline(cfg, run, model, tok, stop_after="extract", log=lambda m: print(m, flush=True))
+    if not ((run / "prompts.json").exists() and (run / "candidates.safetensors").exists()):
+        run_pipeline(cfg, run, model, tok, stop_after="extract", log=lambda m: print(m, flush=True))
     data = json.loads((run / "prompts.json").read_text())
     cands = load_tensors(run / "candidates.safetensors")["candidates"]
     hv = tokenize_prompts(tok, [x["instruction"] for x in data["harmful_val"]])
