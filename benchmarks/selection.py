@@ -96,7 +96,7 @@ def main() -> None:
     if not ((run / "prompts.json").exists() and (run / "candidates.safetensors").exists()):
         run_pipeline(cfg, run, model, tok, stop_after="extract", log=lambda m: print(m, flush=True))
     data = json.loads((run / "prompts.json").read_text())
-    cands = load_tensors(run / "candidates.safetensors")["candidates"]
+    cands = load_tensors(run / "candidates.safetensors")["directions"]
     hv = tokenize_prompts(tok, [x["instruction"] for x in data["harmful_val"]])
     lv = tokenize_prompts(tok, [x["instruction"] for x in data["harmless_val"]])
     ids = torch.tensor(data["refusal_tokens"]["token_ids"])

@@ -20,19 +20,24 @@ def test_adapter_finds_every_part(tiny, family):
     assert ad.n_layers == 4 and ad.d_model == 64
     assert len(ad.attn_out) == len(ad.mlp_out) == 4
     assert ad.linear_writes == (family not in SANDWICH)
-    # the writes really are what changes the residual stream: ablating r from them (and the
-    # embedding) leaves every layer output orthogonal to r
+    # the writes really are what changes the residual stream: under ablation the component along r̂ of
+    # every block input and of the final residual (last block output = input of the final norm) vanishes
     from refdir.interventions import directional_ablation
     r = torch.randn(64)
-    outs = []
-    hooks = [layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
-             for layer in ad.layers]
-    with directional_ablation(model, r):
+    unit = r / r.norm()
+    seen = []
+    with directional_ablation(model, r):  # capture hooks registered after (so run after) the ablation's
+        hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
+                                                 with_kwargs=True) for layer in ad.layers]
+        hooks.append(ad.layers[-1].register_forward_hook(
+            lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o)))
         model(input_ids=torch.arange(3, 12)[None])
     for h in hooks:
         h.remove()
-    for o in outs:
-        assert (o @ (r / r.norm())).abs().max() < 1e-4
+    assert len(seen) == ad.n_layers + 1
+    for x in seen:
+        rel = (x @ unit).abs() / x.norm(dim=-1)
+        assert rel.max() < 1e-5
 
 
 def test_unknown_architecture_is_a_clear_error():

@@ -132,3 +132,18 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
                     str(tiny_run), str(png)], check=True, capture_output=True, timeout=120)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000  # a rendered page, not a blank one
+
+
+def test_extract_then_select_commands(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "es"
+    assert main(["extract", "--model", str(tiny_folder), "--out", str(out), *LOOSE]) == 0
+    assert (out / "candidates.safetensors").exists() and not (out / "selection.json").exists()
+    from refdir.io import load_tensors
+    cands = load_tensors(out / "candidates.safetensors")["directions"]
+    meta = json.loads((out / "candidates.json").read_text())
+    assert list(cands.shape) == meta["shape"] and meta["axes"] == ["position", "layer", "d_model"]
+    assert main(["select", "--out", str(out), "--kl-threshold", "100", "--induce-threshold=-1e9"]) == 0
+    assert "extract: reused" in capsys.readouterr().err
+    d = json.loads((out / "direction.json").read_text())
+    for key in ("model", "layer", "position", "token", "bypass", "induce", "kl", "refusal_tokens", "sizes", "seed"):
+        assert key in d, key

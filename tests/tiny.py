@@ -80,10 +80,13 @@ def tiny_model(family: str, seed: int = 0, tie: bool = False):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # random init is too small to give interesting activations; widen it a bit
+    # (and randomize norm weights: with unit norms, ablating before a post-sublayer norm would look right)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif "norm" in n:
+                p.uniform_(0.5, 1.5)
     model.eval().requires_grad_(False)
     model.refdir_spec = f"tiny-{family}"
     tok = make_tokenizer(template)

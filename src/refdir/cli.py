@@ -51,32 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="extract -> select -> evaluate -> report")
-    _add_model_args(r)
-    r.add_argument("--out", default=None, help="run folder (default: runs/<model>-seed<seed>)")
-    r.add_argument("--preset", default="default", choices=["default", "quick", "paper"])
-    r.add_argument("--harmful", default="builtin:harmful")
-    r.add_argument("--harmless", default="builtin:harmless")
-    r.add_argument("--eval-harmful", default=None)
-    r.add_argument("--eval-harmless", default=None)
-    r.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
-    r.add_argument("--n-train", type=_positive)
-    r.add_argument("--n-val", type=_positive)
-    r.add_argument("--n-eval", type=_positive)
-    r.add_argument("--max-new-tokens", type=_positive)
-    r.add_argument("--seed", type=int, default=42)
-    r.add_argument("--filter", default="auto", choices=["auto", "metric", "generation", "none"])
-    r.add_argument("--refusal-tokens", nargs="+", default=None, help="override the derived refusal tokens")
-    r.add_argument("--kl-threshold", type=float, default=0.1)
-    r.add_argument("--induce-threshold", type=float, default=None,
-                   help="induce filter (default: the model's calibrated refusal log-odds; the paper uses 0)")
-    r.add_argument("--min-refusal-rate", type=float, default=0.1,
-                   help="stop when the model refuses fewer harmful prompts than this (no direction to find)")
-    r.add_argument("--no-prune", action="store_true", help="score every eligible candidate fully")
-    r.add_argument("--exhaustive", action="store_true", help="score all candidates, late layers too")
-    r.add_argument("--batch-size", type=_positive, default=32)
-    r.add_argument("--judge", default=None,
-                   help="second judge: 'self' (the model classifies completions) or a safety classifier hub id/folder")
+    _add_run_args(r)
     r.add_argument("--stop-after", choices=["prompts", "extract", "select"], default=None)
+    x = sub.add_parser("extract", help="prompts and candidate directions only (stage 1-2 of run)")
+    _add_run_args(x)
+    x.set_defaults(stop_after="extract")
+    sl = sub.add_parser("select", help="select the direction in a run folder made by `extract` (stage 3)")
+    sl.add_argument("--out", required=True, help="the run folder")
+    _add_selection_args(sl)
+    sl.set_defaults(stop_after="select")
 
     e = sub.add_parser("evaluate", help="refusal rate of a prompt set under one intervention")
     _add_model_args(e)
@@ -132,6 +115,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_run_args(r: argparse.ArgumentParser) -> None:
+    _add_model_args(r)
+    r.add_argument("--out", default=None, help="run folder (default: runs/<model>-seed<seed>)")
+    r.add_argument("--preset", default="default", choices=["default", "quick", "paper"])
+    r.add_argument("--harmful", default="builtin:harmful")
+    r.add_argument("--harmless", default="builtin:harmless")
+    r.add_argument("--eval-harmful", default=None)
+    r.add_argument("--eval-harmless", default=None)
+    r.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
+    r.add_argument("--n-train", type=_positive)
+    r.add_argument("--n-val", type=_positive)
+    r.add_argument("--n-eval", type=_positive)
+    r.add_argument("--max-new-tokens", type=_positive)
+    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--filter", default="auto", choices=["auto", "metric", "generation", "none"])
+    r.add_argument("--refusal-tokens", nargs="+", default=None, help="override the derived refusal tokens")
+    r.add_argument("--min-refusal-rate", type=float, default=0.1,
+                   help="stop when the model refuses fewer harmful prompts than this (no direction to find)")
+    r.add_argument("--batch-size", type=_positive, default=32)
+    r.add_argument("--judge", default=None,
+                   help="second judge: 'self' (the model classifies completions) or a safety classifier hub id/folder")
+    _add_selection_args(r)
+
+
+def _add_selection_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--kl-threshold", type=float, default=0.1)
+    r.add_argument("--induce-threshold", type=float, default=None,
+                   help="induce filter (default: the model's calibrated refusal log-odds; the paper uses 0)")
+    r.add_argument("--no-prune", action="store_true", help="score every eligible candidate fully")
+    r.add_argument("--exhaustive", action="store_true", help="score all candidates, late layers too")
+
+
 def _check_writable(path: Path) -> None:
     """Fail before heavy work when the output cannot be created (checked by a real probe file)."""
     parent = path if path.is_dir() else path.parent
@@ -154,6 +169,31 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401
         self.exit(2, f"refdir: error: {message} (see {self.prog} --help)\n")
+
+
+def cmd_select(a) -> int:
+    """Rebuild the run's configuration from its config.json, then run up to selection (earlier stages reused)."""
+    from .pipeline import RunConfig, check_run_folder, run_pipeline
+    from .selection import SelectionConfig
+
+    out = Path(a.out)
+    cfg_file = out / "config.json"
+    if not cfg_file.is_file():
+        raise RefdirError(f"{out} has no config.json: create it with `refdir extract --out {out}` first")
+    try:
+        old = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        raise RefdirError(f"{cfg_file} is corrupt; rerun `refdir extract`") from None
+    check_run_folder(out, old.get("model", ""))
+    fields = set(RunConfig.__dataclass_fields__) - {"selection"}
+    cfg = RunConfig(**{k: v for k, v in old.items() if k in fields})
+    cfg.selection = SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
+                                    prune=not a.no_prune, exhaustive=a.exhaustive)
+    d = run_pipeline(cfg, out, stop_after="select", log=lambda m: print(f"[refdir] {m}", file=sys.stderr))
+    print(f"chosen direction: layer {d['layer']}, position {d['position']} ({d.get('token')!r}); bypass "
+          f"{d.get('bypass', float('nan')):.3f}, induce {d.get('induce', float('nan')):.3f}, KL {d.get('kl', float('nan')):.4f}"
+          f" -> {out / 'direction.safetensors'}")
+    return 0
 
 
 def cmd_run(a) -> int:
@@ -370,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        return {"run": cmd_run, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models,
+        return {"run": cmd_run, "extract": cmd_run, "select": cmd_select, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models,
                 "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
     except RefdirError as e:
         if a.debug:

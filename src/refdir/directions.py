@@ -32,6 +32,7 @@ class Direction:
     pos: int  # post-instruction position counted from the end: -1 is the last template token
     model: str = ""
     scores: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # provenance: token, refusal tokens, sizes, seed, prompt format
 
     @property
     def d_model(self) -> int:
@@ -42,8 +43,10 @@ class Direction:
         return self.vector / self.vector.norm()
 
     def meta(self) -> dict:
-        return {"layer": self.layer, "pos": self.pos, "model": self.model, "d_model": self.d_model,
-                "norm": float(self.vector.norm()), "scores": self.scores, "format": 1}
+        return {"model": self.model, "layer": self.layer, "position": self.pos, "pos": self.pos,
+                "d_model": self.d_model, "norm": float(self.vector.norm()),
+                **{k: self.scores[k] for k in ("bypass", "induce", "kl") if k in self.scores},
+                "scores": self.scores, **self.extra, "format": 1}
 
     def save(self, path: str | Path) -> None:
         """``direction.safetensors`` (the vector) + ``direction.json`` (its metadata) beside it."""
@@ -96,7 +99,9 @@ def load_direction(path: str | Path, expect_d_model: int | None = None, expect_m
         raise RefdirError(f"direction in {p} has size {vec.numel()} but the model's d_model is {expect_d_model}")
     if expect_model and meta.get("model") and meta["model"] != expect_model:
         raise RefdirError(f"direction in {p} was computed on model '{meta['model']}', not '{expect_model}'")
-    return Direction(vec, layer, pos, meta.get("model", ""), meta.get("scores", {}))
+    known = {"model", "layer", "position", "pos", "d_model", "norm", "bypass", "induce", "kl", "scores", "format"}
+    return Direction(vec, layer, pos, meta.get("model", ""), meta.get("scores", {}),
+                     {k: v for k, v in meta.items() if k not in known})
 
 
 def direction_from_candidates(candidates: torch.Tensor, pos_index: int, layer: int, model: str = "",

@@ -353,10 +353,15 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         mh = mean_activations(model, hb, n_post, cfg.batch_size, desc="extract harmful")
         ml = mean_activations(model, lb, n_post, cfg.batch_size, desc="extract harmless")
         save_tensors(run.file("candidates.safetensors"),
-                     {"candidates": candidate_directions(mh, ml), "mean_harmful": mh, "mean_harmless": ml},
+                     {"directions": candidate_directions(mh, ml), "mean_harmful": mh, "mean_harmless": ml},
                      metadata={"model": spec})
+        write_json(run.file("candidates.json"), {
+            "model": spec, "shape": [n_post, mh.shape[1], mh.shape[2]], "axes": ["position", "layer", "d_model"],
+            "positions": list(range(-n_post, 0)), "post_instruction_tokens": data["prompt_format"]["post_instruction_tokens"],
+            "n_harmful": len(data["harmful_train"]), "n_harmless": len(data["harmless_train"]),
+            "activation": "resid_pre (input of each decoder layer)", "accumulation": "float64 mean"})
         run.done("extract", key2, time.time() - t)
-    candidates = load_tensors(run.file("candidates.safetensors"))["candidates"]
+    candidates = load_tensors(run.file("candidates.safetensors"))["directions"]
     if stop_after == "extract":
         return {"candidates": list(candidates.shape)}
 
@@ -381,7 +386,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         p, l = require_choice(res)
         scores = {"bypass": float(res.bypass[p, l]), "induce": float(res.induce[p, l]), "kl": float(res.kl[p, l]),
                   **res.baseline}
-        direction_from_candidates(candidates, p, l, spec, scores).save(run.file("direction"))
+        d = direction_from_candidates(candidates, p, l, spec, scores)
+        d.extra = {"token": data["prompt_format"]["post_instruction_tokens"][p],
+                   "refusal_tokens": data["refusal_tokens"]["tokens"], "seed": cfg.seed,
+                   "sizes": {"n_train": cfg.n_train, "n_val": cfg.n_val, "n_eval": cfg.n_eval},
+                   "prompt_format": data["prompt_format"]}
+        d.save(run.file("direction"))
         run.done("select", key3, time.time() - t)
     direction = load_direction(run.path, expect_d_model=candidates.shape[-1])
     if stop_after == "select":
