@@ -185,7 +185,7 @@ def cmd_select(a) -> int:
     except json.JSONDecodeError:
         raise RefdirError(f"{cfg_file} is corrupt; rerun `refdir extract`") from None
     check_run_folder(out, old.get("model", ""))
-    fields = set(RunConfig.__dataclass_fields__) - {"selection"}
+    fields = set(RunConfig.__dataclass_fields__) - {"selection"}  # config.json also holds provenance keys
     cfg = RunConfig(**{k: v for k, v in old.items() if k in fields})
     cfg.selection = SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
                                     prune=not a.no_prune, exhaustive=a.exhaustive)

@@ -334,7 +334,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         write_json(run.file("prompts.json"), prepare_prompts(model, tok, cfg))
         run.done("prompts", key1, time.time() - t)
     write_json(run.file("config.json"), {"format": RUN_FORMAT, "refdir": __version__, **cfg.to_json(),
-                                         "model_spec": spec})
+                                         "model_spec": spec, "architecture": get_adapter(model).describe()})
     data = json.loads(run.file("prompts.json").read_text())
     ref_ids = data["refusal_tokens"]["token_ids"]
     if stop_after == "prompts":
