@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shlex
 import subprocess
 import sys
@@ -31,13 +32,16 @@ def run(model: str, extra: list[str], tag: str) -> dict:
     t = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the largest child so far
     if p.returncode != 0:
         msg = (p.stderr.strip().splitlines() or ["?"])[-1]
-        return {"model": model, "ok": False, "message": msg, "wall_s": round(wall, 1), "args": extra}
+        return {"model": model, "ok": False, "message": msg, "wall_s": round(wall, 1), "args": extra,
+                "peak_rss_gib": round(peak_rss_gib, 2)}
     s = json.loads((out / "summary.json").read_text())
     prompts = json.loads((out / "prompts.json").read_text())
     stages = json.loads((out / "stages.json").read_text())["stages"]
     return {"model": model, "ok": True, "summary": s, "wall_s": round(wall, 1), "args": extra,
+            "peak_rss_gib": round(peak_rss_gib, 2),
             "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
             "filter": prompts["filter"], "refusal_tokens": prompts["refusal_tokens"]["tokens"],
             "metric_threshold": prompts["metric_threshold"]}
@@ -72,7 +76,9 @@ def main() -> None:
         (ROOT / "results" / f"{m}{a.tag}.json").write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps(r)[:400], flush=True)
         rows.append(r)
-    md = table(rows)
+    every = [json.loads(f.read_text()) for f in sorted((ROOT / "results").glob("*.json"))]
+    md = table(every)
+    (ROOT / "results" / "results.md").write_text(md + "\n")
     print(md)
 
 
