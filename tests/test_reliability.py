@@ -92,3 +92,14 @@ def test_source_has_no_pickle_and_safe_defaults():
     for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
         assert "weights_only=True" in m.group(1)
     assert "trust_remote_code=True" not in text
+
+
+def test_select_never_follows_paths_from_run_metadata(tiny_folder, tmp_path, capsys):
+    from refdir.cli import main
+    out = tmp_path / "r"
+    assert main(["extract", "--model", str(tiny_folder), "--out", str(out), *ARGS]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["harmful"] = "/etc/passwd"  # tampered metadata: a path outside the run folder
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert main(["select", "--out", str(out)]) == 2
+    assert "rerun `refdir extract`" in capsys.readouterr().err

@@ -189,7 +189,8 @@ def cmd_select(a) -> int:
     cfg = RunConfig(**{k: v for k, v in old.items() if k in fields})
     cfg.selection = SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
                                     prune=not a.no_prune, exhaustive=a.exhaustive)
-    d = run_pipeline(cfg, out, stop_after="select", log=lambda m: print(f"[refdir] {m}", file=sys.stderr))
+    d = run_pipeline(cfg, out, stop_after="select", log=lambda m: print(f"[refdir] {m}", file=sys.stderr),
+                     must_reuse=("prompts", "extract"))  # never follow data paths from the folder's metadata
     print(f"chosen direction: layer {d['layer']}, position {d['position']} ({d.get('token')!r}); bypass "
           f"{d.get('bypass', float('nan')):.3f}, induce {d.get('induce', float('nan')):.3f}, KL {d.get('kl', float('nan')):.4f}"
           f" -> {out / 'direction.safetensors'}")

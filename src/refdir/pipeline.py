@@ -309,8 +309,13 @@ def _instructions(items: list[dict]) -> list[str]:
 # The pipeline
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=print, stop_after: str | None = None) -> dict:
-    """Run (or resume) every stage; returns the summary dict written to ``summary.json``."""
+def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=print, stop_after: str | None = None,
+                 must_reuse: tuple[str, ...] = ()) -> dict:
+    """Run (or resume) every stage; returns the summary dict written to ``summary.json``.
+
+    ``must_reuse`` names stages that must already be complete with unchanged inputs (``refdir select``
+    uses it so that data paths read from a run folder's metadata are never followed).
+    """
     t_start = time.time()
     check_run_folder(Path(out), cfg.model)
     if model is None:
@@ -329,6 +334,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     t = time.time()
     if run.fresh("prompts", key1, "prompts.json"):
         log("prompts: reused")
+    elif "prompts" in must_reuse:
+        raise RefdirError(f"{run.path}: the prompts stage is missing or out of date; rerun `refdir extract`")
     else:
         log("prompts: splitting, filtering and deriving refusal tokens")
         write_json(run.file("prompts.json"), prepare_prompts(model, tok, cfg))
@@ -345,6 +352,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     t = time.time()
     if run.fresh("extract", key2, "candidates.safetensors"):
         log("extract: reused")
+    elif "extract" in must_reuse:
+        raise RefdirError(f"{run.path}: the extract stage is missing or out of date; rerun `refdir extract`")
     else:
         log("extract: mean activations at every layer and post-instruction position")
         hb = tokenize_prompts(tok, _instructions(data["harmful_train"]), cfg.fmt)
