@@ -52,6 +52,15 @@ def _unsupported_folder(tmp: Path) -> str:
     return str(d)
 
 
+def _truncated_folder(tmp: Path, tiny: Path) -> str:
+    """A checkpoint whose weights file was cut short, as by an interrupted download."""
+    d = tmp / "truncated"
+    shutil.copytree(tiny, d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 3])
+    return str(d)
+
+
 def _run_folder_of_other_model(tmp: Path) -> str:
     d = tmp / "otherrun"
     d.mkdir()
@@ -86,6 +95,7 @@ CASES = [
     ("model without chat template", lambda t, m, r: _run(_no_template_folder(t, m)), "chat template"),
     ("unsupported architecture", lambda t, m, r: _run(_unsupported_folder(t)), "unsupported architecture"),
     ("corrupt GGUF", lambda t, m, r: _run(_write(t / "bad.gguf", "GGUF\x03garbage")), "GGUF"),
+    ("interrupted download (truncated weights)", lambda t, m, r: _run(_truncated_folder(t, m)), "cannot load model"),
     ("run folder of another model", lambda t, m, r: _run(m, "--out", _run_folder_of_other_model(t)), "holds a run"),
     ("run folder of a newer format", lambda t, m, r: _run(m, "--out", _newer_run_folder(t)), "newer refdir"),
     ("output not writable", lambda t, m, r: _run(m, "--out", str(_file(t) / "sub")), "not writable"),

@@ -103,3 +103,28 @@ def test_select_never_follows_paths_from_run_metadata(tiny_folder, tmp_path, cap
     (out / "config.json").write_text(json.dumps(cfg))
     assert main(["select", "--out", str(out)]) == 2
     assert "rerun `refdir extract`" in capsys.readouterr().err
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids,
+                                                                                      max_size=3), max_leaves=8)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=json_values, stages=json_values, raw=st.binary(max_size=40))
+def test_run_folder_metadata_parser_accepts_or_rejects_cleanly(tmp_path_factory, config, stages, raw):
+    """Arbitrary config.json / stages.json contents: either accepted or one RefdirError, never a crash."""
+    from refdir.pipeline import RunFolder, check_run_folder
+    d = tmp_path_factory.mktemp("meta")
+    for name, value in (("config.json", config), ("stages.json", stages)):
+        (d / name).write_text(json.dumps(value))
+    for attempt in range(2):
+        try:
+            check_run_folder(d, "some-model")
+            RunFolder(d).fresh("prompts", "k", "prompts.json")
+        except RefdirError:
+            pass
+        (d / "stages.json").write_bytes(raw)  # then raw bytes, not even JSON

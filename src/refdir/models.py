@@ -196,8 +196,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise RefdirError(f"cannot load model '{spec}': {str(e).splitlines()[0][:240]}") from e
+    except Exception as e:  # OSError, ValueError, SafetensorError (truncated/interrupted download), ...
+        first = (str(e).splitlines() or [type(e).__name__])[0][:240]
+        raise RefdirError(f"cannot load model '{spec}': {type(e).__name__}: {first} (incomplete download? "
+                          "delete it and download again)") from e
     model.to(device).eval()
     model.requires_grad_(False)
     if tok.pad_token is None:

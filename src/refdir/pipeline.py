@@ -103,13 +103,11 @@ class RunFolder:
     def _read_stages(self) -> dict:
         if not self.stages_file.exists():
             return {}
-        try:
-            data = json.loads(self.stages_file.read_text())
-        except json.JSONDecodeError:
-            raise RefdirError(f"{self.stages_file} is corrupt; delete the run folder or choose another --out") from None
-        if not isinstance(data, dict) or int(data.get("format", 1)) > RUN_FORMAT:
-            raise RefdirError(f"{self.path} was written by a newer refdir; upgrade refdir or choose another --out")
-        return data.get("stages", {})
+        data = _read_meta(self.stages_file)
+        stages = data.get("stages", {})
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise RefdirError(f"{self.stages_file} is corrupt; delete the run folder or choose another --out")
+        return stages
 
     def fresh(self, stage: str, key: str, *artifacts: str) -> bool:
         """True when ``stage`` completed with the same inputs and its artifacts are all present."""
@@ -133,18 +131,27 @@ def check_run_folder(path: Path, model: str) -> None:
         raise RefdirError(f"--out {path} is a file, not a folder")
     if not cfg_file.exists():
         return
-    try:
-        old = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError:
-        raise RefdirError(f"{cfg_file} is corrupt; delete the run folder or choose another --out") from None
-    if not isinstance(old, dict):
-        raise RefdirError(f"{cfg_file} is not a refdir run config; choose another --out")
-    if int(old.get("format", 1)) > RUN_FORMAT:
-        raise RefdirError(f"{path} was written by a newer refdir (format {old['format']}); upgrade refdir or "
-                          "choose another --out")
+    old = _read_meta(cfg_file)
     if old.get("model") not in (None, model):
         raise RefdirError(f"run folder {path} holds a run of model '{old['model']}', not '{model}'; "
                           "choose another --out")
+
+
+def _read_meta(path: Path) -> dict:
+    """A run-folder metadata file: a JSON object of a format this refdir can read, or one clear error."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RefdirError(f"{path} is corrupt; delete the run folder or choose another --out") from None
+    if not isinstance(data, dict):
+        raise RefdirError(f"{path} is not refdir run metadata; choose another --out")
+    fmt = data.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise RefdirError(f"{path} has an invalid format field; delete the run folder or choose another --out")
+    if fmt > RUN_FORMAT:
+        raise RefdirError(f"{path.parent} was written by a newer refdir (format {fmt}); upgrade refdir or "
+                          "choose another --out")
+    return data
 
 
 # ----------------------------------------------------------------------------------------------
