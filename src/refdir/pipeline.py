@@ -113,6 +113,15 @@ class RunFolder:
         """True when ``stage`` completed with the same inputs and its artifacts are all present."""
         return self.stages.get(stage, {}).get("key") == key and all((self.path / a).exists() for a in artifacts)
 
+    def reuse(self, stage: str, key: str, artifacts: tuple[str, ...], must_reuse: tuple[str, ...], log) -> bool:
+        """True (and logged) when the stage can be reused; an error when it must be but cannot."""
+        if self.fresh(stage, key, *artifacts):
+            log(f"{stage}: reused")
+            return True
+        if stage in must_reuse:
+            raise RefdirError(f"{self.path}: the {stage} stage is missing or out of date; rerun `refdir extract`")
+        return False
+
     def done(self, stage: str, key: str, seconds: float) -> None:
         self.stages[stage] = {"key": key, "seconds": round(seconds, 2), "refdir": __version__}
         write_json(self.stages_file, {"format": RUN_FORMAT, "stages": self.stages})
@@ -339,11 +348,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
                   "sizes": [cfg.n_train, cfg.n_val, cfg.n_eval], "seed": cfg.seed, "filter": cfg.filter,
                   "refusal_tokens": cfg.refusal_tokens, "min_refusal_rate": cfg.min_refusal_rate})
     t = time.time()
-    if run.fresh("prompts", key1, "prompts.json"):
-        log("prompts: reused")
-    elif "prompts" in must_reuse:
-        raise RefdirError(f"{run.path}: the prompts stage is missing or out of date; rerun `refdir extract`")
-    else:
+    if not run.reuse("prompts", key1, ("prompts.json",), must_reuse, log):
         log("prompts: splitting, filtering and deriving refusal tokens")
         write_json(run.file("prompts.json"), prepare_prompts(model, tok, cfg))
         run.done("prompts", key1, time.time() - t)
@@ -357,11 +362,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     # 2. activations and candidates
     key2 = _hash({"prompts": run.artifact_hash("prompts.json"), **base_key})
     t = time.time()
-    if run.fresh("extract", key2, "candidates.safetensors"):
-        log("extract: reused")
-    elif "extract" in must_reuse:
-        raise RefdirError(f"{run.path}: the extract stage is missing or out of date; rerun `refdir extract`")
-    else:
+    if not run.reuse("extract", key2, ("candidates.safetensors",), must_reuse, log):
         log("extract: mean activations at every layer and post-instruction position")
         hb = tokenize_prompts(tok, _instructions(data["harmful_train"]), cfg.fmt)
         lb = tokenize_prompts(tok, _instructions(data["harmless_train"]), cfg.fmt)
@@ -385,9 +386,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     key3 = _hash({"candidates": run.artifact_hash("candidates.safetensors"), "sel": cfg.selection.to_json(),
                   "prompts": run.artifact_hash("prompts.json"), **base_key})
     t = time.time()
-    if run.fresh("select", key3, "selection.json", "direction.safetensors"):
-        log("select: reused")
-    else:
+    if not run.reuse("select", key3, ("selection.json", "direction.safetensors",), must_reuse, log):
         log(f"select: scoring {candidates.shape[0] * candidates.shape[1]} candidate directions")
         hv = tokenize_prompts(tok, _instructions(data["harmful_val"]), cfg.fmt)
         lv = tokenize_prompts(tok, _instructions(data["harmless_val"]), cfg.fmt)
@@ -418,9 +417,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
                   "max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": cfg.judge,
                   **base_key})
     t = time.time()
-    if run.fresh("evaluate", key4, "eval.json", "completions.jsonl"):
-        log("evaluate: reused")
-    else:
+    if not run.reuse("evaluate", key4, ("eval.json", "completions.jsonl",), must_reuse, log):
         log("evaluate: generating completions under each condition")
         ev, rows = evaluate_direction(model, tok, direction, data, cfg)
         ev["seconds"] = round(time.time() - t, 2)
