@@ -19,7 +19,7 @@ from .adapter import get_adapter, hidden_arg
 from .errors import RefdirError
 from .interventions import hooks
 from .refusal import position_ids
-from .templates import PromptFormat, _add_special, format_prompt
+from .templates import Batch, PromptFormat, _add_special, format_prompt
 
 
 @dataclass
@@ -189,8 +189,7 @@ def base_vs_chat_cosines(chat, chat_tok, base, base_tok, instructions: list[str]
 
     def run(model, tok, texts):
         enc = tok(texts, add_special_tokens=True, padding=True, return_tensors="pt")
-        b = type("B", (), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-        return cosine_per_layer(model, b, direction)
+        return cosine_per_layer(model, Batch(enc["input_ids"], enc["attention_mask"], 0), direction)
     for t in (chat_tok, base_tok):
         t.padding_side = "left"
         if t.pad_token is None:

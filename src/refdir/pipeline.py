@@ -28,7 +28,7 @@ from .evaluation import condition, generate_judged, kl_and_ce, per_category, ref
 from .interventions import orthogonalize_weights
 from .io import load_tensors, save_tensors, write_json, write_jsonl
 from .models import DEFAULT_MODEL, load_model
-from .refusal import REFUSAL_PHRASES, derive_refusal_tokens, is_refusal, last_logits, refusal_metric
+from .refusal import REFUSAL_PHRASES, derive_refusal_tokens, generate_batch, is_refusal, last_logits, refusal_metric
 from .selection import SelectionConfig, require_choice, select_direction
 from .templates import PromptFormat, format_prompt, post_instruction_tokens, tokenize_prompts
 
@@ -196,21 +196,6 @@ def validate_inputs(cfg: RunConfig) -> dict[str, list[Prompt]]:
     return sets
 
 
-@torch.no_grad()
-def _first_logits_and_completions(model, tok, prompts: list[str], fmt: PromptFormat, n_new: int, bs: int):
-    """Greedy short completions plus the logits at the first generated position ``[N, V]``."""
-    dev = next(model.parameters()).device
-    logits, comps = [], []
-    for i in range(0, len(prompts), bs):
-        b = tokenize_prompts(tok, prompts[i:i + bs], fmt, dev)
-        g = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=n_new,
-                           do_sample=False, pad_token_id=tok.pad_token_id, output_logits=True,
-                           return_dict_in_generate=True, temperature=None, top_p=None, top_k=None)
-        logits.append(g.logits[0].float())
-        comps += [tok.decode(r, skip_special_tokens=True) for r in g.sequences[:, b.input_ids.shape[1]:]]
-    return torch.cat(logits), comps
-
-
 def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
     """Train/val/eval splits after the paper's filtering, the refusal tokens, and what was measured.
 
@@ -230,8 +215,8 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
         logits, comps = [], []
         bar = tqdm(total=len(prompts), desc=desc, leave=False)
         for i in range(0, len(prompts), cfg.batch_size):
-            lg, cp = _first_logits_and_completions(model, tok, [p.instruction for p in prompts[i:i + cfg.batch_size]],
-                                                   cfg.fmt, n_new, cfg.batch_size)
+            part = [p.instruction for p in prompts[i:i + cfg.batch_size]]
+            cp, lg = generate_batch(model, tok, part, cfg.fmt, n_new, first_logits=True)
             logits.append(lg)
             comps += cp
             bar.update(len(cp))

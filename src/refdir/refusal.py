@@ -58,18 +58,24 @@ def batched_last_logits(model, batch: Batch, batch_size: int = 16, desc: str | N
 
 
 @torch.no_grad()
+def generate_batch(model, tokenizer, instructions: list[str], fmt: PromptFormat = PromptFormat(),
+                   max_new_tokens: int = 64, first_logits: bool = False) -> tuple[list[str], torch.Tensor | None]:
+    """Greedy completions of one left-padded batch, and (if asked) the logits at the first generated position
+    ``[B, V]``. Only asked for when needed: transformers keeps the logits of every step ``[steps, B, V]``."""
+    b = tokenize_prompts(tokenizer, instructions, fmt, next(model.parameters()).device)
+    g = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
+                       do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=first_logits,
+                       return_dict_in_generate=True, temperature=None, top_p=None, top_k=None)
+    comps = [tokenizer.decode(row, skip_special_tokens=True) for row in g.sequences[:, b.input_ids.shape[1]:]]
+    return comps, g.logits[0].float() if first_logits else None
+
+
 def generate(model, tokenizer, instructions: list[str], fmt: PromptFormat = PromptFormat(),
              max_new_tokens: int = 64, batch_size: int = 16, desc: str | None = "generate") -> list[str]:
     """Greedy completions, batched with left padding."""
     out: list[str] = []
-    dev = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     for i in tqdm(range(0, len(instructions), batch_size), desc=desc, disable=desc is None, leave=False):
-        b = tokenize_prompts(tokenizer, instructions[i:i + batch_size], fmt, dev)
-        gen = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-        for row in gen[:, b.input_ids.shape[1]:]:
-            out.append(tokenizer.decode(row, skip_special_tokens=True))
+        out += generate_batch(model, tokenizer, instructions[i:i + batch_size], fmt, max_new_tokens)[0]
     return out
 
 

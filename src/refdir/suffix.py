@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import get_adapter
+from .refusal import position_ids
 from .templates import PromptFormat, _add_special, format_prompt
 
 MARK = "\u0000SUFFIX\u0000"
@@ -60,7 +61,7 @@ def _batch_loss(model, embed, rows: list[tuple[list[int], torch.Tensor, list[int
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, x in enumerate(seqs):
         ids[i, T - len(x):], mask[i, T - len(x):] = x, 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     logits = model(input_ids=ids.to(embed.weight.device), attention_mask=mask.to(embed.weight.device),
                    position_ids=pos.to(embed.weight.device), use_cache=False).logits
     losses = []
