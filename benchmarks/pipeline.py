@@ -29,7 +29,8 @@ from refdir.directions import load_direction
 from refdir.interventions import directional_ablation, orthogonalize_weights
 from refdir.models import DEFAULT_MODEL, load_model
 from refdir.pipeline import RunConfig, run_pipeline
-from refdir.refusal import generate
+from refdir.forward import greedy_generate, split_prefix
+from refdir.templates import tokenize_prompts
 
 
 def matmul_gflops(n: int = 2048, reps: int = 8) -> float:
@@ -71,9 +72,11 @@ class FlopCounter:
 
 
 def gen_tokens_per_s(model, tok, prompts: list[str], n_new: int) -> float:
+    """Greedy decoding of exactly ``n_new`` tokens per prompt (no end tokens: every condition does equal work)."""
+    b = tokenize_prompts(tok, prompts)
     t = time.perf_counter()
-    generate(model, tok, prompts, max_new_tokens=n_new, batch_size=len(prompts), desc=None)
-    return len(prompts) * n_new / (time.perf_counter() - t)
+    new, _ = greedy_generate(model, split_prefix(b, True, model, n_new), n_new, end_ids=[])
+    return sum(map(len, new)) / (time.perf_counter() - t)
 
 
 def main() -> None:

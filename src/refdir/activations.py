@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import get_adapter, hidden_arg
+from .forward import expand, forward_rest, prefix_cache, split_prefix
 from .interventions import hooks
 from .refusal import position_ids
 from .templates import Batch
@@ -22,7 +23,7 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def mean_activations(model, batch: Batch, n_post: int | None = None, batch_size: int = 16,
-                     desc: str | None = None) -> torch.Tensor:
+                     desc: str | None = None, share_prefix: bool = True) -> torch.Tensor:
     """Mean resid_pre over prompts: ``[n_post, n_layers, d_model]`` float64.
 
     Position index p counts post-instruction tokens from the first (p = 0) to the last
@@ -41,12 +42,14 @@ def mean_activations(model, batch: Batch, n_post: int | None = None, batch_size:
         return pre
 
     n = batch.input_ids.shape[0]
+    pb = split_prefix(batch, share_prefix, model)
+    prefix = prefix_cache(model, pb.prefix)  # the shared template head, once, before any hook records
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(ad.layers)]
     with hooks(handles):
         for i in tqdm(range(0, n, batch_size), desc=desc, disable=desc is None, leave=False):
-            ids, mask = batch.input_ids[i:i + batch_size], batch.attention_mask[i:i + batch_size]
+            part = pb.rows(slice(i, i + batch_size))
             try:
-                model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+                forward_rest(model, part, expand(prefix, part.input_ids.shape[0]))
             except _StopForward:
                 pass
     return total / n

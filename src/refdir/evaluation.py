@@ -17,7 +17,8 @@ import torch
 from .directions import Direction
 from .interventions import activation_addition, directional_ablation
 from .refusal import REFUSAL_PHRASES, generate, is_refusal, position_ids
-from .templates import PromptFormat, format_prompt, tokenize_prompts
+from .forward import PrefixBatch, expand, forward_rest, prefix_cache, split_prefix
+from .templates import Batch, PromptFormat, _add_special, format_prompt, tokenize_prompts
 
 
 def condition(model, name: str, direction: Direction, coeff: float = 1.0) -> contextlib.AbstractContextManager:
@@ -130,62 +131,69 @@ def judge_agreement(items: list[Judged], labels: list[str]) -> dict:
 # KL and cross-entropy on text the model is made to read (teacher forcing)
 
 
+def _teacher_forced_batch(tokenizer, prompts: list[str], completions: list[str], fmt: PromptFormat,
+                          n_tokens: int, device) -> tuple[Batch, list[int], list[int], int]:
+    """Left-padded prompt+completion sequences (completion cut to ``n_tokens``), completion lengths, targets,
+    and the shortest prompt's length."""
+    texts = [format_prompt(tokenizer, p, fmt) for p in prompts]
+    prompt_ids = [tokenizer(t, add_special_tokens=_add_special(tokenizer, t))["input_ids"] for t in texts]
+    comp_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][:n_tokens] for c in completions]
+    seqs = [p + c for p, c in zip(prompt_ids, comp_ids)]
+    t = max(map(len, seqs))
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([[pad] * (t - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (t - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return Batch(ids, mask, 1), [len(c) for c in comp_ids], [x for c in comp_ids for x in c], min(map(len, prompt_ids))
+
+
 @torch.no_grad()
-def _teacher_forced(model, tokenizer, prompts: list[str], completions: list[str], fmt: PromptFormat,
-                    n_tokens: int, ctx: Callable[[], contextlib.AbstractContextManager], batch_size: int):
-    """Log-probs ``[B, n, V]`` at the prompt's last position and the first ``n-1`` completion tokens,
-    plus the target ids ``[B, n]`` and a mask of real tokens."""
-    dev = next(model.parameters()).device
-    results = []
-    for i in range(0, len(prompts), batch_size):
-        ps, cs = prompts[i:i + batch_size], completions[i:i + batch_size]
-        texts = [format_prompt(tokenizer, p, fmt) for p in ps]
-        comp_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][:n_tokens] for c in cs]
-        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        seqs = [p + c for p, c in zip(prompt_ids, comp_ids)]
-        T = max(map(len, seqs))
-        pad = tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=dev)
-        mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=dev)
-        with ctx():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                           use_cache=False).logits.float()
-        for b, (p, c) in enumerate(zip(prompt_ids, comp_ids)):
-            start = T - len(c) - 1  # position of the last prompt token
-            lp = torch.log_softmax(logits[b, start:start + n_tokens].double(), -1)  # predicts c[0..]
-            tgt = torch.tensor(c + [0] * (n_tokens - len(c)), device=dev)[: lp.shape[0]]
-            m = torch.zeros(lp.shape[0], dtype=torch.bool, device=dev)
-            m[: len(c)] = True
-            m[0] = True  # the first-token distribution always counts for KL
-            results.append((lp, tgt, m, len(c)))
-    return results
+def _completion_logp(model, pb: PrefixBatch, comp_lens: list[int], n_tokens: int) -> list[torch.Tensor]:
+    """Per row, log-probs ``[max(c, 1), V]`` (float64) at the prompt's last position and the first
+    ``c - 1`` completion tokens: the distributions that predict the completion (under current hooks)."""
+    k = min(n_tokens + 1, pb.input_ids.shape[1])
+    logits = forward_rest(model, pb, expand(prefix_cache(model, pb.prefix), pb.input_ids.shape[0]),
+                          logits_to_keep=k).logits  # [B, k, V]
+    out = []
+    for b, c in enumerate(comp_lens):
+        lo = k - 1 - c  # the prompt's last token; the row's last token predicts nothing
+        out.append(torch.log_softmax(logits[b, lo:lo + max(c, 1)].double(), -1))
+    return out
 
 
 def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt: PromptFormat,
               ctx_factories: dict[str, Callable[[], contextlib.AbstractContextManager]], n_tokens: int = 16,
-              batch_size: int = 8, reference: list | None = None) -> dict[str, dict]:
+              batch_size: int = 8) -> dict[str, dict]:
     """For each condition: KL(baseline || condition) at the first token and averaged over the first
     ``n_tokens`` of the baseline completion, and CE of the baseline completion under the condition.
 
-    The baseline's teacher-forced log-probs are returned under ``"baseline"["_base"]`` so a later call
-    (e.g. after orthogonalizing the weights in place) can pass them as ``reference``.
+    Streams over batches (the baseline's log-probs of one batch at a time: with a 150k vocabulary,
+    keeping them all would take gigabytes) and shares the template prefix within each batch.
     """
-    base = reference if reference is not None else _teacher_forced(
-        model, tokenizer, prompts, completions, fmt, n_tokens, contextlib.nullcontext, batch_size)
-    out = {}
-    for name, factory in ctx_factories.items():
-        cur = base if (name == "baseline" and reference is None) else _teacher_forced(
-            model, tokenizer, prompts, completions, fmt, n_tokens, factory, batch_size)
-        kl_first, kl_mean, ce_sum, ce_n = [], [], 0.0, 0
-        for (blp, tgt, mask, nc), (lp, _, _, _) in zip(base, cur):
-            kl = (blp.exp() * (blp - lp)).sum(-1)  # [n]
-            kl_first.append(float(kl[0]))
-            kl_mean.append(float(kl[mask].mean()))
-            if nc:
-                ce_sum += float(-lp[torch.arange(nc), tgt[:nc]].sum())
-                ce_n += nc
-        out[name] = {"kl_first": sum(kl_first) / len(kl_first), "kl_mean": sum(kl_mean) / len(kl_mean),
-                     "ce": ce_sum / max(ce_n, 1)}
-    if "baseline" in out:
-        out["baseline"]["_base"] = base
-    return out
+    dev = next(model.parameters()).device
+    acc = {name: {"kl_first": 0.0, "kl_mean": 0.0, "ce_sum": 0.0, "ce_n": 0} for name in ctx_factories}
+    for i in range(0, len(prompts), batch_size):
+        batch, lens, tgt_flat, shortest = _teacher_forced_batch(tokenizer, prompts[i:i + batch_size],
+                                                                completions[i:i + batch_size], fmt, n_tokens, dev)
+        pb = split_prefix(batch, True, model, max_prefix=shortest - 1)  # every prompt's last token stays
+        base = _completion_logp(model, pb, lens, n_tokens)
+        offsets = [0]
+        for c in lens:
+            offsets.append(offsets[-1] + c)
+        for name, factory in ctx_factories.items():
+            if name == "baseline":
+                cur = base
+            else:
+                with factory():
+                    cur = _completion_logp(model, pb, lens, n_tokens)
+            a = acc[name]
+            for j, (blp, lp, c) in enumerate(zip(base, cur, lens)):
+                kl = (blp.exp() * (blp - lp)).sum(-1)  # [max(c, 1)]
+                a["kl_first"] += float(kl[0])
+                a["kl_mean"] += float(kl.mean())
+                if c:
+                    tgt = torch.tensor(tgt_flat[offsets[j]:offsets[j + 1]], device=dev)
+                    a["ce_sum"] += float(-lp[torch.arange(c), tgt].sum())
+                    a["ce_n"] += c
+    n = max(len(prompts), 1)
+    return {name: {"kl_first": a["kl_first"] / n, "kl_mean": a["kl_mean"] / n, "ce": a["ce_sum"] / max(a["ce_n"], 1),
+                   "ce_tokens": a["ce_n"]} for name, a in acc.items()}

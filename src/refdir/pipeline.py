@@ -458,20 +458,21 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
         la = last_logits(model, b.input_ids, b.attention_mask)
 
     # orthogonalized weights, in place and last (no second copy of the model in memory): equal to
-    # ablation on logits (always checked); regenerated only with --preset paper
+    # ablation on logits (always checked); regenerated and re-scored only with --preset paper
     exact = get_adapter(model).linear_writes
     orthogonalize_weights(model, direction.vector, allow_approximate=True)
     lo = last_logits(model, b.input_ids, b.attention_mask)
     ortho_check = {"max_abs_logit_diff_vs_ablation": float((la - lo).abs().max()), "n_prompts": b.input_ids.shape[0],
                    "exact_by_construction": exact}
-    klce.update(kl_and_ce(model, tok, lp, base_comps, fmt, {"ortho": contextlib.nullcontext}, n_tokens=16,
-                          batch_size=bs, reference=klce["baseline"]["_base"]))
     if cfg.regenerate_ortho:
         record("ortho", "harmful", generate_judged(model, tok, hp, hcat, fmt, n_new, bs, "harmful/ortho"))
-    else:  # ortho ≡ ablation: the generated completions are those of ablation (checked on logits above)
+        # the baseline is gone from memory: CE of the baseline completions under the orthogonalized weights
+        ce = kl_and_ce(model, tok, lp, base_comps, fmt, {"baseline": contextlib.nullcontext}, 16, bs)["baseline"]
+        klce["ortho"] = {**klce["ablation"], "ce": ce["ce"], "ce_tokens": ce["ce_tokens"],
+                         "kl_from": "ablation (logit-equivalent; the baseline weights are gone)"}
+    else:  # ortho ≡ ablation: its completions and scores are those of ablation (checked on logits above)
         results["harmful"]["ortho"] = {**results["harmful"]["ablation"], "from": "ablation (logit-equivalent)"}
-    for v in klce.values():
-        v.pop("_base", None)
+        klce["ortho"] = {**klce["ablation"], "from": "ablation (logit-equivalent)"}
     ev = {"direction": direction.meta(), "refusal": results, "kl_ce_harmless": klce, "ortho_check": ortho_check,
           "judge": judge,
           "max_new_tokens": n_new, "refusal_phrases": list(REFUSAL_PHRASES)}

@@ -12,6 +12,7 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
+from .forward import end_token_ids, greedy_generate, split_prefix
 from .templates import Batch, PromptFormat, tokenize_prompts
 
 # The paper's refusal substrings (App. D.1), matched case-insensitively.
@@ -59,24 +60,36 @@ def batched_last_logits(model, batch: Batch, batch_size: int = 16, desc: str | N
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, instructions: list[str], fmt: PromptFormat = PromptFormat(),
-                   max_new_tokens: int = 64, first_logits: bool = False) -> tuple[list[str], torch.Tensor | None]:
-    """Greedy completions of one left-padded batch, and (if asked) the logits at the first generated position
-    ``[B, V]``. Only asked for when needed: transformers keeps the logits of every step ``[steps, B, V]``."""
+                   max_new_tokens: int = 64, first_logits: bool = False, share_prefix: bool = True,
+                   prefill=None) -> tuple[list[str], torch.Tensor | None]:
+    """Greedy completions of one batch, and (if asked) the logits at the first generated position ``[B, V]``.
+
+    The template's shared prefix runs once (``forward.split_prefix``); finished rows leave the batch.
+    ``prefill`` wraps the prompt's forward pass only (see ``forward.greedy_generate``).
+    """
     b = tokenize_prompts(tokenizer, instructions, fmt, next(model.parameters()).device)
-    g = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
-                       do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=first_logits,
-                       return_dict_in_generate=True, temperature=None, top_p=None, top_k=None)
-    comps = [tokenizer.decode(row, skip_special_tokens=True) for row in g.sequences[:, b.input_ids.shape[1]:]]
-    return comps, g.logits[0].float() if first_logits else None
+    pb = split_prefix(b, share_prefix, model, extra=max_new_tokens)
+    new, first = greedy_generate(model, pb, max_new_tokens, end_token_ids(model, tokenizer), first_logits, prefill)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in new], first
+
+
+def length_order(tokenizer, instructions: list[str]) -> list[int]:
+    """Indices sorting prompts by length: batches of similar lengths waste little on padding."""
+    lens = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in instructions]
+    return sorted(range(len(instructions)), key=lambda i: (lens[i], i))
 
 
 def generate(model, tokenizer, instructions: list[str], fmt: PromptFormat = PromptFormat(),
              max_new_tokens: int = 64, batch_size: int = 16, desc: str | None = "generate") -> list[str]:
-    """Greedy completions, batched with left padding."""
-    out: list[str] = []
-    for i in tqdm(range(0, len(instructions), batch_size), desc=desc, disable=desc is None, leave=False):
-        out += generate_batch(model, tokenizer, instructions[i:i + batch_size], fmt, max_new_tokens)[0]
-    return out
+    """Greedy completions in the input order, batched by length with left padding."""
+    order = length_order(tokenizer, instructions)
+    out: list[str | None] = [None] * len(instructions)
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+        idx = order[i:i + batch_size]
+        comps = generate_batch(model, tokenizer, [instructions[j] for j in idx], fmt, max_new_tokens)[0]
+        for j, c in zip(idx, comps):
+            out[j] = c
+    return out  # type: ignore[return-value]
 
 
 def derive_refusal_tokens(tokenizer, completions: list[str], min_share: float = 0.1,

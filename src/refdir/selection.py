@@ -30,7 +30,8 @@ from .activations import resid_pre_all
 from .adapter import get_adapter
 from .errors import RefdirError
 from .interventions import directional_ablation, start_at_layer
-from .refusal import batched_last_logits, last_logits, position_ids, refusal_metric
+from .forward import PrefixBatch, expand, forward_rest, last_logits_shared, prefix_cache, split_prefix
+from .refusal import last_logits, position_ids, refusal_metric
 from .templates import Batch
 
 
@@ -102,11 +103,12 @@ class _Scorer:
         self.ad = get_adapter(model)
         self.ids = torch.tensor(refusal_ids, device=self.ad.device)
         self.harmful, self.harmless = harmful, harmless
-        self.both = _concat(harmful, harmless)
         self.n_harm = harmful.input_ids.shape[0]
-        base_harmless = batched_last_logits(model, harmless, cfg.batch_rows)
+        self.p_harmful, self.p_harmless = split_prefix(harmful, True, model), split_prefix(harmless, True, model)
+        self.p_both = split_prefix(_concat(harmful, harmless), True, model)
+        base_harmless = last_logits_shared(model, self.p_harmless)
         self.base_logp = torch.log_softmax(base_harmless.double(), -1)  # [N, V]
-        base_harmful = batched_last_logits(model, harmful, cfg.batch_rows)
+        base_harmful = last_logits_shared(model, self.p_harmful)
         self.baseline = {"harmful_refusal_metric": float(refusal_metric(base_harmful, self.ids).mean()),
                          "harmless_refusal_metric": float(refusal_metric(base_harmless, self.ids).mean())}
         self._prefix: dict[int, torch.Tensor] = {}
@@ -117,34 +119,38 @@ class _Scorer:
             self._prefix.update(resid_pre_all(self.model, self.harmless, list(range(self.ad.n_layers))))
         return self._prefix[layer]
 
-    def ablation(self, units: torch.Tensor, batch: Batch, n: int | None = None) -> torch.Tensor:
-        """Last-position logits with a different unit direction per candidate: ``[K, n, V]``."""
-        n = n or batch.input_ids.shape[0]
-        ids, mask = batch.input_ids[:n], batch.attention_mask[:n]
+    def ablation(self, units: torch.Tensor, pb: PrefixBatch) -> torch.Tensor:
+        """Last-position logits with a different unit direction per candidate: ``[K, n, V]``.
+
+        Ablation changes the template prefix too, so it runs once per candidate (not per prompt)
+        and its KV cache is shared by that candidate's rows.
+        """
+        n = pb.input_ids.shape[0]
         per = max(1, self.cfg.batch_rows // n)
         outs = []
         for i in range(0, units.shape[0], per):
             u = units[i:i + per]
             k = u.shape[0]
-            rows = u.repeat_interleave(n, 0)  # [k*n, d]
-            with directional_ablation(self.model, rows):
-                outs.append(last_logits(self.model, _repeat(ids, k), _repeat(mask, k)).view(k, n, -1))
+            with directional_ablation(self.model, u):
+                cache = expand(prefix_cache(self.model, pb.prefix, rows=k), n)  # rows c*n .. c*n+n-1: candidate c
+            with directional_ablation(self.model, u.repeat_interleave(n, 0)):
+                outs.append(forward_rest(self.model, pb.repeat(k), cache).logits[:, -1, :].float().view(k, n, -1))
         return torch.cat(outs)
 
     def bypass_kl(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bypass ``[K]`` and KL ``[K]`` from one shared ablated pass over harmful + harmless prompts."""
-        logits = self.ablation(units, self.both)  # [K, Nh + Nl, V]
+        logits = self.ablation(units, self.p_both)  # [K, Nh + Nl, V]
         bypass = torch.stack([refusal_metric(x[: self.n_harm], self.ids).mean() for x in logits])
         kl = torch.stack([_kl(self.base_logp, x[self.n_harm:]).mean() for x in logits])
         return bypass, kl
 
     def bypass(self, units: torch.Tensor) -> torch.Tensor:
         """Full bypass score ``[K]``: mean refusal metric on harmful prompts with r̂ ablated."""
-        return torch.stack([refusal_metric(x, self.ids).mean() for x in self.ablation(units, self.harmful)])
+        return torch.stack([refusal_metric(x, self.ids).mean() for x in self.ablation(units, self.p_harmful)])
 
     def kl(self, units: torch.Tensor) -> torch.Tensor:
         """KL(baseline || ablated) ``[K]`` on the harmless prompts' next-token distribution."""
-        return torch.stack([_kl(self.base_logp, x).mean() for x in self.ablation(units, self.harmless)])
+        return torch.stack([_kl(self.base_logp, x).mean() for x in self.ablation(units, self.p_harmless)])
 
     def linear_screen(self, units: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """First-order estimate of the bypass score of every candidate ``[K]`` from one backward pass."""

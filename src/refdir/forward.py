@@ -1,0 +1,222 @@
+"""Batched forward passes and greedy generation that compute the shared prompt prefix once.
+
+Every chat-formatted prompt of a batch starts with the same tokens: BOS, the system prompt (Qwen
+inserts its default one), the user-turn header. With Qwen2.5's default system prompt that is
+about 24 of a typical prompt's 45-50 tokens. refdir runs those tokens once per batch (or once
+per candidate direction, where the intervention changes them), keeps their keys and values in
+the model's own KV cache, and feeds each row only its remaining tokens (issue: performance).
+
+Layout of a :class:`PrefixBatch` row: ``[shared prefix | left padding | rest of the prompt]``.
+Position ids count real tokens only, so every row sees exactly the positions it would see alone;
+the padding is masked out. Results equal a full forward up to float rounding (tests: every
+supported family).
+
+The greedy loop drops a row from the batch (and its KV cache) as soon as it emits an end token,
+so a batch costs what its unfinished rows cost: refusals end after a dozen tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .templates import Batch
+
+
+@dataclass
+class PrefixBatch:
+    """Prompts split into the prefix they all share and their left-padded rests."""
+
+    prefix: torch.Tensor  # [P] token ids shared by every row (P may be 0)
+    input_ids: torch.Tensor  # [B, T] the rest of each prompt, left-padded
+    attention_mask: torch.Tensor  # [B, P + T]: ones over the prefix, then each row's padding mask
+    n_post: int
+
+    @property
+    def n_prefix(self) -> int:
+        return int(self.prefix.shape[0])
+
+    def rows(self, idx) -> "PrefixBatch":
+        """A sub-batch (rows ``idx``: slice or index tensor), keeping the shared prefix."""
+        return PrefixBatch(self.prefix, self.input_ids[idx], self.attention_mask[idx], self.n_post)
+
+    def repeat(self, k: int) -> "PrefixBatch":
+        """``k`` copies of the batch, candidate-major (rows c*B .. c*B+B-1 are copy c)."""
+        return PrefixBatch(self.prefix, self.input_ids.repeat(k, 1), self.attention_mask.repeat(k, 1), self.n_post)
+
+    def positions(self) -> torch.Tensor:
+        """Position ids of the rest tokens ``[B, T]`` counting only real tokens (padding gets a dummy)."""
+        pos = (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos[:, self.n_prefix:]
+
+
+def sliding_window(model) -> int | None:
+    """The smallest attention window of any layer (None: every layer attends to the whole context)."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if window is None or (types and "sliding_attention" not in types) or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def split_prefix(batch: Batch, share: bool = True, model=None, extra: int = 0,
+                 max_prefix: int | None = None) -> PrefixBatch:
+    """Split a left-padded batch into the longest shared token prefix and the rests.
+
+    The post-instruction tokens (at least one) stay in every row's rest: they are read and scored. ``share=False``
+    gives an empty prefix: the plain batch, for comparisons. Padding between prefix and rest
+    would count toward a sliding attention window, so with ``model`` given, the prefix is shared
+    only while the whole layout (plus ``extra`` generated tokens) fits in the model's window.
+    ``max_prefix`` caps the prefix (teacher forcing needs the logits of every prompt's last token).
+    """
+    window = sliding_window(model) if model is not None else None
+    pb = _split(batch, share, max_prefix)
+    if window is not None and pb.n_prefix and pb.attention_mask.shape[1] + extra >= window:
+        return _split(batch, False)
+    return pb
+
+
+def _split(batch: Batch, share: bool, max_prefix: int | None = None) -> PrefixBatch:
+    ids, mask = batch.input_ids, batch.attention_mask.bool()
+    seqs = [row[m] for row, m in zip(ids, mask)]
+    p = min(len(s) for s in seqs) - max(batch.n_post, 1)  # post-instruction positions stay in the rest
+    if max_prefix is not None:
+        p = min(p, max_prefix)
+    if share and p > 0:
+        first = seqs[0][:p]
+        for s in seqs[1:]:
+            diff = (s[:p] != first[:p]).nonzero()
+            if len(diff):
+                p = int(diff[0])
+    else:
+        p = 0
+    p = max(p, 0)
+    rests = [s[p:] for s in seqs]
+    t = max(len(r) for r in rests)
+    out_ids = torch.zeros(len(seqs), t, dtype=ids.dtype, device=ids.device)  # pad ids are masked out
+    out_mask = torch.zeros(len(seqs), p + t, dtype=batch.attention_mask.dtype, device=ids.device)
+    out_mask[:, :p] = 1
+    for i, r in enumerate(rests):
+        out_ids[i, t - len(r):] = r
+        out_mask[i, p + t - len(r):] = 1
+    return PrefixBatch(seqs[0][:p].clone(), out_ids, out_mask, batch.n_post)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache``; accept both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+@torch.no_grad()
+def prefix_cache(model, prefix: torch.Tensor, rows: int = 1):
+    """KV cache of the shared prefix under the *current* hooks, for a batch of ``rows`` prompts.
+
+    ``rows`` > 1 runs the prefix once per row: use it when every row has its own intervention
+    (a different candidate direction per row); otherwise expand a one-row cache with :func:`expand`.
+    Returns None for an empty prefix.
+    """
+    if prefix.numel() == 0:
+        return None
+    ids = prefix[None].expand(rows, -1)
+    pos = torch.arange(prefix.shape[0], device=prefix.device)[None].expand(rows, -1)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos, use_cache=True,
+                logits_to_keep=1)
+    return _returned_cache(out)
+
+
+def expand(cache, repeats: int):
+    """A fresh copy of ``cache`` with each row repeated ``repeats`` times (row-major: r0,r0,..,r1,..)."""
+    if cache is None:
+        return None
+    c = copy.deepcopy(cache)
+    if repeats > 1:
+        c.batch_repeat_interleave(repeats)
+    return c
+
+
+@torch.no_grad()
+def forward_rest(model, pb: PrefixBatch, cache, logits_to_keep: int = 1, use_cache: bool = False):
+    """Run the rest tokens of ``pb`` on top of a prefix cache (consumed: pass a copy). Returns the model output."""
+    kw = {} if cache is None else {_cache_kwarg(model): cache}
+    return model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.positions(),
+                 use_cache=use_cache or cache is not None, logits_to_keep=logits_to_keep, **kw)
+
+
+@torch.no_grad()
+def last_logits_shared(model, pb: PrefixBatch, cache=None) -> torch.Tensor:
+    """Last-position logits ``[B, V]``; the prefix runs here (under current hooks) unless ``cache`` is given."""
+    if cache is None:
+        cache = expand(prefix_cache(model, pb.prefix), pb.input_ids.shape[0])
+    return forward_rest(model, pb, cache).logits[:, -1, :].float()
+
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Tokens that end a reply: the generation config's EOS ids and the tokenizer's EOS."""
+    ids: list[int] = []
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in ([eos] if isinstance(eos, int) else list(eos or [])) + [tokenizer.eos_token_id]:
+        if e is not None and int(e) not in ids:
+            ids.append(int(e))
+    return ids
+
+
+@torch.no_grad()
+def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[int],
+                    first_logits: bool = False, prefill: Callable[[], contextlib.AbstractContextManager] | None = None,
+                    ) -> tuple[list[list[int]], torch.Tensor | None]:
+    """Greedy (argmax) decoding of a batch; rows leave the batch when they emit an end token.
+
+    Plain greedy, like the paper: no repetition penalty or other logits processors. Returns the
+    new token ids of each row (end token excluded) and, if asked, the logits at the first generated
+    position ``[B, V]``. ``prefill`` wraps only the prompt's forward pass (e.g. hooks that record
+    activations at the prompt positions).
+    """
+    b = pb.input_ids.shape[0]
+    cache = expand(prefix_cache(model, pb.prefix), b)
+    if cache is None:  # no shared prefix: an empty cache to fill
+        cache_kw = {}
+    else:
+        cache_kw = {_cache_kwarg(model): cache}
+    with (prefill or contextlib.nullcontext)():
+        out = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.positions(),
+                    use_cache=True, logits_to_keep=1, **cache_kw)
+    cache = _returned_cache(out)
+    kw = _cache_kwarg(model)
+    logits = out.logits[:, -1, :].float()
+    first = logits.clone() if first_logits else None
+    ends = torch.tensor(end_ids, device=logits.device)
+    alive = torch.arange(b, device=logits.device)  # original row of each batch row
+    mask = pb.attention_mask
+    next_pos = (mask.long().sum(-1))  # [B] position of the next token
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # [b_alive]
+        done = torch.isin(nxt, ends)
+        for r, t, d in zip(alive.tolist(), nxt.tolist(), done.tolist()):
+            if not d:
+                tokens[r].append(t)
+        if step == max_new_tokens - 1:
+            break
+        if done.any():
+            keep = (~done).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            cache.batch_select_indices(keep)
+            alive, mask, next_pos, nxt = alive[keep], mask[keep], next_pos[keep], nxt[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    use_cache=True, logits_to_keep=1, **{kw: cache})
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1, :].float()
+    return tokens, first

@@ -1,0 +1,124 @@
+"""The shared-prefix forward and greedy loop equal plain full forwards, on every family."""
+
+import torch
+
+from refdir.forward import end_token_ids, greedy_generate, last_logits_shared, split_prefix
+from refdir.interventions import activation_addition, directional_ablation
+from refdir.refusal import last_logits, position_ids
+from refdir.templates import tokenize_prompts
+from tiny import tiny_model
+
+PROMPTS = ["Write a poem about rain.", "How do I sort a list in Python?", "Explain photosynthesis briefly.",
+           "Give me three tips for sleeping better, please, in a short list."]
+
+
+def _full_greedy(model, ids, mask, n, end_ids):
+    """Reference: a full forward per step, no cache, no prefix sharing."""
+    out = []
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i].bool()][None]
+        new = []
+        for _ in range(n):
+            logits = model(input_ids=row, use_cache=False).logits[0, -1]
+            t = int(logits.argmax())
+            if t in end_ids:
+                break
+            new.append(t)
+            row = torch.cat([row, torch.tensor([[t]])], 1)
+        out.append(new)
+    return out
+
+
+def test_split_prefix_shares_the_template_head():
+    model, tok = tiny_model("qwen2")
+    b = tokenize_prompts(tok, PROMPTS)
+    pb = split_prefix(b)
+    assert pb.n_prefix >= 8  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    for i in range(len(PROMPTS)):
+        full = b.input_ids[i][b.attention_mask[i].bool()]
+        rest = pb.input_ids[i][pb.attention_mask[i, pb.n_prefix:].bool()]
+        assert torch.equal(torch.cat([pb.prefix, rest]), full)
+    assert split_prefix(b, share=False).n_prefix == 0
+
+
+def test_shared_prefix_logits_equal_full_forward(tiny, family):
+    model, tok = tiny_model(family)
+    b = tokenize_prompts(tok, PROMPTS)
+    pb = split_prefix(b, model=model)
+    r = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    for ctx in (lambda: torch.no_grad(), lambda: directional_ablation(model, r),
+                lambda: activation_addition(model, r, 1)):
+        with ctx():
+            full = last_logits(model, b.input_ids, b.attention_mask)
+            shared = last_logits_shared(model, pb)
+        assert (full - shared).abs().max() < 1e-4
+
+
+def test_greedy_generate_equals_stepwise_full_forwards(tiny, family):
+    model, tok = tiny_model(family)
+    b = tokenize_prompts(tok, PROMPTS)
+    ends = end_token_ids(model, tok)
+    n = 12
+    ref = _full_greedy(model, b.input_ids, b.attention_mask, n, ends)
+    got, first = greedy_generate(model, split_prefix(b, model=model, extra=n), n, ends, first_logits=True)
+    assert got == ref
+    assert (first - last_logits(model, b.input_ids, b.attention_mask)).abs().max() < 1e-4
+
+
+def test_rows_leave_the_batch_when_they_end():
+    model, tok = tiny_model("llama")
+    b = tokenize_prompts(tok, PROMPTS)
+    ends = end_token_ids(model, tok)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[ends[0]] *= 6
+    got, _ = greedy_generate(model, split_prefix(b), 20, ends)
+    ref = _full_greedy(model, b.input_ids, b.attention_mask, 20, ends)
+    assert got == ref and min(map(len, got)) < 20
+
+
+def test_no_sharing_across_a_sliding_window():
+    """Padding between prefix and rest would eat into the window: gemma3 (window 8) falls back."""
+    model, tok = tiny_model("gemma3")
+    b = tokenize_prompts(tok, PROMPTS)
+    assert split_prefix(b).n_prefix > 0 and split_prefix(b, model=model).n_prefix == 0
+
+
+def test_kl_and_ce_equal_a_direct_computation():
+    """Streaming, prefix-shared KL/CE == full forwards of prompt+completion, one prompt at a time."""
+    from refdir.evaluation import kl_and_ce
+    from refdir.templates import PromptFormat, _add_special, format_prompt
+    model, tok = tiny_model("qwen2")
+    comps = ["Sure, here is a poem about rain", "", "Photosynthesis is how plants make food from light", "1. Sleep"]
+    r = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    n = 6
+    got = kl_and_ce(model, tok, PROMPTS, comps, PromptFormat(),
+                    {"baseline": torch.no_grad, "ablation": lambda: directional_ablation(model, r)}, n_tokens=n,
+                    batch_size=3)
+    kl_first, kl_mean, ce, ce_n = [], [], 0.0, 0
+    for p, c in zip(PROMPTS, comps):
+        text = format_prompt(tok, p, PromptFormat())
+        pid = tok(text, add_special_tokens=_add_special(tok, text))["input_ids"]
+        cid = tok(c, add_special_tokens=False)["input_ids"][:n]
+        ids = torch.tensor([pid + cid])
+        lb = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        with directional_ablation(model, r):
+            la = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        sl = slice(len(pid) - 1, len(pid) - 1 + max(len(cid), 1))
+        kl = (lb[sl].exp() * (lb[sl] - la[sl])).sum(-1)
+        kl_first.append(float(kl[0]))
+        kl_mean.append(float(kl.mean()))
+        ce += float(-la[sl][torch.arange(len(cid)), torch.tensor(cid, dtype=torch.long)].sum()) if cid else 0.0
+        ce_n += len(cid)
+    a = got["ablation"]
+    assert abs(a["kl_first"] - sum(kl_first) / 4) < 1e-5 and abs(a["kl_mean"] - sum(kl_mean) / 4) < 1e-5
+    assert abs(a["ce"] - ce / ce_n) < 1e-5 and a["ce_tokens"] == ce_n
+    assert got["baseline"]["kl_first"] == 0 and a["kl_first"] > 1e-4
+
+
+def test_single_prompt_keeps_its_post_instruction_tokens():
+    model, tok = tiny_model("qwen2")
+    b = tokenize_prompts(tok, PROMPTS[:1])
+    pb = split_prefix(b)
+    assert pb.input_ids.shape[1] == b.n_post
+    from refdir.activations import mean_activations
+    assert (mean_activations(model, b) - mean_activations(model, b, share_prefix=False)).abs().max() < 1e-4
