@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--gen-prompts", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--reuse", action="store_true", help="keep an existing run folder (resume) instead of a fresh run")
+    ap.add_argument("--shared-data", action="store_true",
+                    help="the paper's data from ../shared/datasets, exactly as benchmarks/results.py passes it "
+                         "(with --out runs/results-MODEL, results.py then reuses this run)")
     a = ap.parse_args()
     out = Path(a.out or f"runs/bench-pipeline-{a.model}")
     if out.exists() and not a.reuse:
@@ -97,7 +100,12 @@ def main() -> None:
     model, tok = load_model(a.model)
     size_bytes = sum(p.numel() * 4 for p in model.parameters())
     counter = FlopCounter(model)
-    run_pipeline(RunConfig(model=a.model), out, model, tok, log=lambda m: print(m, flush=True))
+    cfg = RunConfig(model=a.model)
+    if a.shared_data:
+        shared = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+        cfg.harmful, cfg.harmless = str(shared / "harmful_train.json"), str(shared / "harmless_train.json")
+        cfg.eval_harmful, cfg.eval_harmless = str(shared / "jailbreakbench.json"), str(shared / "harmless_val.json")
+    run_pipeline(cfg, out, model, tok, log=lambda m: print(m, flush=True))
     counter.remove()
     wall = time.perf_counter() - t
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -49,17 +49,21 @@ def run(model: str, extra: list[str], tag: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     out = ["| model | layer/pos | KL (sel.) | harmful: baseline | ablation | ortho | −r | harmless: baseline | +r "
-           "| CE base → ablated | wall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| CE own completions: base → ablated | CE harmless text: base → ablated | stages' time |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["model"] + (f" `{' '.join(r['args'])}`" if r["args"] else "")
         if not r["ok"]:
-            out.append(f"| {name} | stopped: {r['message'].replace('|', '/')} | | | | | | | | | {r['wall_s'] / 60:.1f} min |")
+            out.append(f"| {name} | stopped: {r['message'].replace('|', '/')} | | | | | | | | | | {r['wall_s'] / 60:.1f} min |")
             continue
         s = r["summary"]
         h, l, ce = s["harmful_refusal"], s["harmless_refusal"], s["ce_harmless"]
+        tx = s.get("ce_harmless_text") or {}
+        text = f"{tx['baseline']:.3f} → {tx['ablation']:.3f}" if tx else "not measured"
         out.append(f"| {name} | {s['layer']}/{s['pos']} | {s['kl_selection']:.3f} | {h['baseline']:.2f} | "
                    f"{h['ablation']:.2f} | {h['ortho']:.2f} | {h['actadd-']:.2f} | {l['baseline']:.2f} | "
-                   f"{l['actadd+']:.2f} | {ce['baseline']:.3f} → {ce['ablation']:.3f} | {r['wall_s'] / 60:.1f} min |")
+                   f"{l['actadd+']:.2f} | {ce['baseline']:.3f} → {ce['ablation']:.3f} | {text} | "
+                   f"{sum(r['stage_seconds'].values()) / 60:.1f} min |")
     return "\n".join(out)
 
 

@@ -83,8 +83,9 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="run folder holding prompts.json and candidates.safetensors")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--reference-sample", type=int, default=None,
-                    help="time the reference loop on this many random candidates and extrapolate "
-                         "(same_choice is then not verified: prints same_choice=unverified)")
+                    help="time the reference loop on this many random candidates and extrapolate; same_choice "
+                         "is then checked against refdir's unpruned scoring of every eligible candidate, whose "
+                         "scores are compared with the reference loop's on the sampled candidates")
     ap.add_argument("--induce-threshold", type=float, default=None,
                     help="default: the model's calibrated threshold from prompts.json")
     a = ap.parse_args()
@@ -125,7 +126,19 @@ def main() -> None:
         t_ref = per * n_all
         print(f"reference loop: {per:.2f} s per candidate on {len(only)} sampled candidates -> {t_ref:.0f} s "
               f"extrapolated to all {n_all}", flush=True)
-        print(f"selection_speedup={t_ref / t_refdir:.1f} same_choice=unverified")
+        t = time.time()
+        full = select_direction(model, cands, hv, lv, ids.tolist(), SelectionConfig(**{**sel_cfg.to_json(), "prune": False}))
+        print(f"refdir without pruning (every eligible candidate): {time.time() - t:.1f} s, chosen {full.chosen}",
+              flush=True)
+        diffs = {}
+        for k in ("bypass", "induce", "kl"):
+            both = [(float(ref[k][c]), float(getattr(full, k)[c])) for c in only]
+            diffs[k] = max([abs(x - y) for x, y in both if not (math.isnan(x) or math.isnan(y))], default=float("nan"))
+        print("reference vs refdir scores on the sampled candidates, max |diff|: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()), flush=True)
+        same = full.chosen == res.chosen
+        print(f"selection_speedup={t_ref / t_refdir:.1f} same_choice={'true' if same else 'false'} "
+              f"same_choice_basis=unpruned_refdir score_max_diff={max(diffs.values()):.1e}")
         return
     choice = reference_choice(ref, cands.shape[1], sel_cfg.kl_threshold, thr)
     print(f"reference loop: {t_ref:.1f} s ({per:.2f} s per candidate), chosen {choice}", flush=True)

@@ -16,9 +16,12 @@ from pathlib import Path
 from .errors import RefdirError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
     from .models import DEFAULT_MODEL
-    p.add_argument("--model", default=DEFAULT_MODEL, help="offline alias, hub id, local folder or .gguf file")
+    if from_run:  # commands on a run folder: the run's model and prompt format unless overridden
+        p.add_argument("--model", default=None, help="default: the run's model")
+    else:
+        p.add_argument("--model", default=DEFAULT_MODEL, help="offline alias, hub id, local folder or .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--system", default=None, help="system prompt (default: the template's own; '' for an empty one)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
     e.add_argument("--n", type=_positive, default=None, help="use the first N prompts")
     e.add_argument("--max-new-tokens", type=_positive, default=64)
-    e.add_argument("--batch-size", type=_positive, default=16)
+    e.add_argument("--batch-size", type=_positive, default=128, help="prompts per generation batch")
     e.add_argument("--out", required=True, help="output .json")
 
     x = sub.add_parser("export", help="write an orthogonalized checkpoint loadable with plain transformers")
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edit projections even where writes pass through a norm (not equal to ablation)")
 
     g = sub.add_parser("suffix", help="optimize an adversarial suffix (GCG) and screen it for universality")
-    _add_model_args(g)
+    _add_model_args(g, from_run=True)
     g.add_argument("--run", required=True, help="run folder (its prompts and direction are used)")
     g.add_argument("--n-prompts", type=_positive, default=4, help="harmful training prompts to optimize on")
     g.add_argument("--n-tokens", type=_positive, default=20)
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
 
     s_ = sub.add_parser("analyze-suffix", help="cosine per layer, refusal heads, attention hijacking (paper §5)")
-    _add_model_args(s_)
+    _add_model_args(s_, from_run=True)
     s_.add_argument("--run", required=True)
     s_.add_argument("--suffix-file", default=None, help="a text file with the suffix (default: RUN/suffix.json)")
     s_.add_argument("--n", type=_positive, default=32, help="harmful and harmless prompts to analyze")
@@ -123,6 +126,8 @@ def _add_run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--harmless", default="builtin:harmless")
     r.add_argument("--eval-harmful", default=None)
     r.add_argument("--eval-harmless", default=None)
+    r.add_argument("--ce-text", default="builtin:harmless_pairs",
+                   help="instruction+response pairs for the CE check ('none' to skip)")
     r.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
     r.add_argument("--n-train", type=_positive)
     r.add_argument("--n-val", type=_positive)
@@ -133,7 +138,8 @@ def _add_run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--refusal-tokens", nargs="+", default=None, help="override the derived refusal tokens")
     r.add_argument("--min-refusal-rate", type=float, default=0.1,
                    help="stop when the model refuses fewer harmful prompts than this (no direction to find)")
-    r.add_argument("--batch-size", type=_positive, default=32)
+    r.add_argument("--batch-size", type=_positive, default=32, help="prompts per forward pass")
+    r.add_argument("--gen-batch-size", type=_positive, default=128, help="prompts per generation batch")
     r.add_argument("--judge", default=None,
                    help="second judge: 'self' (the model classifies completions) or a safety classifier hub id/folder")
     _add_selection_args(r)
@@ -203,8 +209,9 @@ def cmd_run(a) -> int:
 
     preset = PRESETS[a.preset]
     cfg = RunConfig(model=a.model, harmful=a.harmful, harmless=a.harmless, eval_harmful=a.eval_harmful,
-                    eval_harmless=a.eval_harmless, prompt_field=a.field, seed=a.seed, system=a.system, chat_template=_chat_template(a), filter=a.filter,
-                    refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, judge=a.judge, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
+                    eval_harmless=a.eval_harmless, ce_text=None if a.ce_text == "none" else a.ce_text,
+                    prompt_field=a.field, seed=a.seed, system=a.system, chat_template=_chat_template(a), filter=a.filter,
+                    refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, gen_batch_size=a.gen_batch_size, judge=a.judge, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
                     trust_remote_code=a.trust_remote_code,
                     selection=SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold, prune=not a.no_prune,
                                               exhaustive=a.exhaustive))
@@ -233,9 +240,11 @@ def print_summary(s: dict) -> None:
     for split in ("harmful", "harmless"):
         for c, v in s[f"{split}_refusal"].items():
             print(f"{split:9} {c:10} {v:8.3f}")
-    print(f"{'condition':10} {'CE':>8} {'KL(first)':>10}")
+    text = s.get("ce_harmless_text") or {}
+    print(f"{'condition':10} {'CE(own)':>8} {'CE(text)':>8} {'KL(first)':>10}")
     for c, v in s["ce_harmless"].items():
-        print(f"{c:10} {v:8.4f} {s['kl_harmless_first'][c]:10.4f}")
+        t = text.get(c)
+        print(f"{c:10} {v:8.4f} {'-' if t is None else f'{t:.4f}':>8} {s['kl_harmless_first'][c]:10.4f}")
     print(f"orthogonalized vs ablation: max |dlogit| = {s['ortho_max_logit_diff']:.2e}")
 
 
@@ -309,10 +318,17 @@ def _load_for_run(a):
     run = Path(a.run)
     data = _run_prompts(run)
     load_direction(run)  # validate before loading the model
-    model, tok = load_model(a.model, a.dtype, trust_remote_code=a.trust_remote_code)
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    spec = a.model or cfg.get("model")
+    if not spec:
+        raise RefdirError(f"{run} does not record its model; pass --model")
+    fmt = PromptFormat(system=a.system, chat_template=_chat_template(a))
+    if a.system is None and a.chat_template is None:  # the run's own prompt format
+        fmt = PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"))
+    model, tok = load_model(spec, a.dtype, trust_remote_code=a.trust_remote_code)
     direction = load_direction(run, expect_d_model=get_adapter(model).d_model,
                                expect_model=getattr(model, "refdir_spec", None))
-    return run, data, model, tok, direction, PromptFormat(system=a.system, chat_template=_chat_template(a))
+    return run, data, model, tok, direction, fmt
 
 
 def cmd_suffix(a) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import RefdirError
 
-BUILTIN = ("builtin:harmful", "builtin:harmless")
+BUILTIN = ("builtin:harmful", "builtin:harmless", "builtin:harmless_pairs")
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,11 @@ def parse_prompts(text: str, suffix: str, name: str = "dataset", field: str = "i
     return validate(parser(text, name, field), name)
 
 
-def load_builtin(which: str) -> list[Prompt]:
-    """The prompt sets shipped with refdir (280 each, written for this project, with categories)."""
+def load_builtin(which: str, field: str = "instruction") -> list[Prompt]:
+    """The prompt sets shipped with refdir (280 harmful and 280 harmless instructions, and 32 harmless
+    instruction + response pairs; written for this project, with categories)."""
     text = resources.files("refdir").joinpath("datasets", f"{which}.json").read_text(encoding="utf-8")
-    return parse_prompts(text, ".json", f"builtin:{which}")
+    return parse_prompts(text, ".json", f"builtin:{which}", field)
 
 
 def load_prompts(source: str, field: str = "instruction", split: str = "train") -> list[Prompt]:
@@ -128,7 +129,7 @@ def load_prompts(source: str, field: str = "instruction", split: str = "train") 
         name = source.split(":", 1)[1]
         if f"builtin:{name}" not in BUILTIN:
             raise RefdirError(f"unknown built-in set '{source}' (use {' or '.join(BUILTIN)})")
-        return load_builtin(name)
+        return load_builtin(name, field)
     path = Path(source).expanduser()
     if path.exists() or path.suffix.lower() in PARSERS:
         if not path.is_file():
@@ -139,6 +140,21 @@ def load_prompts(source: str, field: str = "instruction", split: str = "train") 
             raise RefdirError(f"cannot read dataset {source}: {e}") from None
         return parse_prompts(text, path.suffix, str(source), field)
     return _load_hf(source, field, split)
+
+
+def load_text_pairs(source: str) -> list[tuple[str, str]]:
+    """Instruction + response pairs: harmless *text* for the cross-entropy check (paper Table 7).
+
+    Each item needs ``instruction`` and ``response`` (or Alpaca's ``output``).
+    """
+    try:
+        responses = load_prompts(source, "response")
+    except RefdirError as e:
+        if "no string field" not in str(e):
+            raise
+        responses = load_prompts(source, "output")
+    instructions = load_prompts(source, "instruction")
+    return [(i.instruction, r.instruction) for i, r in zip(instructions, responses)]
 
 
 def _load_hf(name: str, field: str, split: str) -> list[Prompt]:

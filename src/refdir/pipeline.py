@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .activations import mean_activations
 from .adapter import get_adapter
-from .data import Prompt, load_prompts, pool_after, split_prompts
+from .data import Prompt, load_prompts, load_text_pairs, pool_after, split_prompts
 from .directions import Direction, candidate_directions, direction_from_candidates, load_direction
 from .errors import RefdirError
 from .evaluation import condition, generate_judged, kl_and_ce, per_category, refusal_rate
@@ -50,6 +50,7 @@ class RunConfig:
     prompt_field: str = "instruction"  # column/key holding the instruction in user files
     eval_harmful: str | None = None  # default: held out from `harmful`
     eval_harmless: str | None = None
+    ce_text: str | None = "builtin:harmless_pairs"  # instruction+response text for CE (None: skip)
     n_train: int = 128
     n_val: int = 32
     n_eval: int = 100
@@ -62,7 +63,10 @@ class RunConfig:
     regenerate_ortho: bool = False
     judge: str | None = None  # second judge: None, "self" (the model itself) or a classifier's hub id/folder
     min_refusal_rate: float = 0.1
-    batch_size: int = 32  # prompts per forward; larger batches amortize weight reads when decoding
+    batch_size: int = 32  # prompts per forward pass (prompt screening, extraction, KL/CE)
+    # prompts per generation batch: each decoding step reads every weight once (~0.5 s for the 1.5B
+    # fp32 model on this CPU) whatever the batch, so evaluation decodes a whole condition at once
+    gen_batch_size: int = 128
     dtype: str = "float32"
     trust_remote_code: bool = False
     selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(induce_threshold=None))
@@ -188,6 +192,7 @@ def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
 def validate_inputs(cfg: RunConfig) -> dict[str, list[Prompt]]:
     """Load every prompt source and check the sizes: all before any model is loaded."""
     sets = _load_sets(cfg)
+    sets["ce_text"] = load_text_pairs(cfg.ce_text) if cfg.ce_text else []
     need = cfg.n_train + cfg.n_val
     if len(sets["harmful"]) < need or len(sets["harmless"]) < need:
         raise RefdirError(f"not enough prompts: need {need} train+val per side after holding out {cfg.n_eval} "
@@ -273,6 +278,7 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
         "harmless_train": [p.to_json() for p in ltr], "harmless_val": [p.to_json() for p in lva],
         "eval_harmful": [p.to_json() for p in sets["eval_harmful"]],
         "eval_harmless": [p.to_json() for p in sets["eval_harmless"]],
+        "ce_text": [{"instruction": i, "response": r} for i, r in sets["ce_text"]],
         "refusal_tokens": tok_info,
         # log-odds above which the model's own generations are refusals: the induce threshold
         "metric_threshold": round(float(tau), 4),
@@ -329,7 +335,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
                 "chat_template": cfg.chat_template}
 
     # 1. prompts
-    key1 = _hash({**base_key, "data": [cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless, cfg.prompt_field],
+    key1 = _hash({**base_key, "data": [cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless, cfg.prompt_field,
+                                       cfg.ce_text],
                   "sizes": [cfg.n_train, cfg.n_val, cfg.n_eval], "seed": cfg.seed, "filter": cfg.filter,
                   "refusal_tokens": cfg.refusal_tokens, "min_refusal_rate": cfg.min_refusal_rate})
     t = time.time()
@@ -426,7 +433,7 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     The model's weights are orthogonalized in place at the end (keeping a second copy would
     double peak memory): pass a model you no longer need unmodified.
     """
-    fmt, bs, n_new = cfg.fmt, cfg.batch_size, cfg.max_new_tokens
+    fmt, bs, gbs, n_new = cfg.fmt, cfg.batch_size, cfg.gen_batch_size, cfg.max_new_tokens
     harm, harmless = data["eval_harmful"], data["eval_harmless"]
     hp, hcat = _instructions(harm), [x.get("category") for x in harm]
     lp, lcat = _instructions(harmless), [x.get("category") for x in harmless]
@@ -442,10 +449,10 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
 
     for cond in ("baseline", "ablation", "actadd-"):
         with condition(model, cond, direction):
-            record(cond, "harmful", generate_judged(model, tok, hp, hcat, fmt, n_new, bs, f"harmful/{cond}"))
+            record(cond, "harmful", generate_judged(model, tok, hp, hcat, fmt, n_new, gbs, f"harmful/{cond}"))
     for cond in ("baseline", "actadd+"):
         with condition(model, cond, direction):
-            record(cond, "harmless", generate_judged(model, tok, lp, lcat, fmt, n_new, bs, f"harmless/{cond}"))
+            record(cond, "harmless", generate_judged(model, tok, lp, lcat, fmt, n_new, gbs, f"harmless/{cond}"))
 
     judge = second_judge(model, tok, rows, cfg) if cfg.judge else None
 
@@ -453,6 +460,10 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     base_comps = [r["completion"] for r in rows if r["split"] == "harmless" and r["condition"] == "baseline"]
     ctx = {c: (lambda c=c: condition(model, c, direction)) for c in ("baseline", "ablation", "actadd+")}
     klce = kl_and_ce(model, tok, lp, base_comps, fmt, ctx, n_tokens=16, batch_size=bs)
+    # CE on harmless instruction + response text written by people (paper Table 7), first 64 tokens
+    pairs = data.get("ce_text") or []
+    text = kl_and_ce(model, tok, [x["instruction"] for x in pairs], [x["response"] for x in pairs], fmt, ctx,
+                     n_tokens=64, batch_size=bs) if pairs else {}
     b = tokenize_prompts(tok, hp[:16], fmt)
     with condition(model, "ablation", direction):
         la = last_logits(model, b.input_ids, b.attention_mask)
@@ -465,15 +476,22 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     ortho_check = {"max_abs_logit_diff_vs_ablation": float((la - lo).abs().max()), "n_prompts": b.input_ids.shape[0],
                    "exact_by_construction": exact}
     if cfg.regenerate_ortho:
-        record("ortho", "harmful", generate_judged(model, tok, hp, hcat, fmt, n_new, bs, "harmful/ortho"))
+        record("ortho", "harmful", generate_judged(model, tok, hp, hcat, fmt, n_new, gbs, "harmful/ortho"))
         # the baseline is gone from memory: CE of the baseline completions under the orthogonalized weights
         ce = kl_and_ce(model, tok, lp, base_comps, fmt, {"baseline": contextlib.nullcontext}, 16, bs)["baseline"]
         klce["ortho"] = {**klce["ablation"], "ce": ce["ce"], "ce_tokens": ce["ce_tokens"],
                          "kl_from": "ablation (logit-equivalent; the baseline weights are gone)"}
+        if pairs:
+            ce_t = kl_and_ce(model, tok, [x["instruction"] for x in pairs], [x["response"] for x in pairs], fmt,
+                             {"baseline": contextlib.nullcontext}, 64, bs)["baseline"]
+            text["ortho"] = {**text["ablation"], "ce": ce_t["ce"], "kl_from": "ablation (logit-equivalent)"}
     else:  # ortho ≡ ablation: its completions and scores are those of ablation (checked on logits above)
         results["harmful"]["ortho"] = {**results["harmful"]["ablation"], "from": "ablation (logit-equivalent)"}
         klce["ortho"] = {**klce["ablation"], "from": "ablation (logit-equivalent)"}
-    ev = {"direction": direction.meta(), "refusal": results, "kl_ce_harmless": klce, "ortho_check": ortho_check,
+        if text:
+            text["ortho"] = {**text["ablation"], "from": "ablation (logit-equivalent)"}
+    ev = {"direction": direction.meta(), "refusal": results, "kl_ce_harmless": klce, "ce_harmless_text": text,
+          "ortho_check": ortho_check,
           "judge": judge,
           "max_new_tokens": n_new, "refusal_phrases": list(REFUSAL_PHRASES)}
     return ev, rows
@@ -508,6 +526,7 @@ def summarize(run_path: Path) -> dict:
         "harmful_refusal": {c: round(v["refusal_rate"], 3) for c, v in r["harmful"].items()},
         "harmless_refusal": {c: round(v["refusal_rate"], 3) for c, v in r["harmless"].items()},
         "ce_harmless": {c: round(v["ce"], 4) for c, v in klce.items()},
+        "ce_harmless_text": {c: round(v["ce"], 4) for c, v in (ev.get("ce_harmless_text") or {}).items()},
         "kl_harmless_first": {c: round(v["kl_first"], 4) for c, v in klce.items()},
         "ortho_max_logit_diff": ev["ortho_check"]["max_abs_logit_diff_vs_ablation"],
     }

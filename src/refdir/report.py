@@ -125,6 +125,8 @@ def _first_sentence(text: str, limit: int = 90) -> str:
 
 def _table(headers: list[str], rows: list[list]) -> str:
     def cell(v):
+        if v is None:
+            return "—"
         if isinstance(v, float):
             return "—" if math.isnan(v) else f"{v:.4f}"
         return html.escape(str(v))
@@ -174,9 +176,12 @@ def write_report(run_path: str | Path) -> Path:
         img = refusal_bars(ev["refusal"])
         _save_png(run / "refusal_rates.png", img)
         parts.append(f"<h2>Refusal rate per condition</h2><img src='{img}'>")
+        text = ev.get("ce_harmless_text") or {}
         parts.append("<h2>KL and cross-entropy on harmless prompts</h2>" + _table(
-            ["condition", "KL first token", "KL mean (16 tok)", "CE on baseline completions"],
-            [[c, v["kl_first"], v["kl_mean"], v["ce"]] for c, v in ev["kl_ce_harmless"].items()]))
+            ["condition", "KL first token", "KL mean (16 tok)", "CE on baseline completions",
+             "CE on harmless instruction+response text"],
+            [[c, v["kl_first"], v["kl_mean"], v["ce"], text.get(c, {}).get("ce")]
+             for c, v in ev["kl_ce_harmless"].items()]))
         if ev.get("judge"):
             j = ev["judge"]
             rows = [[c, v["agreement"], v["refusal_rate"], v["evasive_rate"], len(v["disagreements"])]

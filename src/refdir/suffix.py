@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import get_adapter
-from .refusal import position_ids
+from .forward import _cache_kwarg, expand, prefix_cache
 from .templates import PromptFormat, _add_special, format_prompt
 
 MARK = "\u0000SUFFIX\u0000"
@@ -53,23 +53,27 @@ def _allowed_tokens(tok, vocab_rows: int) -> torch.Tensor:
     return ok
 
 
-def _batch_loss(model, embed, rows: list[tuple[list[int], torch.Tensor, list[int], list[int]]]) -> torch.Tensor:
-    """Mean target cross-entropy per row; each row is (pre ids, suffix ids, post ids, target ids)."""
-    seqs = [torch.tensor(p + s.tolist() + q + t) for p, s, q, t in rows]
-    T = max(len(x) for x in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        ids[i, T - len(x):], mask[i, T - len(x):] = x, 1
-    pos = position_ids(mask)
-    logits = model(input_ids=ids.to(embed.weight.device), attention_mask=mask.to(embed.weight.device),
-                   position_ids=pos.to(embed.weight.device), use_cache=False).logits
-    losses = []
-    for i, (_, _, _, t) in enumerate(rows):
-        n = len(t)
-        lp = torch.log_softmax(logits[i, T - n - 1:T - 1].float(), -1)
-        losses.append(-lp[torch.arange(n), torch.tensor(t, device=lp.device)].mean())
-    return torch.stack(losses)
+def _batch_loss(model, pre_cache, n_pre: int, suffixes: list[torch.Tensor], post: list[int],
+                tgt: list[int]) -> torch.Tensor:
+    """Mean target cross-entropy ``[K]`` of one prompt with each candidate suffix.
+
+    Every candidate shares the tokens before the suffix (template head and instruction): their KV
+    cache ``pre_cache`` (one row) is computed once per prompt and step, and only suffix + template
+    tail + target run per candidate. Candidates have equal token length, so no padding is needed.
+    """
+    dev = next(model.parameters()).device
+    k = len(suffixes)
+    rest = torch.stack([torch.cat([s, torch.tensor(post + tgt, dtype=s.dtype)]) for s in suffixes]).to(dev)
+    r = rest.shape[1]
+    pos = torch.arange(n_pre, n_pre + r, device=dev)[None].expand(k, -1)
+    mask = torch.ones(k, n_pre + r, dtype=torch.long, device=dev)
+    cache_kw = {} if pre_cache is None else {_cache_kwarg(model): expand(pre_cache, k)}
+    n = len(tgt)
+    logits = model(input_ids=rest, attention_mask=mask, position_ids=pos, use_cache=True,
+                   logits_to_keep=n + 1, **cache_kw).logits[:, :-1]  # [K, n, V]: predict the target
+    lp = torch.log_softmax(logits.float(), -1)
+    t = torch.tensor(tgt, device=dev)
+    return -lp[:, torch.arange(n, device=dev), t].mean(-1)
 
 
 def gcg(model, tok, instructions: list[str], targets: list[str], n_tokens: int = 20, steps: int = 50,
@@ -85,6 +89,8 @@ def gcg(model, tok, instructions: list[str], targets: list[str], n_tokens: int =
     suffix = torch.tensor(init + init[-1:] * (n_tokens - len(init)))
     res = GCGResult(tok.decode(suffix), suffix.tolist())
     t0 = time.time()
+    dev = embed.weight.device
+    pre_caches = [prefix_cache(model, torch.tensor(pre, device=dev)) for pre, _, _ in pieces]  # fixed all run
     W = embed.weight  # [V, d]
     bar = tqdm(range(steps), desc="gcg", disable=not progress, leave=False)
     for step in bar:
@@ -120,8 +126,8 @@ def gcg(model, tok, instructions: list[str], targets: list[str], n_tokens: int =
             continue
         with torch.no_grad():
             cand_loss = torch.zeros(len(keep))
-            for pre, post, tgt in pieces:
-                cand_loss += _batch_loss(model, embed, [(pre, c, post, tgt) for c in keep]).cpu()
+            for (pre, post, tgt), cache in zip(pieces, pre_caches):
+                cand_loss += _batch_loss(model, cache, len(pre), keep, post, tgt).cpu()
         best = int(cand_loss.argmin())
         if float(cand_loss[best]) / len(pieces) < total / len(pieces):
             suffix = keep[best].clone()
