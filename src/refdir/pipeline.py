@@ -219,8 +219,9 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
         """Screen prompts a batch at a time until ``enough(completions)``: the rest stays unscreened."""
         logits, comps = [], []
         bar = tqdm(total=len(prompts), desc=desc, leave=False)
-        for i in range(0, len(prompts), cfg.batch_size):
-            part = [p.instruction for p in prompts[i:i + cfg.batch_size]]
+        step = min(cfg.gen_batch_size, need + need // 8 + 8)  # one batch when that is enough
+        for i in range(0, len(prompts), step):
+            part = [p.instruction for p in prompts[i:i + step]]
             cp, lg = generate_batch(model, tok, part, cfg.fmt, n_new, first_logits=True)
             logits.append(lg)
             comps += cp
