@@ -147,35 +147,38 @@ def _teacher_forced_batch(tokenizer, prompts: list[str], completions: list[str],
 
 
 @torch.no_grad()
-def _completion_logp(model, pb: PrefixBatch, comp_lens: list[int], n_tokens: int) -> list[torch.Tensor]:
-    """Per row, log-probs ``[max(c, 1), V]`` (float64) at the prompt's last position and the first
-    ``c - 1`` completion tokens: the distributions that predict the completion (under current hooks)."""
+def _completion_logits(model, pb: PrefixBatch, n_tokens: int) -> tuple[torch.Tensor, int]:
+    """Logits ``[B, k, V]`` (float32) at the last ``k = min(n_tokens + 1, T)`` positions, under current hooks."""
     k = min(n_tokens + 1, pb.input_ids.shape[1])
-    logits = forward_rest(model, pb, expand(prefix_cache(model, pb.prefix), pb.input_ids.shape[0]),
-                          logits_to_keep=k).logits  # [B, k, V]
-    out = []
-    for b, c in enumerate(comp_lens):
-        lo = k - 1 - c  # the prompt's last token; the row's last token predicts nothing
-        out.append(torch.log_softmax(logits[b, lo:lo + max(c, 1)].double(), -1))
-    return out
+    out = forward_rest(model, pb, expand(prefix_cache(model, pb.prefix), pb.input_ids.shape[0]), logits_to_keep=k)
+    return out.logits.float(), k
+
+
+def _row_logp(logits: torch.Tensor, b: int, k: int, c: int) -> torch.Tensor:
+    """Row ``b``'s log-probs ``[max(c, 1), V]`` (float64) at the prompt's last token and the first ``c - 1``
+    completion tokens: the distributions that predict the completion (the row's last token predicts nothing)."""
+    lo = k - 1 - c
+    return torch.log_softmax(logits[b, lo:lo + max(c, 1)].double(), -1)
 
 
 def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt: PromptFormat,
               ctx_factories: dict[str, Callable[[], contextlib.AbstractContextManager]], n_tokens: int = 16,
-              batch_size: int = 8) -> dict[str, dict]:
+              batch_size: int = 8, max_positions: int = 256) -> dict[str, dict]:
     """For each condition: KL(baseline || condition) at the first token and averaged over the first
     ``n_tokens`` of the baseline completion, and CE of the baseline completion under the condition.
 
-    Streams over batches (the baseline's log-probs of one batch at a time: with a 150k vocabulary,
-    keeping them all would take gigabytes) and shares the template prefix within each batch.
+    Streams over small batches (at most ``max_positions`` scored positions each: with a 150k vocabulary
+    a position's logits take 0.6 MB, so memory stays a few hundred MB) and converts one row at a time
+    to float64 log-probs; the template prefix is shared within each batch.
     """
     dev = next(model.parameters()).device
+    batch_size = max(1, min(batch_size, max_positions // (n_tokens + 1)))
     acc = {name: {"kl_first": 0.0, "kl_mean": 0.0, "ce_sum": 0.0, "ce_n": 0} for name in ctx_factories}
     for i in range(0, len(prompts), batch_size):
         batch, lens, tgt_flat, shortest = _teacher_forced_batch(tokenizer, prompts[i:i + batch_size],
                                                                 completions[i:i + batch_size], fmt, n_tokens, dev)
         pb = split_prefix(batch, True, model, max_prefix=shortest - 1)  # every prompt's last token stays
-        base = _completion_logp(model, pb, lens, n_tokens)
+        base, k = _completion_logits(model, pb, n_tokens)
         offsets = [0]
         for c in lens:
             offsets.append(offsets[-1] + c)
@@ -184,9 +187,11 @@ def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt:
                 cur = base
             else:
                 with factory():
-                    cur = _completion_logp(model, pb, lens, n_tokens)
+                    cur, _ = _completion_logits(model, pb, n_tokens)
             a = acc[name]
-            for j, (blp, lp, c) in enumerate(zip(base, cur, lens)):
+            for j, c in enumerate(lens):
+                blp = _row_logp(base, j, k, c)
+                lp = blp if cur is base else _row_logp(cur, j, k, c)
                 kl = (blp.exp() * (blp - lp)).sum(-1)  # [max(c, 1)]
                 a["kl_first"] += float(kl[0])
                 a["kl_mean"] += float(kl.mean())
@@ -194,6 +199,7 @@ def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt:
                     tgt = torch.tensor(tgt_flat[offsets[j]:offsets[j + 1]], device=dev)
                     a["ce_sum"] += float(-lp[torch.arange(c), tgt].sum())
                     a["ce_n"] += c
+            del cur
     n = max(len(prompts), 1)
     return {name: {"kl_first": a["kl_first"] / n, "kl_mean": a["kl_mean"] / n, "ce": a["ce_sum"] / max(a["ce_n"], 1),
                    "ce_tokens": a["ce_n"]} for name, a in acc.items()}

@@ -29,12 +29,17 @@ def is_refusal(completion: str, phrases: tuple[str, ...] = REFUSAL_PHRASES) -> b
 
 
 def refusal_metric(logits: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tensor:
-    """Log-odds of the refusal tokens. ``logits`` ``[B, V]`` at the first generated position -> ``[B]``."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    lp_ref = torch.logsumexp(logp[:, refusal_ids], dim=-1)  # log p
-    # log(1 - p) computed stably: log1p(-exp(log p))
-    lp_not = torch.log1p(-torch.exp(lp_ref).clamp(max=1 - 1e-12))
-    return (lp_ref - lp_not).float()
+    """Log-odds of the refusal tokens. ``logits`` ``[B, V]`` at the first generated position -> ``[B]``.
+
+    Computed 64 rows at a time: the float64 log-softmax of a 150k vocabulary is 1.2 MB per row."""
+    out = []
+    for i in range(0, logits.shape[0], 64):
+        logp = torch.log_softmax(logits[i:i + 64].double(), dim=-1)
+        lp_ref = torch.logsumexp(logp[:, refusal_ids], dim=-1)  # log p
+        # log(1 - p) computed stably: log1p(-exp(log p))
+        lp_not = torch.log1p(-torch.exp(lp_ref).clamp(max=1 - 1e-12))
+        out.append((lp_ref - lp_not).float())
+    return torch.cat(out) if out else logits.new_zeros(0)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
