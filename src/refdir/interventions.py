@@ -138,12 +138,18 @@ def _project_rows_out(weight: torch.Tensor, unit: torch.Tensor, out_dim: int) ->
     """
     w = weight.data
     u = unit.to(device=w.device, dtype=torch.float64)
-    w64 = w.double()
-    if out_dim == 0:  # W [d, in]: W - r (r^T W)
-        w64 -= torch.outer(u, u @ w64)
-    else:  # W [n, d]: W - (W r) r^T
-        w64 -= torch.outer(w64 @ u, u)
-    w.copy_(w64.to(w.dtype))
+    # float64 a slice at a time: a whole [vocab, d] embedding in float64 would take GBs (peak memory)
+    step = 4096
+    if out_dim == 0:  # W [d, in]: W - r (r^T W), column blocks
+        for i in range(0, w.shape[1], step):
+            blk = w[:, i:i + step].double()
+            blk -= torch.outer(u, u @ blk)
+            w[:, i:i + step].copy_(blk.to(w.dtype))
+    else:  # W [n, d]: W - (W r) r^T, row blocks
+        for i in range(0, w.shape[0], step):
+            blk = w[i:i + step].double()
+            blk -= torch.outer(blk @ u, u)
+            w[i:i + step].copy_(blk.to(w.dtype))
 
 
 def _out_axis(m: nn.Module) -> int:
