@@ -17,11 +17,9 @@ so a batch costs what its unfinished rows cost: refusals end after a dozen token
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -154,10 +152,9 @@ def forward_rest(model, pb: PrefixBatch, cache, logits_to_keep: int = 1, use_cac
 
 
 @torch.no_grad()
-def last_logits_shared(model, pb: PrefixBatch, cache=None) -> torch.Tensor:
-    """Last-position logits ``[B, V]``; the prefix runs here (under current hooks) unless ``cache`` is given."""
-    if cache is None:
-        cache = expand(prefix_cache(model, pb.prefix), pb.input_ids.shape[0])
+def last_logits_shared(model, pb: PrefixBatch) -> torch.Tensor:
+    """Last-position logits ``[B, V]``; the prefix runs here, under the current hooks."""
+    cache = expand(prefix_cache(model, pb.prefix), pb.input_ids.shape[0])
     return forward_rest(model, pb, cache).logits[:, -1, :].float()
 
 
@@ -173,25 +170,16 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[int],
-                    first_logits: bool = False, prefill: Callable[[], contextlib.AbstractContextManager] | None = None,
-                    ) -> tuple[list[list[int]], torch.Tensor | None]:
+                    first_logits: bool = False) -> tuple[list[list[int]], torch.Tensor | None]:
     """Greedy (argmax) decoding of a batch; rows leave the batch when they emit an end token.
 
     Plain greedy, like the paper: no repetition penalty or other logits processors. Returns the
     new token ids of each row (end token excluded) and, if asked, the logits at the first generated
-    position ``[B, V]``. ``prefill`` wraps only the prompt's forward pass (e.g. hooks that record
-    activations at the prompt positions).
+    position ``[B, V]``.
     """
     b = pb.input_ids.shape[0]
-    cache = expand(prefix_cache(model, pb.prefix), b)
-    if cache is None:  # no shared prefix: an empty cache to fill
-        cache_kw = {}
-    else:
-        cache_kw = {_cache_kwarg(model): cache}
-    with (prefill or contextlib.nullcontext)():
-        out = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.positions(),
-                    use_cache=True, logits_to_keep=1, **cache_kw)
-    cache = _returned_cache(out)
+    out = forward_rest(model, pb, expand(prefix_cache(model, pb.prefix), b), use_cache=True)
+    cache = _returned_cache(out)  # the prefix cache grown by the prompt (a new one when there is no prefix)
     kw = _cache_kwarg(model)
     logits = out.logits[:, -1, :].float()
     first = logits.clone() if first_logits else None

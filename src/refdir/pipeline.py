@@ -463,8 +463,8 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     klce = kl_and_ce(model, tok, lp, base_comps, fmt, ctx, n_tokens=16, batch_size=bs)
     # CE on harmless instruction + response text written by people (paper Table 7), first 64 tokens
     pairs = data.get("ce_text") or []
-    text = kl_and_ce(model, tok, [x["instruction"] for x in pairs], [x["response"] for x in pairs], fmt, ctx,
-                     n_tokens=64, batch_size=bs) if pairs else {}
+    pair_ins, pair_resp = [x["instruction"] for x in pairs], [x["response"] for x in pairs]
+    text = kl_and_ce(model, tok, pair_ins, pair_resp, fmt, ctx, n_tokens=64, batch_size=bs) if pairs else {}
     b = tokenize_prompts(tok, hp[:16], fmt)
     with condition(model, "ablation", direction):
         la = last_logits(model, b.input_ids, b.attention_mask)
@@ -483,8 +483,8 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
         klce["ortho"] = {**klce["ablation"], "ce": ce["ce"], "ce_tokens": ce["ce_tokens"],
                          "kl_from": "ablation (logit-equivalent; the baseline weights are gone)"}
         if pairs:
-            ce_t = kl_and_ce(model, tok, [x["instruction"] for x in pairs], [x["response"] for x in pairs], fmt,
-                             {"baseline": contextlib.nullcontext}, 64, bs)["baseline"]
+            ce_t = kl_and_ce(model, tok, pair_ins, pair_resp, fmt, {"baseline": contextlib.nullcontext}, 64,
+                             bs)["baseline"]
             text["ortho"] = {**text["ablation"], "ce": ce_t["ce"], "kl_from": "ablation (logit-equivalent)"}
     else:  # ortho ≡ ablation: its completions and scores are those of ablation (checked on logits above)
         results["harmful"]["ortho"] = {**results["harmful"]["ablation"], "from": "ablation (logit-equivalent)"}

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .forward import end_token_ids, greedy_generate, split_prefix
-from .templates import Batch, PromptFormat, tokenize_prompts
+from .templates import PromptFormat, tokenize_prompts
 
 # The paper's refusal substrings (App. D.1), matched case-insensitively.
 REFUSAL_PHRASES = (
@@ -56,25 +56,15 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 
 @torch.no_grad()
-def batched_last_logits(model, batch: Batch, batch_size: int = 16, desc: str | None = None) -> torch.Tensor:
-    outs = []
-    for i in tqdm(range(0, batch.input_ids.shape[0], batch_size), desc=desc, disable=desc is None, leave=False):
-        outs.append(last_logits(model, batch.input_ids[i:i + batch_size], batch.attention_mask[i:i + batch_size]))
-    return torch.cat(outs)
-
-
-@torch.no_grad()
 def generate_batch(model, tokenizer, instructions: list[str], fmt: PromptFormat = PromptFormat(),
-                   max_new_tokens: int = 64, first_logits: bool = False, share_prefix: bool = True,
-                   prefill=None) -> tuple[list[str], torch.Tensor | None]:
+                   max_new_tokens: int = 64, first_logits: bool = False) -> tuple[list[str], torch.Tensor | None]:
     """Greedy completions of one batch, and (if asked) the logits at the first generated position ``[B, V]``.
 
     The template's shared prefix runs once (``forward.split_prefix``); finished rows leave the batch.
-    ``prefill`` wraps the prompt's forward pass only (see ``forward.greedy_generate``).
     """
     b = tokenize_prompts(tokenizer, instructions, fmt, next(model.parameters()).device)
-    pb = split_prefix(b, share_prefix, model, extra=max_new_tokens)
-    new, first = greedy_generate(model, pb, max_new_tokens, end_token_ids(model, tokenizer), first_logits, prefill)
+    pb = split_prefix(b, True, model, extra=max_new_tokens)
+    new, first = greedy_generate(model, pb, max_new_tokens, end_token_ids(model, tokenizer), first_logits)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new], first
 
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import get_adapter
-from .forward import _cache_kwarg, expand, prefix_cache
+from .forward import PrefixBatch, expand, forward_rest, prefix_cache
 from .templates import PromptFormat, _add_special, format_prompt
 
 MARK = "\u0000SUFFIX\u0000"
@@ -64,13 +64,10 @@ def _batch_loss(model, pre_cache, n_pre: int, suffixes: list[torch.Tensor], post
     dev = next(model.parameters()).device
     k = len(suffixes)
     rest = torch.stack([torch.cat([s, torch.tensor(post + tgt, dtype=s.dtype)]) for s in suffixes]).to(dev)
-    r = rest.shape[1]
-    pos = torch.arange(n_pre, n_pre + r, device=dev)[None].expand(k, -1)
-    mask = torch.ones(k, n_pre + r, dtype=torch.long, device=dev)
-    cache_kw = {} if pre_cache is None else {_cache_kwarg(model): expand(pre_cache, k)}
+    pre = torch.zeros(n_pre if pre_cache is not None else 0, dtype=torch.long, device=dev)  # ids live in the cache
+    pb = PrefixBatch(pre, rest, torch.ones(k, pre.shape[0] + rest.shape[1], dtype=torch.long, device=dev), 0)
     n = len(tgt)
-    logits = model(input_ids=rest, attention_mask=mask, position_ids=pos, use_cache=True,
-                   logits_to_keep=n + 1, **cache_kw).logits[:, :-1]  # [K, n, V]: predict the target
+    logits = forward_rest(model, pb, expand(pre_cache, k), logits_to_keep=n + 1).logits[:, :-1]  # [K, n, V]
     lp = torch.log_softmax(logits.float(), -1)
     t = torch.tensor(tgt, device=dev)
     return -lp[:, torch.arange(n, device=dev), t].mean(-1)
