@@ -5,7 +5,7 @@ from torch import nn
 from refdir.adapter import build_adapter, get_adapter
 from refdir.errors import RefdirError
 from refdir.templates import PromptFormat, format_prompt, post_instruction_count, post_instruction_tokens
-from tiny import FAMILIES, make_tokenizer, tiny_model
+from tiny import FAMILIES, make_tokenizer
 
 SANDWICH = {"gemma2", "gemma3", "olmo2"}
 

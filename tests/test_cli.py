@@ -40,9 +40,40 @@ def test_second_judge_is_reported(tiny_run, tiny_folder, tmp_path):
     shutil.copytree(tiny_run, run)
     assert main(["run", "--model", str(tiny_folder), "--out", str(run), *LOOSE, "--judge", "self"]) == 0
     ev = json.loads((run / "eval.json").read_text())
-    j = ev["judge"]["conditions"]["baseline"]
+    j = ev["judge"]["conditions"]["harmful/baseline"]
     assert 0 <= j["agreement"] <= 1 and len(j["labels"]) == ev["refusal"]["harmful"]["baseline"]["n"]
+    # the chat judge also labels the harmless conditions (induced refusals phrased otherwise)
+    assert {"harmless/baseline", "harmless/actadd+"} <= set(ev["judge"]["conditions"])
     assert "Second judge" in (run / "report.html").read_text()
+
+
+def test_judge_command_labels_a_finished_run(tiny_run, tmp_path, capsys):
+    """`refdir judge` adds the second judge from stored completions, without regenerating them."""
+    import shutil
+    from refdir.evaluation import ChatJudge
+    run = tmp_path / "jc"
+    shutil.copytree(tiny_run, run)
+    comps = (run / "completions.jsonl").read_bytes()
+    assert main(["judge", "--run", str(run)]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert (run / "completions.jsonl").read_bytes() == comps
+    rows = [json.loads(x) for x in comps.decode().splitlines()]
+    sel = [r for r in rows if r["split"] == "harmless" and r["condition"] == "actadd+"]
+    from refdir.evaluation import JUDGE_LABELS, JUDGE_PROMPT
+    from refdir.models import load_model
+    from refdir.refusal import last_logits
+    from refdir.templates import tokenize_prompts
+    model, tok = load_model(json.loads((run / "config.json").read_text())["model"])
+    ids = ChatJudge(model, tok).label_ids
+    want = []
+    for r in sel:  # reference: one plain forward per completion
+        b = tokenize_prompts(tok, [JUDGE_PROMPT.format(prompt=r["prompt"], completion=r["completion"][:600])])
+        want.append(JUDGE_LABELS[int(last_logits(model, b.input_ids, b.attention_mask)[0, ids].argmax())])
+    got = ev["judge"]["conditions"]["harmless/actadd+"]
+    assert got["labels"] == want  # bucketed, prefix-shared judge == one prompt at a time
+    assert abs(got["refusal_rate"] - sum(x != "compliance" for x in want) / len(want)) < 1e-9
+    assert "second judge" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["judge_refusal"]["harmless/actadd+"] == round(got["refusal_rate"], 3)
 
 
 def test_rerun_reuses_every_stage(tiny_run, tiny_folder, capsys):

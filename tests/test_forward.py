@@ -4,7 +4,7 @@ import torch
 
 from refdir.forward import end_token_ids, greedy_generate, last_logits_shared, split_prefix
 from refdir.interventions import activation_addition, directional_ablation
-from refdir.refusal import last_logits, position_ids
+from refdir.refusal import last_logits
 from refdir.templates import tokenize_prompts
 from tiny import tiny_model
 
@@ -122,3 +122,35 @@ def test_single_prompt_keeps_its_post_instruction_tokens():
     assert pb.input_ids.shape[1] == b.n_post
     from refdir.activations import mean_activations
     assert (mean_activations(model, b) - mean_activations(model, b, share_prefix=False)).abs().max() < 1e-4
+
+
+def test_length_buckets_partition_rows_and_cut_padding():
+    from refdir.forward import length_buckets
+    lengths = [5, 40, 6, 41, 7, 39, 5, 8]
+    groups = length_buckets(lengths, max_rows=3, overhead=4)
+    assert sorted(i for g in groups for i in g) == list(range(8)) and max(map(len, groups)) <= 3
+    cost = sum(4 + len(g) * max(lengths[i] for i in g) for g in groups)
+    assert cost < 4 * 3 + 8 * 41 / 2  # far below padding everything to 41
+    assert length_buckets(lengths, 8, overhead=10_000) == [sorted(range(8), key=lambda i: (lengths[i], i))]
+
+
+LONG = PROMPTS + ["Summarise, in plain words and at some length, the main differences between the economic "
+                  "policies of several countries over the last century, with examples from each decade and "
+                  "a closing paragraph on what historians still disagree about."]
+
+
+def test_bucketed_prefill_equals_one_padded_pass(tiny, family):
+    """Prompts of very different lengths: the prefill runs in buckets and decoding is unchanged."""
+    from refdir.forward import bucketed_prefill, length_buckets
+    model, tok = tiny_model(family)
+    b = tokenize_prompts(tok, LONG)
+    pb = split_prefix(b, model=model, extra=12)
+    if family != "gemma3":  # gemma3's sliding window keeps one pass
+        assert len(length_buckets(pb.rest_lengths().tolist(), len(LONG))) > 1
+    ends = end_token_ids(model, tok)
+    ref = _full_greedy(model, b.input_ids, b.attention_mask, 12, ends)
+    got, first = greedy_generate(model, pb, 12, ends, first_logits=True)
+    assert got == ref
+    assert (first - last_logits(model, b.input_ids, b.attention_mask)).abs().max() < 1e-4
+    _, one = bucketed_prefill(model, pb, bucket=False)
+    assert (first - one).abs().max() < 1e-4

@@ -36,6 +36,24 @@ def test_batched_scores_equal_one_candidate_at_a_time():
     assert torch.allclose(kl, scorer.kl(units), atol=1e-5)
 
 
+def test_ablation_in_length_buckets_equals_full_forwards():
+    """Validation prompts of very different lengths run in several buckets; scores are unchanged."""
+    from refdir.forward import length_buckets
+    model, tok, c, _, lv = _setup()
+    long = "Describe, step by step and with many details, " * 6 + "how a bill becomes law."
+    hv = tokenize_prompts(tok, H[24:30] + [long, long + " Briefly."])
+    scorer = _Scorer(model, hv, lv, REF, SelectionConfig(batch_rows=16))
+    assert len(length_buckets(scorer.p_harmful.rest_lengths().tolist(), 8, overhead=16)) > 1
+    units = torch.stack([c[-1, 2], c[-2, 3]])
+    units = units / units.norm(dim=-1, keepdim=True)
+    for k, u in enumerate(units):
+        with directional_ablation(model, u):
+            ref = refusal_metric(last_logits(model, hv.input_ids, hv.attention_mask), torch.tensor(REF))
+        assert abs(float(scorer.bypass(units)[k]) - float(ref.mean())) < 1e-4
+    base = refusal_metric(last_logits(model, hv.input_ids, hv.attention_mask), torch.tensor(REF)).mean()
+    assert abs(scorer.baseline["harmful_refusal_metric"] - float(base)) < 1e-4
+
+
 def test_induce_with_prefix_cache_equals_activation_addition():
     from refdir.interventions import activation_addition
     model, tok, c, hv, lv = _setup()

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--trust-remote-code", action="store_true")
 
+    j = sub.add_parser("judge", help="label a finished run's completions with a second judge (no regeneration)")
+    _add_model_args(j, from_run=True)
+    j.add_argument("--run", required=True)
+    j.add_argument("--judge", default="self",
+                   help="'self' (the run's model classifies completions) or a safety classifier hub id/folder")
+
     sub.add_parser("models", help="list the offline model aliases and whether their packages are installed")
     return ap
 
@@ -246,6 +252,8 @@ def print_summary(s: dict) -> None:
         t = text.get(c)
         print(f"{c:10} {v:8.4f} {'-' if t is None else f'{t:.4f}':>8} {s['kl_harmless_first'][c]:10.4f}")
     print(f"orthogonalized vs ablation: max |dlogit| = {s['ortho_max_logit_diff']:.2e}")
+    if s.get("judge_refusal"):
+        print("second judge, refusal rate: " + ", ".join(f"{k} {v:.3f}" for k, v in s["judge_refusal"].items()))
 
 
 def cmd_evaluate(a) -> int:
@@ -329,6 +337,25 @@ def _load_for_run(a):
     direction = load_direction(run, expect_d_model=get_adapter(model).d_model,
                                expect_model=getattr(model, "refdir_spec", None))
     return run, data, model, tok, direction, fmt
+
+
+def cmd_judge(a) -> int:
+    """Second judge on a finished run: reads completions.jsonl, rewrites eval.json, summary and report."""
+    from .models import load_model
+    from .pipeline import judge_run, summarize
+    run = Path(a.run)
+    if not (run / "completions.jsonl").is_file():
+        raise RefdirError(f"{run} has no completions.jsonl: run `refdir run --out {run}` first")
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    spec = a.model or cfg.get("model")
+    if not spec:
+        raise RefdirError(f"{run} does not record its model; pass --model")
+    model, tok = load_model(spec, a.dtype, trust_remote_code=a.trust_remote_code)
+    from .templates import PromptFormat
+    fmt = None if a.system is None and a.chat_template is None else PromptFormat(a.system, _chat_template(a))
+    judge_run(run, a.judge, model, tok, fmt)
+    print_summary(summarize(run))
+    return 0
 
 
 def cmd_suffix(a) -> int:
@@ -428,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return {"run": cmd_run, "extract": cmd_run, "select": cmd_select, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models,
-                "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
+                "judge": cmd_judge, "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
     except RefdirError as e:
         if a.debug:
             raise

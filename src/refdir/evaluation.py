@@ -16,8 +16,8 @@ import torch
 
 from .directions import Direction
 from .interventions import activation_addition, directional_ablation
-from .refusal import REFUSAL_PHRASES, generate, is_refusal, position_ids
-from .forward import PrefixBatch, expand, forward_rest, prefix_cache, split_prefix
+from .refusal import REFUSAL_PHRASES, generate, is_refusal
+from .forward import PrefixBatch, expand, forward_rest, last_logits_shared, length_buckets, prefix_cache, split_prefix
 from .templates import Batch, PromptFormat, _add_special, format_prompt, tokenize_prompts
 
 
@@ -74,29 +74,37 @@ class ChatJudge:
     """Labels completions as refusal / compliance / evasive with a local chat model."""
 
     name = "chat-judge"
+    judges_harmless = True  # refusal vs compliance: induced refusals on harmless prompts too
 
-    def __init__(self, model, tokenizer, fmt: PromptFormat = PromptFormat(), batch_size: int = 8):
+    def __init__(self, model, tokenizer, fmt: PromptFormat = PromptFormat(), batch_size: int = 64):
         self.model, self.tok, self.fmt, self.bs = model, tokenizer, fmt, batch_size
         self.label_ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in JUDGE_LABELS]
 
     @torch.no_grad()
     def labels(self, prompts: list[str], completions: list[str]) -> list[str]:
+        """One label per completion, from the judge's next-token logits over the three label words.
+
+        The judge prompt's head (template, grading instructions) is computed once per chunk and the
+        rows run in length buckets (completions differ a lot in length)."""
         out = []
+        dev = next(self.model.parameters()).device
         for i in range(0, len(prompts), self.bs):
             texts = [JUDGE_PROMPT.format(prompt=p, completion=c[:600])
                      for p, c in zip(prompts[i:i + self.bs], completions[i:i + self.bs])]
-            b = tokenize_prompts(self.tok, texts, self.fmt, next(self.model.parameters()).device)
-            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                position_ids=position_ids(b.attention_mask), use_cache=False,
-                                logits_to_keep=1).logits[:, -1, self.label_ids]
+            pb = split_prefix(tokenize_prompts(self.tok, texts, self.fmt, dev), True, self.model)
+            logits = last_logits_shared(self.model, pb, max_rows=16)[:, self.label_ids]
             out += [JUDGE_LABELS[int(k)] for k in logits.argmax(-1)]
         return out
 
 
 class SafetyClassifierJudge:
-    """A LlamaGuard-style classifier (hub id or folder): 'unsafe' completions count as compliance."""
+    """A LlamaGuard-style classifier (hub id or folder): 'unsafe' completions count as compliance.
+
+    It judges harm, not refusal: a helpful answer to a harmless request is 'safe', so it only labels
+    the harmful conditions."""
 
     name = "safety-classifier"
+    judges_harmless = False
 
     def __init__(self, spec: str, trust_remote_code: bool = False):
         from .models import load_model
@@ -131,16 +139,20 @@ def judge_agreement(items: list[Judged], labels: list[str]) -> dict:
 # KL and cross-entropy on text the model is made to read (teacher forcing)
 
 
-def _teacher_forced_batch(tokenizer, prompts: list[str], completions: list[str], fmt: PromptFormat,
-                          n_tokens: int, device) -> tuple[Batch, list[int], list[int], int]:
-    """Left-padded prompt+completion sequences (completion cut to ``n_tokens``), completion lengths, targets,
-    and the shortest prompt's length."""
+def _teacher_forced_ids(tokenizer, prompts: list[str], completions: list[str], fmt: PromptFormat,
+                        n_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each chat-formatted prompt and of its completion cut to ``n_tokens``."""
     texts = [format_prompt(tokenizer, p, fmt) for p in prompts]
     prompt_ids = [tokenizer(t, add_special_tokens=_add_special(tokenizer, t))["input_ids"] for t in texts]
     comp_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][:n_tokens] for c in completions]
+    return prompt_ids, comp_ids
+
+
+def _teacher_forced_batch(prompt_ids: list[list[int]], comp_ids: list[list[int]], pad: int,
+                          device) -> tuple[Batch, list[int], list[int], int]:
+    """Left-padded prompt+completion sequences, completion lengths, targets, and the shortest prompt's length."""
     seqs = [p + c for p, c in zip(prompt_ids, comp_ids)]
     t = max(map(len, seqs))
-    pad = tokenizer.pad_token_id or 0
     ids = torch.tensor([[pad] * (t - len(s)) + s for s in seqs], device=device)
     mask = torch.tensor([[0] * (t - len(s)) + [1] * len(s) for s in seqs], device=device)
     return Batch(ids, mask, 1), [len(c) for c in comp_ids], [x for c in comp_ids for x in c], min(map(len, prompt_ids))
@@ -174,9 +186,11 @@ def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt:
     dev = next(model.parameters()).device
     batch_size = max(1, min(batch_size, max_positions // (n_tokens + 1)))
     acc = {name: {"kl_first": 0.0, "kl_mean": 0.0, "ce_sum": 0.0, "ce_n": 0} for name in ctx_factories}
-    for i in range(0, len(prompts), batch_size):
-        batch, lens, tgt_flat, shortest = _teacher_forced_batch(tokenizer, prompts[i:i + batch_size],
-                                                                completions[i:i + batch_size], fmt, n_tokens, dev)
+    prompt_ids, comp_ids = _teacher_forced_ids(tokenizer, prompts, completions, fmt, n_tokens)
+    # batches of similar total length (the sums below do not depend on the order)
+    for g in length_buckets([len(p) + len(c) for p, c in zip(prompt_ids, comp_ids)], batch_size):
+        batch, lens, tgt_flat, shortest = _teacher_forced_batch([prompt_ids[i] for i in g], [comp_ids[i] for i in g],
+                                                                tokenizer.pad_token_id or 0, dev)
         pb = split_prefix(batch, True, model, max_prefix=shortest - 1)  # every prompt's last token stays
         base, k = _completion_logits(model, pb, n_tokens)
         offsets = [0]

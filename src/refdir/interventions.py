@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .adapter import ModelAdapter, _first_tensor, get_adapter, hidden_arg, replace_hidden_arg, replace_output
+from .adapter import _first_tensor, get_adapter, hidden_arg, replace_hidden_arg, replace_output
 from .errors import RefdirError
 
 

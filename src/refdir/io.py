@@ -61,6 +61,19 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
                 f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSON-lines file (blank lines skipped); a malformed line is one clear error."""
+    from .errors import RefdirError
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RefdirError(f"{path}: line {i} is not valid JSON") from None
+    return rows
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 

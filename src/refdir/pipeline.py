@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .activations import mean_activations
+from .activations import PostActivationRecorder, mean_activations
 from .adapter import get_adapter
 from .data import Prompt, load_prompts, load_text_pairs, pool_after, split_prompts
 from .directions import Direction, candidate_directions, direction_from_candidates, load_direction
@@ -33,6 +33,8 @@ from .selection import SelectionConfig, require_choice, select_direction
 from .templates import PromptFormat, format_prompt, post_instruction_tokens, tokenize_prompts
 
 RUN_FORMAT = 1
+SCREEN_MEANS = "screen_means.safetensors"  # the training prompts' mean activations, recorded by the prompt screen
+HARMLESS_ROW = 1 << 20  # recorder row of the first harmless prompt (harmful prompts are rows 0, 1, ...)
 
 PRESETS = {
     # CPU-sized defaults (documented in the README): the paper's sizes, 64 new tokens.
@@ -201,7 +203,7 @@ def validate_inputs(cfg: RunConfig) -> dict[str, list[Prompt]]:
     return sets
 
 
-def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
+def prepare_prompts(model, tok, cfg: RunConfig, recorder: PostActivationRecorder | None = None) -> dict:
     """Train/val/eval splits after the paper's filtering, the refusal tokens, and what was measured.
 
     Filtering keeps harmful prompts the model refuses and harmless ones it answers. Two rules:
@@ -209,31 +211,47 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
     judged by refusal phrases). ``auto`` uses the metric rule when it agrees with generation on
     at least 90% of the harmful prompts, and generation otherwise (on Qwen2.5-0.5B the metric keeps
     11 of 128 harmful prompts although the model refuses about half).
+
+    With a ``recorder`` attached, the screen's prompt passes also record the post-instruction
+    activations (harmful prompt i as row i, harmless prompt i as row ``HARMLESS_ROW + i``) and the
+    returned dict's ``"_train_rows"`` says which rows are the training prompts: extraction is then free.
     """
     sets = validate_inputs(cfg)
     need = cfg.n_train + cfg.n_val
     harm, harmless = sets["harmful"], sets["harmless"]
     n_new = 8  # "I'm sorry, but I can't" fits: enough to judge a refusal
 
-    def screen(prompts: list[Prompt], enough, desc: str) -> tuple[torch.Tensor, list[str]]:
-        """Screen prompts a batch at a time until ``enough(completions)``: the rest stays unscreened."""
+    def screen(prompts: list[Prompt], wanted, target: int, desc: str, row0: int) -> tuple[torch.Tensor, list[str]]:
+        """Screen prompts until ``target`` completions satisfy ``wanted``: the rest stays unscreened.
+
+        The first chunk is what a perfect rate would need (plus a margin); later chunks are sized from
+        the rate seen so far, so the screen reads few prompts it does not use.
+        """
         logits, comps = [], []
         bar = tqdm(total=len(prompts), desc=desc, leave=False)
-        step = min(cfg.gen_batch_size, need + need // 8 + 8)  # one batch when that is enough
-        for i in range(0, len(prompts), step):
-            part = [p.instruction for p in prompts[i:i + step]]
-            cp, lg = generate_batch(model, tok, part, cfg.fmt, n_new, first_logits=True)
-            logits.append(lg)
-            comps += cp
-            bar.update(len(cp))
-            if len(comps) >= need + 8 and enough(comps):
+        i, step = 0, target + 8
+        while i < len(prompts):
+            chunk = [p.instruction for p in prompts[i:i + step]]
+            for j in range(0, len(chunk), cfg.gen_batch_size):
+                rec = recorder.bucket(row0 + i + j) if recorder is not None else None
+                cp, lg = generate_batch(model, tok, chunk[j:j + cfg.gen_batch_size], cfg.fmt, n_new, first_logits=True,
+                                        on_bucket=rec)
+                logits.append(lg)
+                comps += cp
+                bar.update(len(cp))
+            i += len(chunk)
+            hits = sum(map(wanted, comps))
+            if len(comps) >= need + 8 and hits >= target:
                 break
+            rate = max(hits, 1) / len(comps)
+            step = int((max(target - hits, 0) / rate) * 1.1) + 8
         bar.close()
         return torch.cat(logits), comps
 
     # enough refusals to fill train+val with a margin (the generation rule is the inclusive one)
-    hl, hc = screen(harm, lambda cs: sum(map(is_refusal, cs)) >= need + need // 8, "screen harmful")
-    ll, lc = screen(harmless, lambda cs: sum(not is_refusal(c) for c in cs) >= need + need // 8, "screen harmless")
+    with recorder.attached() if recorder is not None else contextlib.nullcontext():
+        hl, hc = screen(harm, is_refusal, need + need // 8, "screen harmful", 0)
+        ll, lc = screen(harmless, lambda c: not is_refusal(c), need + need // 8, "screen harmless", HARMLESS_ROW)
     harm, harmless = harm[: len(hc)], harmless[: len(lc)]
     if cfg.refusal_tokens:
         ids = [tok(t, add_special_tokens=False)["input_ids"][0] for t in cfg.refusal_tokens]
@@ -265,14 +283,15 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
     else:
         raise RefdirError(f"unknown --filter '{cfg.filter}' (use auto, metric, generation or none)")
 
-    def pick(prompts, keep, side):
-        kept = [p for p, k in zip(prompts, keep) if k]
+    def pick(prompts, keep):
+        kept = [i for i, k in enumerate(keep) if k]
         if len(kept) < need:  # not enough survive: top up with unfiltered prompts, in order
-            kept += [p for p, k in zip(prompts, keep) if not k][: need - len(kept)]
-        return kept[: cfg.n_train], kept[cfg.n_train:need], sum(keep)
+            kept += [i for i, k in enumerate(keep) if not k][: need - len(kept)]
+        return [prompts[i] for i in kept[: cfg.n_train]], [prompts[i] for i in kept[cfg.n_train:need]], sum(keep), \
+            kept[: cfg.n_train]
 
-    htr, hva, hk = pick(harm, keep_h, "harmful")
-    ltr, lva, lk = pick(harmless, keep_l, "harmless")
+    htr, hva, hk, h_rows = pick(harm, keep_h)
+    ltr, lva, lk, l_rows = pick(harmless, keep_l)
     example = format_prompt(tok, "<instruction>", cfg.fmt)
     return {
         "harmful_train": [p.to_json() for p in htr], "harmful_val": [p.to_json() for p in hva],
@@ -292,6 +311,7 @@ def prepare_prompts(model, tok, cfg: RunConfig) -> dict:
                    "harmful_topped_up": max(0, need - hk), "harmless_topped_up": max(0, need - lk)},
         "prompt_format": {**cfg.fmt.to_json(), "example": example,
                           "post_instruction_tokens": post_instruction_tokens(tok, cfg.fmt)},
+        "_train_rows": {"harmful": h_rows, "harmless": [HARMLESS_ROW + i for i in l_rows]},  # not written
     }
 
 
@@ -343,7 +363,18 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     t = time.time()
     if not run.reuse("prompts", key1, ("prompts.json",), must_reuse, log):
         log("prompts: splitting, filtering and deriving refusal tokens")
-        write_json(run.file("prompts.json"), prepare_prompts(model, tok, cfg))
+        n_post = len(post_instruction_tokens(tok, cfg.fmt))
+        recorder = PostActivationRecorder(model, n_post)
+        prompts = prepare_prompts(model, tok, cfg, recorder)
+        rows = prompts.pop("_train_rows")
+        run.file(SCREEN_MEANS).unlink(missing_ok=True)
+        # the training prompts' activations, recorded by the screen's forward passes: extraction is free
+        mh, ml = recorder.mean(rows["harmful"]), recorder.mean(rows["harmless"])
+        del recorder
+        if mh is not None and ml is not None:
+            save_tensors(run.file(SCREEN_MEANS), {"mean_harmful": mh, "mean_harmless": ml},
+                         metadata={"model": spec, "n_post": str(n_post)})
+        write_json(run.file("prompts.json"), prompts)
         run.done("prompts", key1, time.time() - t)
     write_json(run.file("config.json"), {"format": RUN_FORMAT, "refdir": __version__, **cfg.to_json(),
                                          "model_spec": spec, "architecture": get_adapter(model).describe()})
@@ -353,15 +384,24 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         return data
 
     # 2. activations and candidates
-    key2 = _hash({"prompts": run.artifact_hash("prompts.json"), **base_key})
+    screened = run.file(SCREEN_MEANS)
+    key2 = _hash({"prompts": run.artifact_hash("prompts.json"), **base_key,
+                  "screen_means": run.artifact_hash(SCREEN_MEANS) if screened.exists() else None})
     t = time.time()
     if not run.reuse("extract", key2, ("candidates.safetensors",), must_reuse, log):
         log("extract: mean activations at every layer and post-instruction position")
         hb = tokenize_prompts(tok, _instructions(data["harmful_train"]), cfg.fmt)
         lb = tokenize_prompts(tok, _instructions(data["harmless_train"]), cfg.fmt)
         n_post = min(hb.n_post, lb.n_post)
-        mh = mean_activations(model, hb, n_post, cfg.batch_size, desc="extract harmful")
-        ml = mean_activations(model, lb, n_post, cfg.batch_size, desc="extract harmless")
+        means = load_tensors(screened) if screened.exists() else {}
+        source = "the prompt screen's forward passes (screen_means.safetensors)"
+        if means and means["mean_harmful"].shape[0] == n_post:
+            log(f"extract: means recorded by {source}")
+            mh, ml = means["mean_harmful"], means["mean_harmless"]
+        else:
+            source = "a separate extraction pass"
+            mh = mean_activations(model, hb, n_post, cfg.batch_size, desc="extract harmful")
+            ml = mean_activations(model, lb, n_post, cfg.batch_size, desc="extract harmless")
         save_tensors(run.file("candidates.safetensors"),
                      {"directions": candidate_directions(mh, ml), "mean_harmful": mh, "mean_harmless": ml},
                      metadata={"model": spec})
@@ -369,7 +409,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
             "model": spec, "shape": [n_post, mh.shape[1], mh.shape[2]], "axes": ["position", "layer", "d_model"],
             "positions": list(range(-n_post, 0)), "post_instruction_tokens": data["prompt_format"]["post_instruction_tokens"],
             "n_harmful": len(data["harmful_train"]), "n_harmless": len(data["harmless_train"]),
-            "activation": "resid_pre (input of each decoder layer)", "accumulation": "float64 mean"})
+            "activation": "resid_pre (input of each decoder layer)", "accumulation": "float64 mean",
+            "recorded_by": source})
         run.done("extract", key2, time.time() - t)
     candidates = load_tensors(run.file("candidates.safetensors"))["directions"]
     if stop_after == "extract":
@@ -455,7 +496,7 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
         with condition(model, cond, direction):
             record(cond, "harmless", generate_judged(model, tok, lp, lcat, fmt, n_new, gbs, f"harmless/{cond}"))
 
-    judge = second_judge(model, tok, rows, cfg) if cfg.judge else None
+    judge = second_judge(model, tok, rows, cfg.judge, fmt) if cfg.judge else None
 
     # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
     base_comps = [r["completion"] for r in rows if r["split"] == "harmless" and r["condition"] == "baseline"]
@@ -498,20 +539,49 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     return ev, rows
 
 
-def second_judge(model, tok, rows: list[dict], cfg: RunConfig) -> dict:
-    """Label the harmful completions with a second judge; agreement with the substring judge per condition."""
+def second_judge(model, tok, rows: list[dict], judge_spec: str, fmt: PromptFormat) -> dict:
+    """Label the completions with a second judge; its refusal rate and agreement with the substring judge.
+
+    Harmful conditions always; harmless ones (baseline, +r) when the judge tells refusal from compliance
+    (the chat judge), since induced refusals are often phrased in ways the phrase list misses.
+    Keys of ``conditions``: ``"split/condition"``.
+    """
     from .evaluation import ChatJudge, Judged, SafetyClassifierJudge, judge_agreement
-    judge = ChatJudge(model, tok, cfg.fmt) if cfg.judge == "self" else SafetyClassifierJudge(cfg.judge)
-    out = {"judge": cfg.judge, "kind": judge.name, "conditions": {}}
-    for cond in ("baseline", "ablation", "actadd-"):
-        sel = [r for r in rows if r["split"] == "harmful" and r["condition"] == cond]
+    judge = ChatJudge(model, tok, fmt) if judge_spec == "self" else SafetyClassifierJudge(judge_spec)
+    out = {"judge": judge_spec, "kind": judge.name, "conditions": {}}
+    pairs = list(dict.fromkeys((r["split"], r["condition"]) for r in rows))
+    for split, cond in pairs:
+        if split == "harmless" and not judge.judges_harmless:
+            continue
+        sel = [r for r in rows if r["split"] == split and r["condition"] == cond]
         labels = judge.labels([r["prompt"] for r in sel], [r["completion"] for r in sel])
         items = [Judged(r["prompt"], r["completion"], r["refused"], r.get("category")) for r in sel]
         agr = judge_agreement(items, labels)
         agr["refusal_rate"] = sum(lab != "compliance" for lab in labels) / max(len(labels), 1)
         agr["evasive_rate"] = sum(lab == "evasive" for lab in labels) / max(len(labels), 1)
-        out["conditions"][cond] = agr
+        out["conditions"][f"{split}/{cond}"] = agr
     return out
+
+
+def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | None = None) -> dict:
+    """Add (or replace) the second judge of a finished run from its stored completions: no regeneration.
+
+    The chat judge reads its prompt in ``fmt`` (default: the run's own prompt format). Rewrites
+    eval.json, the report and summary.json; returns the judge's results."""
+    from .io import read_jsonl
+    from .report import write_report
+    ev_file, comp_file = run_path / "eval.json", run_path / "completions.jsonl"
+    if not ev_file.is_file() or not comp_file.is_file():
+        raise RefdirError(f"{run_path} has no evaluation yet: run `refdir run --out {run_path}` first")
+    cfg = _read_meta(run_path / "config.json")
+    fmt = fmt or PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"))
+    ev = json.loads(ev_file.read_text())
+    ev["judge"] = second_judge(model, tok, read_jsonl(comp_file), judge_spec, fmt)
+    write_json(ev_file, ev)
+    write_report(run_path)
+    summary = summarize(run_path)
+    write_json(run_path / "summary.json", summary)
+    return ev["judge"]
 
 
 def summarize(run_path: Path) -> dict:
@@ -530,4 +600,5 @@ def summarize(run_path: Path) -> dict:
         "ce_harmless_text": {c: round(v["ce"], 4) for c, v in (ev.get("ce_harmless_text") or {}).items()},
         "kl_harmless_first": {c: round(v["kl_first"], 4) for c, v in klce.items()},
         "ortho_max_logit_diff": ev["ortho_check"]["max_abs_logit_diff_vs_ablation"],
+        "judge_refusal": {k: round(v["refusal_rate"], 3) for k, v in ((ev.get("judge") or {}).get("conditions") or {}).items()},
     }

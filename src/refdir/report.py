@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .io import write_text
+from .io import read_jsonl, write_text
 
 
 def _png(fig) -> str:
@@ -199,7 +199,7 @@ def write_report(run_path: str | Path) -> Path:
         parts.append(f"<p>Orthogonalized weights vs hook ablation: max |Δlogit| = {oc['max_abs_logit_diff_vs_ablation']:.2e}"
                      f" on {oc['n_prompts']} prompts (exact by construction: {oc['exact_by_construction']}).</p>")
         if (run / "completions.jsonl").exists():
-            rows = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines() if x.strip()]
+            rows = read_jsonl(run / "completions.jsonl")
             ex = []
             for split, cond in (("harmful", "baseline"), ("harmful", "ablation"), ("harmless", "baseline"),
                                 ("harmless", "actadd+")):

@@ -30,7 +30,8 @@ from .activations import resid_pre_all
 from .adapter import get_adapter
 from .errors import RefdirError
 from .interventions import directional_ablation, start_at_layer
-from .forward import PrefixBatch, expand, forward_rest, last_logits_shared, prefix_cache, split_prefix
+from .forward import (FORWARD_OVERHEAD_TOKENS, PrefixBatch, expand, forward_rest, last_logits_shared, length_buckets,
+                      prefix_cache, split_prefix)
 from .refusal import last_logits, position_ids, refusal_metric
 from .templates import Batch
 
@@ -127,14 +128,25 @@ class _Scorer:
         """
         n = pb.input_ids.shape[0]
         per = max(1, self.cfg.batch_rows // n)
+        # prompts in length buckets, each run only as wide as its longest rest (a bucket costs `per` rows per prompt)
+        groups = [torch.tensor(g, device=pb.input_ids.device)
+                  for g in length_buckets(pb.rest_lengths().tolist(), n, overhead=max(1, FORWARD_OVERHEAD_TOKENS // per))]
         outs = []
         for i in range(0, units.shape[0], per):
             u = units[i:i + per]
             k = u.shape[0]
             with directional_ablation(self.model, u):
-                cache = expand(prefix_cache(self.model, pb.prefix, rows=k), n)  # rows c*n .. c*n+n-1: candidate c
-            with directional_ablation(self.model, u.repeat_interleave(n, 0)):
-                outs.append(forward_rest(self.model, pb.repeat(k), cache).logits[:, -1, :].float().view(k, n, -1))
+                head = prefix_cache(self.model, pb.prefix, rows=k)  # one row per candidate
+            out = None
+            for g in groups:
+                m = g.shape[0]
+                with directional_ablation(self.model, u.repeat_interleave(m, 0)):  # rows c*m .. c*m+m-1: candidate c
+                    logits = forward_rest(self.model, pb.rows(g).trim().repeat(k), expand(head, m)).logits[:, -1, :]
+                logits = logits.float().view(k, m, -1)
+                if out is None:
+                    out = logits.new_empty(k, n, logits.shape[-1])
+                out[:, g] = logits
+            outs.append(out)
         return torch.cat(outs)
 
     def bypass_kl(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,10 +183,10 @@ class _Scorer:
         n = self.n_harm
         try:
             with torch.enable_grad():
-                for i in range(0, n, batch_size):
+                for g in length_buckets(self.harmful.attention_mask.sum(-1).tolist(), batch_size):
                     acts.clear()
-                    ids = self.harmful.input_ids[i:i + batch_size]
-                    mask = self.harmful.attention_mask[i:i + batch_size]
+                    t = int(self.harmful.attention_mask[g].sum(-1).max())  # this bucket's width
+                    ids, mask = self.harmful.input_ids[g, -t:], self.harmful.attention_mask[g, -t:]
                     out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                                      use_cache=False, logits_to_keep=1)
                     m = refusal_metric(out.logits[:, -1, :], self.ids)
@@ -271,9 +283,13 @@ def select_direction(model, candidates: torch.Tensor, harmful_val: Batch, harmle
             for k in range(0, len(scored), cfg.chunk):
                 group = scored[k:k + cfg.chunk]
                 score([c for c in group if math.isnan(float(induce[c]))], ("induce",))
-                score([c for c in group if induce[c] > cfg.induce_threshold and math.isnan(float(kl[c]))], ("kl",))
-                if any(passes(*c) for c in group):
-                    done = True
+                for c in group:  # KL one candidate at a time: the first that passes is the choice
+                    if induce[c] > cfg.induce_threshold and math.isnan(float(kl[c])):
+                        score([c], ("kl",))
+                    if passes(*c):
+                        done = True
+                        break
+                if done:
                     break
             if done:
                 break
