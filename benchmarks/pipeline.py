@@ -1,6 +1,7 @@
 """Whole-pipeline cost: `refdir run` with defaults, FLOP efficiency, generation speed, peak memory.
 
-    python benchmarks/pipeline.py [--model M] [--out RUN] [--gen-prompts 16] [--gen-tokens 32]
+    python benchmarks/pipeline.py [--model M] [--out RUN] [--gen-prompts 16] [--gen-tokens 32] [--gen-rounds 3]
+    python benchmarks/pipeline.py --gen-only --out RUN       # only the generation-speed comparison
 
 * ``run_minutes``: wall time of a fresh `refdir run` with defaults (built-in data, paper sizes).
 * ``flop_efficiency``: a lower bound of the FLOPs done (2 x parameters x tokens through every decoder
@@ -85,12 +86,19 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--gen-prompts", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--gen-rounds", type=int, default=3, help="alternating rounds of the generation-speed comparison")
+    ap.add_argument("--gen-only", action="store_true",
+                    help="only the generation-speed comparison, with the direction of an existing --out run")
     ap.add_argument("--reuse", action="store_true", help="keep an existing run folder (resume) instead of a fresh run")
     ap.add_argument("--shared-data", action="store_true",
                     help="the paper's data from ../shared/datasets, exactly as benchmarks/results.py passes it "
                          "(with --out runs/results-MODEL, results.py then reuses this run)")
     a = ap.parse_args()
     out = Path(a.out or f"runs/bench-pipeline-{a.model}")
+    if a.gen_only:
+        base, hooked, ortho = generation_speed(a.model, out, a.gen_prompts, a.gen_tokens, a.gen_rounds)
+        print(f"ortho_gen_ratio={ortho / base:.2f} hook_gen_ratio={hooked / base:.2f}")
+        return
     if out.exists() and not a.reuse:
         shutil.rmtree(out)
     peak_gflops = matmul_gflops()
@@ -115,21 +123,36 @@ def main() -> None:
           f"({counter.flops / wall / 1e9:.1f} GFLOP/s, {eff:.0%} of matmul peak), peak RSS {peak_rss / 2**30:.2f} GiB "
           f"for a {size_bytes / 2**30:.2f} GiB fp32 model", flush=True)
 
-    # generation speed: baseline vs hooks vs orthogonalized weights (fresh model: the run edited its copy)
     del model
-    model, tok = load_model(a.model)
-    prompts = [p.instruction for p in load_builtin("harmless")[: a.gen_prompts]]
-    direction = load_direction(out)
-    gen_tokens_per_s(model, tok, prompts[:2], 4)  # warm-up
-    base = gen_tokens_per_s(model, tok, prompts, a.gen_tokens)
-    with directional_ablation(model, direction.vector):
-        hooked = gen_tokens_per_s(model, tok, prompts, a.gen_tokens)
-    orthogonalize_weights(model, direction.vector, allow_approximate=True)
-    ortho = gen_tokens_per_s(model, tok, prompts, a.gen_tokens)
-    print(f"generation tokens/s: baseline {base:.1f}, hook ablation {hooked:.1f}, orthogonalized {ortho:.1f}")
+    base, hooked, ortho = generation_speed(a.model, out, a.gen_prompts, a.gen_tokens, a.gen_rounds)
     print(f"run_minutes={wall / 60:.1f} flop_efficiency={eff:.2f} ortho_gen_ratio={ortho / base:.2f} "
           f"hook_gen_ratio={hooked / base:.2f} peak_rss_ratio={peak_rss / size_bytes:.2f}")
 
+
+def generation_speed(spec: str, run: Path, n_prompts: int, n_new: int, rounds: int) -> tuple[float, float, float]:
+    """Median greedy tokens/s of the unmodified model, hook ablation and orthogonalized weights.
+
+    Two copies of the model (one orthogonalized), measured in alternating rounds so that a slow
+    moment of the machine hits every condition alike (a single sequential measurement once
+    read 0.86 for weights that do exactly the baseline's work)."""
+    import copy
+    import statistics
+    model, tok = load_model(spec)
+    ortho_model = orthogonalize_weights(copy.deepcopy(model), load_direction(run).vector, allow_approximate=True)
+    direction = load_direction(run)
+    prompts = [p.instruction for p in load_builtin("harmless")[:n_prompts]]
+    gen_tokens_per_s(model, tok, prompts[:2], 4)  # warm-up
+    gen_tokens_per_s(ortho_model, tok, prompts[:2], 4)
+    speeds: dict[str, list[float]] = {"baseline": [], "hooks": [], "ortho": []}
+    for _ in range(rounds):
+        speeds["baseline"].append(gen_tokens_per_s(model, tok, prompts, n_new))
+        with directional_ablation(model, direction.vector):
+            speeds["hooks"].append(gen_tokens_per_s(model, tok, prompts, n_new))
+        speeds["ortho"].append(gen_tokens_per_s(ortho_model, tok, prompts, n_new))
+    med = {k: statistics.median(v) for k, v in speeds.items()}
+    print("generation tokens/s (median of %d alternating rounds): " % rounds
+          + ", ".join(f"{k} {med[k]:.1f} ({' '.join(f'{x:.1f}' for x in v)})" for k, v in speeds.items()), flush=True)
+    return med["baseline"], med["hooks"], med["ortho"]
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ a full forward pass returning full-vocabulary logits at every position. refdir s
 candidates per pass, unembeds only the last position, orders candidates with a one-backward-pass
 linear screen and computes induce on a cached prefix.
 
-    python benchmarks/selection.py [--model M] [--run RUNFOLDER]
+    python benchmarks/selection.py [--model M] [--run RUNFOLDER] [--reference-lazy]
 
 Both methods run in this process on the same candidates (from RUNFOLDER, computed with
 ``refdir run --stop-after extract`` if absent) and validation prompts. Last line:
@@ -34,34 +34,72 @@ from refdir.templates import tokenize_prompts
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
-@torch.no_grad()
-def reference_scores(model, candidates, hv, lv, ids, batch_size: int = 32, only=None):
+class ReferenceLoop:
     """One candidate at a time, three sweeps, full logits everywhere (as the reference code does)."""
-    def full_logits(b):
+
+    def __init__(self, model, hv, lv, ids, batch_size: int = 32):
+        self.model, self.hv, self.lv, self.ids, self.bs = model, hv, lv, ids, batch_size
+        self.seconds = {"kl": 0.0, "bypass": 0.0, "induce": 0.0}
+        self.calls = {"kl": 0, "bypass": 0, "induce": 0}
+        self.base_logp = torch.log_softmax(self.full_logits(lv).double(), -1)
+
+    @torch.no_grad()
+    def full_logits(self, b):
         outs = []
-        for i in range(0, b.input_ids.shape[0], batch_size):
-            ii, mm = b.input_ids[i:i + batch_size], b.attention_mask[i:i + batch_size]
-            outs.append(model(input_ids=ii, attention_mask=mm, position_ids=position_ids(mm)).logits[:, -1].float())
+        for i in range(0, b.input_ids.shape[0], self.bs):
+            ii, mm = b.input_ids[i:i + self.bs], b.attention_mask[i:i + self.bs]
+            outs.append(self.model(input_ids=ii, attention_mask=mm, position_ids=position_ids(mm)).logits[:, -1].float())
         return torch.cat(outs)
 
-    base_logp = torch.log_softmax(full_logits(lv).double(), -1)
+    def sweep(self, kind: str, r: torch.Tensor, layer: int) -> float:
+        t = time.time()
+        if kind == "kl":
+            with directional_ablation(self.model, r):
+                logp = torch.log_softmax(self.full_logits(self.lv).double(), -1)
+            v = float((self.base_logp.exp() * (self.base_logp - logp)).sum(-1).mean())
+        elif kind == "bypass":
+            with directional_ablation(self.model, r):
+                v = float(refusal_metric(self.full_logits(self.hv), self.ids).mean())
+        else:
+            with activation_addition(self.model, r, layer):
+                v = float(refusal_metric(self.full_logits(self.lv), self.ids).mean())
+        self.seconds[kind] += time.time() - t
+        self.calls[kind] += 1
+        return v
+
+    def per_candidate(self) -> float:
+        """Measured seconds of the three sweeps of one candidate (mean per sweep kind, summed)."""
+        return sum(self.seconds[k] / max(self.calls[k], 1) for k in self.seconds)
+
+
+def reference_scores(loop: ReferenceLoop, candidates):
+    """Every sweep for every candidate: the reference code's whole loop."""
     P, L, _ = candidates.shape
     scores = {k: torch.full((P, L), float("nan")) for k in ("bypass", "induce", "kl")}
     for layer in range(L):
         for p in range(P):
-            if only is not None and (p, layer) not in only:
-                continue
             r = candidates[p, layer]
             if float(r.norm()) == 0:
                 continue
-            with directional_ablation(model, r):
-                logp = torch.log_softmax(full_logits(lv).double(), -1)
-            scores["kl"][p, layer] = float((base_logp.exp() * (base_logp - logp)).sum(-1).mean())
-            with directional_ablation(model, r):
-                scores["bypass"][p, layer] = float(refusal_metric(full_logits(hv), ids).mean())
-            with activation_addition(model, r, layer):
-                scores["induce"][p, layer] = float(refusal_metric(full_logits(lv), ids).mean())
+            for kind in ("kl", "bypass", "induce"):
+                scores[kind][p, layer] = loop.sweep(kind, r, layer)
     return scores
+
+
+def reference_choice_lazy(loop: ReferenceLoop, candidates, kl_thr: float, induce_thr: float):
+    """The reference loop's choice, exactly, with fewer sweeps.
+
+    The reference chooses the lowest bypass among eligible candidates (layer < 80%) passing KL and
+    induce. So: the bypass sweep for every eligible candidate, then KL and induce in increasing
+    bypass order until one passes; every candidate with lower bypass failed a filter and every other
+    one has higher bypass. Each sweep is the reference's own full-logits forward pass."""
+    P, L, _ = candidates.shape
+    eligible = [(p, layer) for layer in range(int(0.8 * L)) for p in range(P) if float(candidates[p, layer].norm()) > 0]
+    bypass = {c: loop.sweep("bypass", candidates[c], c[1]) for c in eligible}
+    for c in sorted(eligible, key=lambda c: bypass[c]):
+        if loop.sweep("kl", candidates[c], c[1]) < kl_thr and loop.sweep("induce", candidates[c], c[1]) > induce_thr:
+            return c, len(eligible)
+    return None, len(eligible)
 
 
 def reference_choice(scores, L: int, kl_thr: float, induce_thr: float):
@@ -82,10 +120,10 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--run", default=None, help="run folder holding prompts.json and candidates.safetensors")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--reference-sample", type=int, default=None,
-                    help="time the reference loop on this many random candidates and extrapolate; same_choice "
-                         "is then checked against refdir's unpruned scoring of every eligible candidate, whose "
-                         "scores are compared with the reference loop's on the sampled candidates")
+    ap.add_argument("--reference-lazy", action="store_true",
+                    help="run only the reference sweeps that decide its choice (every bypass sweep, then KL and "
+                         "induce in bypass order until one passes) and extrapolate its time from the measured "
+                         "cost of each sweep; the choice is still the full loop's, exactly")
     ap.add_argument("--induce-threshold", type=float, default=None,
                     help="default: the model's calibrated threshold from prompts.json")
     a = ap.parse_args()
@@ -113,38 +151,22 @@ def main() -> None:
     if a.skip_reference:
         return
     n_all = cands.shape[0] * cands.shape[1]
-    only = None
-    if a.reference_sample:
-        g = torch.Generator().manual_seed(0)
-        idx = torch.randperm(n_all, generator=g)[: a.reference_sample].tolist()
-        only = {(i % cands.shape[0], i // cands.shape[0]) for i in idx}
-    t = time.time()
-    ref = reference_scores(model, cands, hv, lv, ids, only=only)
-    t_ref = time.time() - t
-    per = t_ref / (len(only) if only else n_all)
-    if only:
-        t_ref = per * n_all
-        print(f"reference loop: {per:.2f} s per candidate on {len(only)} sampled candidates -> {t_ref:.0f} s "
-              f"extrapolated to all {n_all}", flush=True)
+    loop = ReferenceLoop(model, hv, lv, ids)
+    if a.reference_lazy:  # reference time from the measured sweep costs; its choice computed exactly
+        choice, n_elig = reference_choice_lazy(loop, cands, sel_cfg.kl_threshold, thr)
+        t_ref = loop.per_candidate() * n_all
+        print(f"reference loop: {loop.per_candidate():.2f} s per candidate (sweeps: "
+              + ", ".join(f"{k} {loop.calls[k]} x {loop.seconds[k] / max(loop.calls[k], 1):.2f} s" for k in loop.calls)
+              + f") -> {t_ref:.0f} s for all {n_all} candidates; its choice {choice} (bypass of all {n_elig} "
+              "eligible, then KL and induce in bypass order until one passes)", flush=True)
+    else:
         t = time.time()
-        full = select_direction(model, cands, hv, lv, ids.tolist(), SelectionConfig(**{**sel_cfg.to_json(), "prune": False}))
-        print(f"refdir without pruning (every eligible candidate): {time.time() - t:.1f} s, chosen {full.chosen}",
-              flush=True)
-        diffs = {}
-        for k in ("bypass", "induce", "kl"):
-            both = [(float(ref[k][c]), float(getattr(full, k)[c])) for c in only]
-            diffs[k] = max([abs(x - y) for x, y in both if not (math.isnan(x) or math.isnan(y))], default=float("nan"))
-        print("reference vs refdir scores on the sampled candidates, max |diff|: "
-              + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()), flush=True)
-        same = full.chosen == res.chosen
-        print(f"selection_speedup={t_ref / t_refdir:.1f} same_choice={'true' if same else 'false'} "
-              f"same_choice_basis=unpruned_refdir score_max_diff={max(diffs.values()):.1e}")
-        return
-    choice = reference_choice(ref, cands.shape[1], sel_cfg.kl_threshold, thr)
-    print(f"reference loop: {t_ref:.1f} s ({per:.2f} s per candidate), chosen {choice}", flush=True)
+        ref = reference_scores(loop, cands)
+        t_ref = time.time() - t
+        choice = reference_choice(ref, cands.shape[1], sel_cfg.kl_threshold, thr)
+        print(f"reference loop: {t_ref:.1f} s ({t_ref / n_all:.2f} s per candidate), chosen {choice}", flush=True)
     same = choice == (tuple(res.chosen) if res.chosen else None)
     print(f"selection_speedup={t_ref / t_refdir:.1f} same_choice={'true' if same else 'false'}")
-
 
 if __name__ == "__main__":
     main()
