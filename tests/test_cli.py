@@ -66,14 +66,19 @@ def test_judge_command_labels_a_finished_run(tiny_run, tmp_path, capsys):
     model, tok = load_model(json.loads((run / "config.json").read_text())["model"])
     ids = ChatJudge(model, tok).label_ids
     want = []
-    for r in sel:  # reference: one plain forward per completion
+    for r in sel:  # reference: one plain forward per completion, probabilities summed over letter variants
         b = tokenize_prompts(tok, [JUDGE_PROMPT.format(prompt=r["prompt"], completion=r["completion"][:600])])
-        want.append(JUDGE_LABELS[int(last_logits(model, b.input_ids, b.attention_mask)[0, ids].argmax())])
+        p = torch.softmax(last_logits(model, b.input_ids, b.attention_mask)[0].double(), -1)
+        want.append(JUDGE_LABELS[int(torch.stack([p[i].sum() for i in ids]).argmax())])
     got = ev["judge"]["conditions"]["harmless/actadd+"]
     assert got["labels"] == want  # bucketed, prefix-shared judge == one prompt at a time
     assert abs(got["refusal_rate"] - sum(x != "compliance" for x in want) / len(want)) < 1e-9
     assert "second judge" in capsys.readouterr().out
     assert json.loads((run / "summary.json").read_text())["judge_refusal"]["harmless/actadd+"] == round(got["refusal_rate"], 3)
+    assert main(["judge", "--run", str(run), "--conditions", "harmless/actadd+"]) == 0
+    assert set(json.loads((run / "eval.json").read_text())["judge"]["conditions"]) == {"harmless/actadd+"}
+    assert main(["judge", "--run", str(run), "--conditions", "harmless/nothing"]) == 2
+    assert "no completions for harmless/nothing" in capsys.readouterr().err
 
 
 def test_rerun_reuses_every_stage(tiny_run, tiny_folder, capsys):

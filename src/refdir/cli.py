@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--run", required=True)
     j.add_argument("--judge", default="self",
                    help="'self' (the run's model classifies completions) or a safety classifier hub id/folder")
+    j.add_argument("--conditions", nargs="+", default=None, metavar="SPLIT/CONDITION",
+                   help="judge only these (e.g. harmless/actadd+ harmful/ablation); default: all")
 
     sub.add_parser("models", help="list the offline model aliases and whether their packages are installed")
     return ap
@@ -341,19 +343,24 @@ def _load_for_run(a):
 
 def cmd_judge(a) -> int:
     """Second judge on a finished run: reads completions.jsonl, rewrites eval.json, summary and report."""
+    from .io import read_jsonl
     from .models import load_model
     from .pipeline import judge_run, summarize
+    from .templates import PromptFormat
     run = Path(a.run)
-    if not (run / "completions.jsonl").is_file():
-        raise RefdirError(f"{run} has no completions.jsonl: run `refdir run --out {run}` first")
+    if not (run / "completions.jsonl").is_file() or not (run / "eval.json").is_file():
+        raise RefdirError(f"{run} has no evaluation yet: run `refdir run --out {run}` first")
+    have = {f"{r.get('split')}/{r.get('condition')}" for r in read_jsonl(run / "completions.jsonl")}
+    missing = sorted(set(a.conditions or []) - have)
+    if missing:  # before loading any model
+        raise RefdirError(f"no completions for {', '.join(missing)} in {run}; it has {', '.join(sorted(have))}")
     cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     spec = a.model or cfg.get("model")
     if not spec:
         raise RefdirError(f"{run} does not record its model; pass --model")
     model, tok = load_model(spec, a.dtype, trust_remote_code=a.trust_remote_code)
-    from .templates import PromptFormat
     fmt = None if a.system is None and a.chat_template is None else PromptFormat(a.system, _chat_template(a))
-    judge_run(run, a.judge, model, tok, fmt)
+    judge_run(run, a.judge, model, tok, fmt, a.conditions)
     print_summary(summarize(run))
     return 0
 

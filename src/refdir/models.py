@@ -207,3 +207,21 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     tok.padding_side = "left"
     model.refdir_spec = spec  # recorded in run metadata
     return model, tok
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the operating system (between stages, before weight edits).
+
+    glibc keeps freed heap pages of many mid-sized tensors (KV caches, logits, backward
+    intermediates) resident, so a later large allocation — the untied unembedding of weight
+    orthogonalization — would add to them and raise peak RSS. A no-op where malloc_trim is absent.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

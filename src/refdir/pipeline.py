@@ -27,7 +27,7 @@ from .errors import RefdirError
 from .evaluation import condition, generate_judged, kl_and_ce, per_category, refusal_rate
 from .interventions import orthogonalize_weights
 from .io import load_tensors, save_tensors, write_json, write_jsonl
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, load_model, release_memory
 from .refusal import REFUSAL_PHRASES, derive_refusal_tokens, generate_batch, is_refusal, last_logits, refusal_metric
 from .selection import SelectionConfig, require_choice, select_direction
 from .templates import PromptFormat, format_prompt, post_instruction_tokens, tokenize_prompts
@@ -129,6 +129,7 @@ class RunFolder:
         return False
 
     def done(self, stage: str, key: str, seconds: float) -> None:
+        release_memory()  # the stage's buffers are gone: give their pages back before the next one
         self.stages[stage] = {"key": key, "seconds": round(seconds, 2), "refdir": __version__}
         write_json(self.stages_file, {"format": RUN_FORMAT, "stages": self.stages})
 
@@ -513,6 +514,7 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     # orthogonalized weights, in place and last (no second copy of the model in memory): equal to
     # ablation on logits (always checked); regenerated and re-scored only with --preset paper
     exact = get_adapter(model).linear_writes
+    release_memory()  # untying the unembedding allocates a vocab x d copy: not on top of freed buffers
     orthogonalize_weights(model, direction.vector, allow_approximate=True)
     lo = last_logits(model, b.input_ids, b.attention_mask)
     ortho_check = {"max_abs_logit_diff_vs_ablation": float((la - lo).abs().max()), "n_prompts": b.input_ids.shape[0],
@@ -539,19 +541,24 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     return ev, rows
 
 
-def second_judge(model, tok, rows: list[dict], judge_spec: str, fmt: PromptFormat) -> dict:
+def second_judge(model, tok, rows: list[dict], judge_spec: str, fmt: PromptFormat,
+                 only: list[str] | None = None) -> dict:
     """Label the completions with a second judge; its refusal rate and agreement with the substring judge.
 
     Harmful conditions always; harmless ones (baseline, +r) when the judge tells refusal from compliance
     (the chat judge), since induced refusals are often phrased in ways the phrase list misses.
-    Keys of ``conditions``: ``"split/condition"``.
+    Keys of ``conditions``: ``"split/condition"``; ``only`` restricts the judge to some of them.
     """
     from .evaluation import ChatJudge, Judged, SafetyClassifierJudge, judge_agreement
     judge = ChatJudge(model, tok, fmt) if judge_spec == "self" else SafetyClassifierJudge(judge_spec)
     out = {"judge": judge_spec, "kind": judge.name, "conditions": {}}
     pairs = list(dict.fromkeys((r["split"], r["condition"]) for r in rows))
+    unknown = set(only or []) - {f"{s}/{c}" for s, c in pairs}
+    if unknown:
+        raise RefdirError(f"no completions for {', '.join(sorted(unknown))}; the run has "
+                          + ", ".join(f"{s}/{c}" for s, c in pairs))
     for split, cond in pairs:
-        if split == "harmless" and not judge.judges_harmless:
+        if (split == "harmless" and not judge.judges_harmless) or (only and f"{split}/{cond}" not in only):
             continue
         sel = [r for r in rows if r["split"] == split and r["condition"] == cond]
         labels = judge.labels([r["prompt"] for r in sel], [r["completion"] for r in sel])
@@ -563,7 +570,8 @@ def second_judge(model, tok, rows: list[dict], judge_spec: str, fmt: PromptForma
     return out
 
 
-def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | None = None) -> dict:
+def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | None = None,
+              only: list[str] | None = None) -> dict:
     """Add (or replace) the second judge of a finished run from its stored completions: no regeneration.
 
     The chat judge reads its prompt in ``fmt`` (default: the run's own prompt format). Rewrites
@@ -576,7 +584,7 @@ def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | N
     cfg = _read_meta(run_path / "config.json")
     fmt = fmt or PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"))
     ev = json.loads(ev_file.read_text())
-    ev["judge"] = second_judge(model, tok, read_jsonl(comp_file), judge_spec, fmt)
+    ev["judge"] = second_judge(model, tok, read_jsonl(comp_file), judge_spec, fmt, only)
     write_json(ev_file, ev)
     write_report(run_path)
     summary = summarize(run_path)

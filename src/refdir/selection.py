@@ -164,8 +164,11 @@ class _Scorer:
         """KL(baseline || ablated) ``[K]`` on the harmless prompts' next-token distribution."""
         return torch.stack([_kl(self.base_logp, x).mean() for x in self.ablation(units, self.p_harmless)])
 
-    def linear_screen(self, units: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """First-order estimate of the bypass score of every candidate ``[K]`` from one backward pass."""
+    def linear_screen(self, units: torch.Tensor, max_tokens: int = 128) -> torch.Tensor:
+        """First-order estimate of the bypass score of every candidate ``[K]`` from one backward pass.
+
+        Backward keeps every layer's intermediates: ~4 MB per token for the 1.5B model, so batches
+        hold at most ``max_tokens`` tokens (padding included) to bound peak memory (~0.5 GB)."""
         ad = self.ad
         d = ad.d_model
         M = torch.zeros(d, d, dtype=torch.float64, device=ad.device)
@@ -183,7 +186,8 @@ class _Scorer:
         n = self.n_harm
         try:
             with torch.enable_grad():
-                for g in length_buckets(self.harmful.attention_mask.sum(-1).tolist(), batch_size):
+                lengths = self.harmful.attention_mask.sum(-1).tolist()
+                for g in length_buckets(lengths, max(1, max_tokens // max(lengths))):
                     acts.clear()
                     t = int(self.harmful.attention_mask[g].sum(-1).max())  # this bucket's width
                     ids, mask = self.harmful.input_ids[g, -t:], self.harmful.attention_mask[g, -t:]
