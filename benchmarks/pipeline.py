@@ -138,8 +138,8 @@ def generation_speed(spec: str, run: Path, n_prompts: int, n_new: int, rounds: i
     import copy
     import statistics
     model, tok = load_model(spec)
-    ortho_model = orthogonalize_weights(copy.deepcopy(model), load_direction(run).vector, allow_approximate=True)
     direction = load_direction(run)
+    ortho_model = orthogonalize_weights(copy.deepcopy(model), direction.vector, allow_approximate=True)
     prompts = [p.instruction for p in load_builtin("harmless")[:n_prompts]]
     gen_tokens_per_s(model, tok, prompts[:2], 4)  # warm-up
     gen_tokens_per_s(ortho_model, tok, prompts[:2], 4)

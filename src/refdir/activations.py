@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import get_adapter, hidden_arg
-from .forward import expand, forward_rest, length_buckets, prefix_cache, split_prefix
+from .forward import expand, forward_rest, prefix_cache, split_prefix
 from .interventions import hooks
 from .refusal import position_ids
 from .templates import Batch
@@ -50,9 +50,7 @@ def mean_activations(model, batch: Batch, n_post: int | None = None, batch_size:
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(ad.layers)]
     with hooks(handles):
         # batches of similar length, each only as wide as its longest prompt (the sum ignores order)
-        for g in tqdm(length_buckets(pb.rest_lengths().tolist(), batch_size), desc=desc, disable=desc is None,
-                      leave=False):
-            part = pb.rows(torch.tensor(g, device=pb.input_ids.device)).trim()
+        for _, part in tqdm(list(pb.buckets(batch_size)), desc=desc, disable=desc is None, leave=False):
             try:
                 forward_rest(model, part, expand(prefix, part.input_ids.shape[0]))
             except _StopForward:

@@ -320,14 +320,9 @@ def _run_prompts(run: Path) -> dict:
     return json.loads(f.read_text())
 
 
-def _load_for_run(a):
-    from .adapter import get_adapter
-    from .directions import load_direction
-    from .models import load_model
+def _run_model_and_format(a, run: Path):
+    """The model spec and prompt format of a command on a run folder: the run's own unless overridden."""
     from .templates import PromptFormat
-    run = Path(a.run)
-    data = _run_prompts(run)
-    load_direction(run)  # validate before loading the model
     cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     spec = a.model or cfg.get("model")
     if not spec:
@@ -335,6 +330,17 @@ def _load_for_run(a):
     fmt = PromptFormat(system=a.system, chat_template=_chat_template(a))
     if a.system is None and a.chat_template is None:  # the run's own prompt format
         fmt = PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"))
+    return spec, fmt
+
+
+def _load_for_run(a):
+    from .adapter import get_adapter
+    from .directions import load_direction
+    from .models import load_model
+    run = Path(a.run)
+    data = _run_prompts(run)
+    load_direction(run)  # validate before loading the model
+    spec, fmt = _run_model_and_format(a, run)
     model, tok = load_model(spec, a.dtype, trust_remote_code=a.trust_remote_code)
     direction = load_direction(run, expect_d_model=get_adapter(model).d_model,
                                expect_model=getattr(model, "refdir_spec", None))
@@ -346,7 +352,6 @@ def cmd_judge(a) -> int:
     from .io import read_jsonl
     from .models import load_model
     from .pipeline import judge_run, summarize
-    from .templates import PromptFormat
     run = Path(a.run)
     if not (run / "completions.jsonl").is_file() or not (run / "eval.json").is_file():
         raise RefdirError(f"{run} has no evaluation yet: run `refdir run --out {run}` first")
@@ -354,12 +359,8 @@ def cmd_judge(a) -> int:
     missing = sorted(set(a.conditions or []) - have)
     if missing:  # before loading any model
         raise RefdirError(f"no completions for {', '.join(missing)} in {run}; it has {', '.join(sorted(have))}")
-    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    spec = a.model or cfg.get("model")
-    if not spec:
-        raise RefdirError(f"{run} does not record its model; pass --model")
+    spec, fmt = _run_model_and_format(a, run)
     model, tok = load_model(spec, a.dtype, trust_remote_code=a.trust_remote_code)
-    fmt = None if a.system is None and a.chat_template is None else PromptFormat(a.system, _chat_template(a))
     judge_run(run, a.judge, model, tok, fmt, a.conditions)
     print_summary(summarize(run))
     return 0

@@ -62,6 +62,14 @@ class PrefixBatch:
         mask = torch.cat([self.attention_mask[:, :p], self.attention_mask[:, p + cut:]], dim=1)
         return PrefixBatch(self.prefix, self.input_ids[:, cut:], mask, self.n_post)
 
+    def buckets(self, max_rows: int, overhead: int | None = None):
+        """Yield ``(idx, sub)``: row indices ``[b]`` and their trimmed sub-batch, in length buckets
+        (:func:`length_buckets`); results scattered back by ``idx`` are in the batch's row order."""
+        kw = {} if overhead is None else {"overhead": overhead}
+        for g in length_buckets(self.rest_lengths().tolist(), max_rows, **kw):
+            idx = torch.tensor(g, device=self.input_ids.device)
+            yield idx, self.rows(idx).trim()
+
     def positions(self) -> torch.Tensor:
         """Position ids of the rest tokens ``[B, T]`` counting only real tokens (padding gets a dummy)."""
         pos = (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -201,9 +209,8 @@ def last_logits_shared(model, pb: PrefixBatch, max_rows: int = 64) -> torch.Tens
     """Last-position logits ``[B, V]``; the prefix runs here, under the current hooks; rows run in length buckets."""
     head = prefix_cache(model, pb.prefix)
     out = None
-    for g in length_buckets(pb.rest_lengths().tolist(), max_rows):
-        idx = torch.tensor(g, device=pb.input_ids.device)
-        logits = forward_rest(model, pb.rows(idx).trim(), expand(head, len(g))).logits[:, -1, :].float()
+    for idx, sub in pb.buckets(max_rows):
+        logits = forward_rest(model, sub, expand(head, len(idx))).logits[:, -1, :].float()
         if out is None:
             out = logits.new_empty(pb.input_ids.shape[0], logits.shape[-1])
         out[idx] = logits

@@ -129,8 +129,7 @@ class _Scorer:
         n = pb.input_ids.shape[0]
         per = max(1, self.cfg.batch_rows // n)
         # prompts in length buckets, each run only as wide as its longest rest (a bucket costs `per` rows per prompt)
-        groups = [torch.tensor(g, device=pb.input_ids.device)
-                  for g in length_buckets(pb.rest_lengths().tolist(), n, overhead=max(1, FORWARD_OVERHEAD_TOKENS // per))]
+        groups = list(pb.buckets(n, overhead=max(1, FORWARD_OVERHEAD_TOKENS // per)))
         outs = []
         for i in range(0, units.shape[0], per):
             u = units[i:i + per]
@@ -138,10 +137,10 @@ class _Scorer:
             with directional_ablation(self.model, u):
                 head = prefix_cache(self.model, pb.prefix, rows=k)  # one row per candidate
             out = None
-            for g in groups:
+            for g, sub in groups:
                 m = g.shape[0]
                 with directional_ablation(self.model, u.repeat_interleave(m, 0)):  # rows c*m .. c*m+m-1: candidate c
-                    logits = forward_rest(self.model, pb.rows(g).trim().repeat(k), expand(head, m)).logits[:, -1, :]
+                    logits = forward_rest(self.model, sub.repeat(k), expand(head, m)).logits[:, -1, :]
                 logits = logits.float().view(k, m, -1)
                 if out is None:
                     out = logits.new_empty(k, n, logits.shape[-1])
