@@ -154,3 +154,19 @@ def test_bucketed_prefill_equals_one_padded_pass(tiny, family):
     assert (first - last_logits(model, b.input_ids, b.attention_mask)).abs().max() < 1e-4
     _, one = bucketed_prefill(model, pb, bucket=False)
     assert (first - one).abs().max() < 1e-4
+
+
+def test_actadd_teacher_forcing_from_its_layer_equals_the_full_pass(tiny, family):
+    """kl_and_ce runs activation addition only from its layer on the baseline's residual stream: same numbers."""
+    from refdir.evaluation import ActAddFactory, kl_and_ce
+    from refdir.templates import PromptFormat
+    model, tok = tiny_model(family)
+    comps = ["Sure, here is a poem about rain", "", "Photosynthesis is how plants make food", "1. Sleep"]
+    v = 3 * torch.randn(64, generator=torch.Generator().manual_seed(7))
+    fast = ActAddFactory(model, v, 1, -1.0)
+    slow = lambda: activation_addition(model, v, 1, -1.0)  # noqa: E731
+    got = kl_and_ce(model, tok, PROMPTS, comps, PromptFormat(), {"baseline": torch.no_grad, "fast": fast, "slow": slow},
+                    n_tokens=5, batch_size=3)
+    assert got["slow"]["kl_mean"] > 1e-3
+    for key in ("kl_first", "kl_mean", "ce"):
+        assert abs(got["fast"][key] - got["slow"][key]) < 1e-5, (key, got)

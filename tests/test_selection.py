@@ -54,16 +54,19 @@ def test_ablation_in_length_buckets_equals_full_forwards():
     assert abs(scorer.baseline["harmful_refusal_metric"] - float(base)) < 1e-4
 
 
-def test_induce_with_prefix_cache_equals_activation_addition():
+def test_induce_from_recorded_layer_input_equals_activation_addition(tiny, family):
+    """Induce starts at layer l from the baseline pass's recorded residual stream, prefix shared, several
+    candidates per pass: equal to a plain forward under activation addition, on every family."""
     from refdir.interventions import activation_addition
-    model, tok, c, hv, lv = _setup()
-    scorer = _Scorer(model, hv, lv, REF, SelectionConfig())
+    model, tok, c, hv, lv = _setup(family)
+    scorer = _Scorer(model, hv, lv, REF, SelectionConfig(batch_rows=24))  # 2 candidates per pass
     for layer in (1, 3):
-        vec = c[-1, layer]
-        fast = scorer.induce(vec[None], layer)[0]
-        with activation_addition(model, vec, layer):
-            ref = refusal_metric(last_logits(model, lv.input_ids, lv.attention_mask), torch.tensor(REF)).mean()
-        assert abs(float(fast) - float(ref)) < 1e-4
+        vecs = torch.stack([c[-1, layer], 2 * c[-2, layer], c[-1, layer] * 0.5])
+        fast = scorer.induce(vecs, layer)
+        for k, vec in enumerate(vecs):
+            with activation_addition(model, vec, layer):
+                ref = refusal_metric(last_logits(model, lv.input_ids, lv.attention_mask), torch.tensor(REF)).mean()
+            assert abs(float(fast[k]) - float(ref)) < 1e-4
 
 
 def test_linear_screen_tracks_true_bypass():

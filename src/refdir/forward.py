@@ -205,12 +205,15 @@ def forward_rest(model, pb: PrefixBatch, cache, logits_to_keep: int = 1, use_cac
 
 
 @torch.no_grad()
-def last_logits_shared(model, pb: PrefixBatch, max_rows: int = 64) -> torch.Tensor:
-    """Last-position logits ``[B, V]``; the prefix runs here, under the current hooks; rows run in length buckets."""
+def last_logits_shared(model, pb: PrefixBatch, max_rows: int = 64, on_bucket=None) -> torch.Tensor:
+    """Last-position logits ``[B, V]``; the prefix runs here, under the current hooks; rows run in length buckets.
+    ``on_bucket(idx, sub)``, if given, is a context manager entered around each bucket's pass (rows ``idx``,
+    trimmed sub-batch ``sub``)."""
     head = prefix_cache(model, pb.prefix)
     out = None
     for idx, sub in pb.buckets(max_rows):
-        logits = forward_rest(model, sub, expand(head, len(idx))).logits[:, -1, :].float()
+        with on_bucket(idx, sub) if on_bucket else contextlib.nullcontext():
+            logits = forward_rest(model, sub, expand(head, len(idx))).logits[:, -1, :].float()
         if out is None:
             out = logits.new_empty(pb.input_ids.shape[0], logits.shape[-1])
         out[idx] = logits

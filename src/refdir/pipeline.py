@@ -24,7 +24,7 @@ from .adapter import get_adapter
 from .data import Prompt, load_prompts, load_text_pairs, pool_after, split_prompts
 from .directions import Direction, candidate_directions, direction_from_candidates, load_direction
 from .errors import RefdirError
-from .evaluation import condition, generate_judged, kl_and_ce, per_category, refusal_rate
+from .evaluation import condition, condition_factory, generate_judged, kl_and_ce, per_category, refusal_rate
 from .interventions import orthogonalize_weights
 from .io import load_tensors, save_tensors, write_json, write_jsonl
 from .models import DEFAULT_MODEL, load_model, release_memory
@@ -501,7 +501,7 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
 
     # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
     base_comps = [r["completion"] for r in rows if r["split"] == "harmless" and r["condition"] == "baseline"]
-    ctx = {c: (lambda c=c: condition(model, c, direction)) for c in ("baseline", "ablation", "actadd+")}
+    ctx = {c: condition_factory(model, c, direction) for c in ("baseline", "ablation", "actadd+")}
     klce = kl_and_ce(model, tok, lp, base_comps, fmt, ctx, n_tokens=16, batch_size=bs)
     # CE on harmless instruction + response text written by people (paper Table 7), first 64 tokens
     pairs = data.get("ce_text") or []

@@ -20,19 +20,19 @@ bypass order until a candidate passes every filter. ``exhaustive`` scores everyt
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from .activations import resid_pre_all
-from .adapter import get_adapter
+from .adapter import get_adapter, hidden_arg
 from .errors import RefdirError
-from .interventions import directional_ablation, start_at_layer
+from .interventions import activation_addition, directional_ablation, hooks, start_at_layer
 from .forward import (FORWARD_OVERHEAD_TOKENS, PrefixBatch, expand, forward_rest, last_logits_shared, length_buckets,
                       prefix_cache, split_prefix)
-from .refusal import last_logits, position_ids, refusal_metric
+from .refusal import position_ids, refusal_metric
 from .templates import Batch
 
 
@@ -107,18 +107,32 @@ class _Scorer:
         self.n_harm = harmful.input_ids.shape[0]
         self.p_harmful, self.p_harmless = split_prefix(harmful, True, model), split_prefix(harmless, True, model)
         self.p_both = split_prefix(_concat(harmful, harmless), True, model)
-        base_harmless = last_logits_shared(model, self.p_harmless)
+        # the harmless baseline pass also records the residual stream entering every layer, where induce
+        # starts (rest tokens only; ~7 MB per layer for 32 prompts of the 1.5B model)
+        self._resid: dict[int, torch.Tensor] = {}  # layer -> [N, T, d] in p_harmless's rest layout
+        base_harmless = last_logits_shared(model, self.p_harmless, on_bucket=self._recorder(range(self.ad.n_layers)))
         self.base_logp = torch.log_softmax(base_harmless.double(), -1)  # [N, V]
         base_harmful = last_logits_shared(model, self.p_harmful)
         self.baseline = {"harmful_refusal_metric": float(refusal_metric(base_harmful, self.ids).mean()),
                          "harmless_refusal_metric": float(refusal_metric(base_harmless, self.ids).mean())}
-        self._prefix: dict[int, torch.Tensor] = {}
 
-    def _prefix_at(self, layer: int) -> torch.Tensor:
-        """resid_pre of the harmless prompts at ``layer`` ``[N, T, d]`` (computed once per layer set)."""
-        if layer not in self._prefix:
-            self._prefix.update(resid_pre_all(self.model, self.harmless, list(range(self.ad.n_layers))))
-        return self._prefix[layer]
+    def _recorder(self, layers):
+        """``on_bucket`` context for the harmless baseline pass: fills ``self._resid`` bucket by bucket."""
+        n, t = self.p_harmless.input_ids.shape
+
+        @contextlib.contextmanager
+        def on_bucket(idx: torch.Tensor, sub: PrefixBatch):
+            seen: dict[int, torch.Tensor] = {}
+            handles = [self.ad.layers[l].register_forward_pre_hook(
+                lambda mod, args, kwargs, l=l: seen.__setitem__(l, hidden_arg(args, kwargs).detach()), with_kwargs=True)
+                for l in layers]
+            with hooks(handles):
+                yield
+            for l, x in seen.items():  # x [m, T_sub, d]: the last T_sub columns of the full rest
+                if l not in self._resid:
+                    self._resid[l] = x.new_zeros(n, t, x.shape[-1])
+                self._resid[l][idx, t - x.shape[1]:] = x
+        return on_bucket
 
     def ablation(self, units: torch.Tensor, pb: PrefixBatch) -> torch.Tensor:
         """Last-position logits with a different unit direction per candidate: ``[K, n, V]``.
@@ -207,19 +221,29 @@ class _Scorer:
         return (torch.cat(base).mean().double() + delta).float()
 
     def induce(self, vectors: torch.Tensor, layer: int) -> torch.Tensor:
-        """Refusal metric on harmless prompts with each vector added at ``layer`` ``[K]``."""
-        prefix = self._prefix_at(layer)  # [N, T, d]
-        n = prefix.shape[0]
+        """Refusal metric on harmless prompts with each vector added at ``layer`` ``[K]``.
+
+        Layers below ``layer`` are the baseline's: the rest tokens start at ``layer`` from the residual
+        stream recorded by the baseline pass; the shared prefix (changed by the addition) runs whole,
+        once per candidate, and its KV cache serves that candidate's rows."""
+        pb = self.p_harmless
+        n, t = pb.input_ids.shape
         per = max(1, self.cfg.batch_rows // n)
+        groups = list(pb.buckets(n, overhead=max(1, FORWARD_OVERHEAD_TOKENS // per)))
         out = []
         for i in range(0, vectors.shape[0], per):
-            v = vectors[i:i + per]
+            v = vectors[i:i + per].float()  # [k, d]
             k = v.shape[0]
-            resid = _repeat(prefix, k) + v.repeat_interleave(n, 0)[:, None, :].to(prefix.dtype)
-            with start_at_layer(self.model, layer, resid):
-                logits = last_logits(self.model, _repeat(self.harmless.input_ids, k),
-                                     _repeat(self.harmless.attention_mask, k))
-            out.append(refusal_metric(logits, self.ids).view(k, n).mean(1))
+            with activation_addition(self.model, v, layer):
+                head = prefix_cache(self.model, pb.prefix, rows=k)  # one row per candidate
+            metric = torch.empty(k, n)
+            for g, sub in groups:
+                m, ts = g.shape[0], sub.input_ids.shape[1]
+                resid = self._resid[layer][g, t - ts:].repeat(k, 1, 1) + v.repeat_interleave(m, 0)[:, None, :]
+                with start_at_layer(self.model, layer, resid):
+                    logits = forward_rest(self.model, sub.repeat(k), expand(head, m)).logits[:, -1, :]
+                metric[:, g] = refusal_metric(logits.float(), self.ids).view(k, m)
+            out.append(metric.mean(1))
         return torch.cat(out)
 
 
@@ -280,19 +304,17 @@ def select_direction(model, candidates: torch.Tensor, harmful_val: Batch, harmle
             part = order[i:i + cfg.chunk]
             score(part, ("bypass",))
             bar.update(len(part))
-            # check the filters lazily, in increasing bypass over everything scored so far:
-            # induce first (cheap: only layers >= l run), KL only where induce passes
-            scored = sorted(order[: i + cfg.chunk], key=lambda c: float(bypass[c]))
-            for k in range(0, len(scored), cfg.chunk):
-                group = scored[k:k + cfg.chunk]
-                score([c for c in group if math.isnan(float(induce[c]))], ("induce",))
-                for c in group:  # KL one candidate at a time: the first that passes is the choice
-                    if induce[c] > cfg.induce_threshold and math.isnan(float(kl[c])):
-                        score([c], ("kl",))
-                    if passes(*c):
-                        done = True
-                        break
-                if done:
+            # check the filters lazily, one candidate at a time in increasing bypass over everything
+            # scored so far: induce first (cheap: only layers >= l run), KL only where induce passes;
+            # the first candidate that passes both is the choice (batching them would score candidates
+            # that a better one makes irrelevant: on the 1.5B, 8 induce runs where 3 decide)
+            for c in sorted(order[: i + cfg.chunk], key=lambda c: float(bypass[c])):
+                if math.isnan(float(induce[c])):
+                    score([c], ("induce",))
+                if induce[c] > cfg.induce_threshold and math.isnan(float(kl[c])):
+                    score([c], ("kl",))
+                if passes(*c):
+                    done = True
                     break
             if done:
                 break
