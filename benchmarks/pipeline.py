@@ -45,6 +45,38 @@ def matmul_gflops(n: int = 2048, reps: int = 8) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
+class RssByPhase:
+    """Peak resident memory of this process per pipeline phase (sampled every 0.2 s from /proc), so the
+    benchmark says *where* the peak is, not only how high. The phase is the last log line."""
+
+    def __init__(self):
+        import threading
+        self.phase, self.peaks, self._stop = "load", {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.rss())
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+        self.phase = message[:48]
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {k: round(v / 2**30, 2) for k, v in self.peaks.items()}
+
+
 class FlopCounter:
     """Forward FLOPs of the matmuls in every decoder layer and the unembedding, counted by hooks."""
 
@@ -98,6 +130,7 @@ def main() -> None:
     print(f"machine fp32 matmul: {peak_gflops:.1f} GFLOP/s, threads {torch.get_num_threads()}", flush=True)
 
     t = time.perf_counter()
+    rss = RssByPhase()
     model, tok = load_model(a.model)
     size_bytes = sum(p.numel() * 4 for p in model.parameters())
     counter = FlopCounter(model)
@@ -106,7 +139,9 @@ def main() -> None:
         shared = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
         cfg.harmful, cfg.harmless = str(shared / "harmful_train.json"), str(shared / "harmless_train.json")
         cfg.eval_harmful, cfg.eval_harmless = str(shared / "jailbreakbench.json"), str(shared / "harmless_val.json")
-    run_pipeline(cfg, out, model, tok, log=lambda m: print(m, flush=True))
+    rss.log("run: started")
+    run_pipeline(cfg, out, model, tok, log=rss.log)
+    print("peak RSS by phase (GiB):", rss.stop(), flush=True)
     counter.remove()
     wall = time.perf_counter() - t
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -170,3 +170,27 @@ def test_actadd_teacher_forcing_from_its_layer_equals_the_full_pass(tiny, family
     assert got["slow"]["kl_mean"] > 1e-3
     for key in ("kl_first", "kl_mean", "ce"):
         assert abs(got["fast"][key] - got["slow"][key]) < 1e-5, (key, got)
+
+
+def test_conditions_sharing_batches_equal_one_condition_at_a_time(tiny, family):
+    """Rows of baseline, ablation and +-r in one batch (per-row hooks, per-condition prefix caches, rows
+    leaving as they end) generate exactly what each condition generates alone."""
+    from refdir.directions import Direction
+    from refdir.evaluation import GenJob, condition, generate_conditions, generate_judged
+    from refdir.templates import PromptFormat
+    model, tok = tiny_model(family)
+    ends = end_token_ids(model, tok)
+    with torch.no_grad():  # make some rows end early so that the batch shrinks
+        model.get_output_embeddings().weight[ends[0]] *= 3
+    v = 4 * torch.randn(64, generator=torch.Generator().manual_seed(11))
+    d = Direction(vector=v, layer=1, pos=-1)
+    cats = [None] * len(PROMPTS)
+    jobs = [GenJob(f"j{i}", c, PROMPTS[i % 2:], cats[i % 2:]) for i, c in
+            enumerate(("baseline", "ablation", "actadd+", "actadd-", "baseline"))]
+    got = generate_conditions(model, tok, jobs, d, PromptFormat(), 10, batch_size=7)
+    for job in jobs:
+        with condition(model, job.condition, d):
+            ref = generate_judged(model, tok, job.prompts, job.categories, PromptFormat(), 10, 16, None)
+        assert [j.completion for j in got[job.name]] == [j.completion for j in ref], job.condition
+    texts = {k: [j.completion for j in v] for k, v in got.items()}
+    assert texts["j0"] == texts["j4"] and texts["j0"] != texts["j2"]  # the conditions do differ

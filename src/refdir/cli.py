@@ -147,7 +147,8 @@ def _add_run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--min-refusal-rate", type=float, default=0.1,
                    help="stop when the model refuses fewer harmful prompts than this (no direction to find)")
     r.add_argument("--batch-size", type=_positive, default=32, help="prompts per forward pass")
-    r.add_argument("--gen-batch-size", type=_positive, default=128, help="prompts per generation batch")
+    r.add_argument("--gen-batch-size", type=_positive, default=200,
+                   help="rows per generation batch (the evaluation conditions share batches; KV cache memory grows with it)")
     r.add_argument("--judge", default=None,
                    help="second judge: 'self' (the model classifies completions) or a safety classifier hub id/folder")
     _add_selection_args(r)

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .directions import Direction
 from .adapter import get_adapter, hidden_arg
-from .interventions import activation_addition, directional_ablation, hooks, start_at_layer
-from .refusal import REFUSAL_PHRASES, generate, is_refusal
+from .interventions import RowInterventions, activation_addition, directional_ablation, hooks, start_at_layer
+from .refusal import REFUSAL_PHRASES, generate, generate_batch, is_refusal
 from .forward import PrefixBatch, expand, forward_rest, last_logits_shared, length_buckets, prefix_cache, split_prefix
 from .templates import Batch, PromptFormat, _add_special, format_prompt, tokenize_prompts
 
@@ -82,6 +83,58 @@ def generate_judged(model, tokenizer, prompts: list[str], categories: list[str |
                     phrases: tuple[str, ...] = REFUSAL_PHRASES) -> list[Judged]:
     comps = generate(model, tokenizer, prompts, fmt, max_new_tokens, batch_size, desc=desc)
     return [Judged(p, c, is_refusal(c, phrases), cat) for p, c, cat in zip(prompts, comps, categories)]
+
+
+@dataclass
+class GenJob:
+    """Prompts to complete under one condition (``baseline``, ``ablation``, ``actadd+``, ``actadd-``)."""
+
+    name: str  # e.g. "harmful/ablation": the progress bar and the key of the result
+    condition: str
+    prompts: list[str]
+    categories: list[str | None]
+
+
+def _row_tables(jobs: list[GenJob], direction: Direction, coeff: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-job ablation direction and added vector ``[G, d]`` each (zero rows: none)."""
+    d = direction.vector.shape[-1]
+    ablate, add = torch.zeros(len(jobs), d), torch.zeros(len(jobs), d)
+    for g, job in enumerate(jobs):
+        if job.condition not in ("baseline", "none", "ablation", "ablate", "actadd+", "actadd-", "actadd"):
+            raise ValueError(f"unknown intervention '{job.condition}' (use none, ablate, actadd or ortho)")
+        if job.condition in ("ablation", "ablate"):
+            ablate[g] = direction.vector.float()
+        elif job.condition in ("actadd+", "actadd-", "actadd"):
+            add[g] = (-coeff if job.condition == "actadd-" else coeff) * direction.vector.float()
+    return ablate, add
+
+
+def generate_conditions(model, tokenizer, jobs: list[GenJob], direction: Direction, fmt: PromptFormat,
+                        max_new_tokens: int, batch_size: int, phrases: tuple[str, ...] = REFUSAL_PHRASES,
+                        coeff: float = 1.0) -> dict[str, list[Judged]]:
+    """Greedy completions of every job, judged, with rows of different conditions in the same batches.
+
+    Each batch row carries its own condition (:class:`~refdir.interventions.RowInterventions`), so a
+    batch stays wide while one condition's rows finish early (refusals end after a dozen tokens, answers
+    run to the limit): put short-lived and long-lived jobs next to each other in ``jobs``, whose rows
+    are cut into batches of ``batch_size`` in order. Completions equal those of one condition at a time.
+    """
+    ablate, add = _row_tables(jobs, direction, coeff)
+    flat = [(g, i) for g, job in enumerate(jobs) for i in range(len(job.prompts))]
+    comps: list[list[str | None]] = [[None] * len(job.prompts) for job in jobs]
+    bar = tqdm(total=len(flat), desc="generate " + ", ".join(j.name for j in jobs), leave=False)
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start:start + batch_size]
+        rows = RowInterventions(model, torch.tensor([g for g, _ in chunk]), ablate, add, direction.layer)
+        with rows.attached():
+            out, _ = generate_batch(model, tokenizer, [jobs[g].prompts[i] for g, i in chunk], fmt, max_new_tokens,
+                                    rows=rows)
+        for (g, i), c in zip(chunk, out):
+            comps[g][i] = c
+        bar.update(len(chunk))
+    bar.close()
+    return {job.name: [Judged(p, c, is_refusal(c, phrases), cat) for p, c, cat in zip(job.prompts, cs, job.categories)]
+            for job, cs in zip(jobs, comps)}
 
 
 # ----------------------------------------------------------------------------------------------

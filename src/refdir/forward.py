@@ -226,8 +226,38 @@ def _mergeable(cache) -> bool:
     return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 
+def _row_ctx(rows, idx: torch.Tensor):
+    """The :class:`~refdir.interventions.RowInterventions` context for a pass over original rows ``idx``."""
+    return rows.active(idx) if rows is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def bucketed_prefill(model, pb: PrefixBatch, bucket: bool = True, on_bucket=None):
+def _prefix_heads(model, pb: PrefixBatch, rows):
+    """The shared prefix's KV cache and, per row, which of its rows serves that row ``[B]``.
+
+    Without per-row interventions the prefix runs once (one row, serving all). With them it runs once
+    per group (condition) present: one row per group, expanded later to that group's rows."""
+    if rows is None or pb.n_prefix == 0:
+        return prefix_cache(model, pb.prefix), None
+    groups = rows.groups
+    present = torch.unique(groups)  # sorted group ids
+    reps = torch.stack([(groups == g).nonzero()[0, 0] for g in present.tolist()])  # first row of each group
+    with rows.active(reps):
+        head = prefix_cache(model, pb.prefix, rows=len(reps))
+    return head, torch.searchsorted(present, groups)
+
+
+def _head_for(head, serve: torch.Tensor | None, idx: torch.Tensor):
+    """A fresh copy of the prefix cache for the rows ``idx`` of a batch (see :func:`_prefix_heads`)."""
+    if serve is None:
+        return expand(head, len(idx))
+    c = copy.deepcopy(head)
+    c.batch_select_indices(serve[idx])
+    return c
+
+
+@torch.no_grad()
+def bucketed_prefill(model, pb: PrefixBatch, bucket: bool = True, on_bucket=None, rows=None):
     """Prompt pass of a generation batch run in length buckets, then one KV cache for the whole batch.
 
     Each bucket runs only as wide as its longest prompt; its cache is then left-padded (masked slots,
@@ -235,11 +265,12 @@ def bucketed_prefill(model, pb: PrefixBatch, bucket: bool = True, on_bucket=None
     so decoding proceeds on the whole batch exactly as after a single padded pass (same positions, same
     mask, float rounding aside). Caches of other kinds (sliding windows, linear attention) are run in
     one pass. ``on_bucket(idx, n_post)``, if given, is a context manager entered around each bucket's
-    pass (rows ``idx`` of ``pb``): how the prompt screen records activations. Returns (cache,
-    last-position logits ``[B, V]`` float32).
+    pass (rows ``idx`` of ``pb``): how the prompt screen records activations. ``rows``: per-row
+    interventions (:class:`~refdir.interventions.RowInterventions`, hooks attached by the caller).
+    Returns (cache, last-position logits ``[B, V]`` float32).
     """
     b, p, t = pb.input_ids.shape[0], pb.n_prefix, pb.input_ids.shape[1]
-    head = prefix_cache(model, pb.prefix)
+    head, serve = _prefix_heads(model, pb, rows)
     groups = length_buckets(pb.rest_lengths().tolist(), b) if bucket else []
     if len(groups) <= 1 or sliding_window(model) is not None or (head is not None and not _mergeable(head)):
         groups = [list(range(b))]  # one pass over the batch as it is (rows in their own order)
@@ -247,11 +278,11 @@ def bucketed_prefill(model, pb: PrefixBatch, bucket: bool = True, on_bucket=None
     for g in groups:
         idx = torch.tensor(g, device=pb.input_ids.device)
         sub = pb.rows(idx).trim() if len(groups) > 1 else pb
-        with on_bucket(idx, pb.n_post) if on_bucket else contextlib.nullcontext():
-            out = forward_rest(model, sub, expand(head, len(g)), use_cache=True)
+        with on_bucket(idx, pb.n_post) if on_bucket else contextlib.nullcontext(), _row_ctx(rows, idx):
+            out = forward_rest(model, sub, _head_for(head, serve, idx), use_cache=True)
         parts.append((_returned_cache(out), out.logits[:, -1, :].float()))
         if len(groups) > 1 and not _mergeable(parts[-1][0]):  # found out on the first bucket: one pass
-            return bucketed_prefill(model, pb, bucket=False, on_bucket=on_bucket)
+            return bucketed_prefill(model, pb, bucket=False, on_bucket=on_bucket, rows=rows)
     if len(parts) == 1:
         return parts[0]
     inv = torch.empty(b, dtype=torch.long, device=pb.input_ids.device)
@@ -280,15 +311,15 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[int],
-                    first_logits: bool = False, on_bucket=None) -> tuple[list[list[int]], torch.Tensor | None]:
+                    first_logits: bool = False, on_bucket=None, rows=None) -> tuple[list[list[int]], torch.Tensor | None]:
     """Greedy (argmax) decoding of a batch; rows leave the batch when they emit an end token.
 
     Plain greedy, like the paper: no repetition penalty or other logits processors. Returns the
     new token ids of each row (end token excluded) and, if asked, the logits at the first generated
-    position ``[B, V]``. ``on_bucket``: see :func:`bucketed_prefill`.
+    position ``[B, V]``. ``on_bucket``, ``rows``: see :func:`bucketed_prefill`.
     """
     b = pb.input_ids.shape[0]
-    cache, logits = bucketed_prefill(model, pb, on_bucket=on_bucket)
+    cache, logits = bucketed_prefill(model, pb, on_bucket=on_bucket, rows=rows)
     kw = _cache_kwarg(model)
     first = logits.clone() if first_logits else None
     ends = torch.tensor(end_ids, device=logits.device)
@@ -311,8 +342,9 @@ def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[i
             cache.batch_select_indices(keep)
             alive, mask, next_pos, nxt = alive[keep], mask[keep], next_pos[keep], nxt[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    use_cache=True, logits_to_keep=1, **{kw: cache})
+        with _row_ctx(rows, alive):
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                        use_cache=True, logits_to_keep=1, **{kw: cache})
         next_pos = next_pos + 1
         logits = out.logits[:, -1, :].float()
     return tokens, first

@@ -98,6 +98,69 @@ def activation_addition(model: nn.Module, vector: torch.Tensor, layer: int, coef
         yield
 
 
+class RowInterventions:
+    """A different intervention per batch row: rows of several conditions share one forward pass.
+
+    Each row belongs to a *group* (a condition); group g ablates the unit direction ``ablate[g]``
+    (a zero row: no ablation) and adds ``add[g]`` to the residual stream entering ``layer`` (a zero
+    row: nothing). A zero vector leaves activations exactly as they are, so a baseline group is the
+    baseline. Decoding drops finished rows from the batch, so the hooks read which original rows the
+    current pass holds from :meth:`active`, set by the generation loop before every pass.
+
+    Why: a decode step's matmuls are ~3x less efficient at 12 rows than at 200 on a CPU, and a
+    condition's batch dwindles to its few long answers; mixing conditions keeps the batch wide.
+    """
+
+    def __init__(self, model: nn.Module, groups: torch.Tensor, ablate: torch.Tensor, add: torch.Tensor, layer: int):
+        ad = get_adapter(model)
+        if ablate.shape[-1] != ad.d_model or add.shape[-1] != ad.d_model:
+            raise RefdirError(f"direction has size {ablate.shape[-1]} but the model's d_model is {ad.d_model}")
+        self.model, self.ad, self.layer = model, ad, layer
+        self.groups = groups.long().to(ad.device)  # [B] group of each original row
+        norms = ablate.double().norm(dim=-1, keepdim=True)
+        self.units = torch.where(norms > 0, ablate.double() / norms.clamp_min(1e-300), 0.0).float().to(ad.device)  # [G, d]
+        self.add = add.float().to(ad.device)  # [G, d]
+        self._rows = torch.arange(len(groups), device=ad.device)
+
+    @contextlib.contextmanager
+    def active(self, rows: torch.Tensor) -> Iterator[None]:
+        """The original rows (``[b]``, in batch order) that the passes inside this context hold."""
+        saved, self._rows = self._rows, rows.to(self._rows.device)
+        try:
+            yield
+        finally:
+            self._rows = saved
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Install the hooks (ablation at every read and write, addition at ``layer``) for the context."""
+        ad = self.ad
+
+        def rows(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return _as_rows(table[self.groups[self._rows]], x)
+
+        def pre(mod, args, kwargs):
+            x = hidden_arg(args, kwargs)
+            return replace_hidden_arg(args, kwargs, project_out(x, rows(self.units, x)))
+
+        def post(mod, args, out):
+            x = _first_tensor(out)
+            return replace_output(out, project_out(x, rows(self.units, x)))
+
+        def add(mod, args, kwargs):
+            x = hidden_arg(args, kwargs)
+            return replace_hidden_arg(args, kwargs, x + rows(self.add, x))
+
+        handles = []
+        if self.units.abs().sum() > 0:
+            handles += [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in ad.layers]
+            handles += [m.register_forward_hook(post) for m in ad.attn_write + ad.mlp_write]
+        if self.add.abs().sum() > 0:
+            handles.append(ad.layers[self.layer].register_forward_pre_hook(add, with_kwargs=True))
+        with hooks(handles):
+            yield
+
+
 class _Passthrough(nn.Module):
     """Stands in for a decoder layer whose output is injected later: returns its input."""
 

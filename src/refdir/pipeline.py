@@ -24,7 +24,7 @@ from .adapter import get_adapter
 from .data import Prompt, load_prompts, load_text_pairs, pool_after, split_prompts
 from .directions import Direction, candidate_directions, direction_from_candidates, load_direction
 from .errors import RefdirError
-from .evaluation import condition, condition_factory, generate_judged, kl_and_ce, per_category, refusal_rate
+from .evaluation import GenJob, condition, condition_factory, generate_conditions, generate_judged, kl_and_ce, per_category, refusal_rate
 from .interventions import orthogonalize_weights
 from .io import load_tensors, save_tensors, write_json, write_jsonl
 from .models import DEFAULT_MODEL, load_model, release_memory
@@ -66,9 +66,9 @@ class RunConfig:
     judge: str | None = None  # second judge: None, "self" (the model itself) or a classifier's hub id/folder
     min_refusal_rate: float = 0.1
     batch_size: int = 32  # prompts per forward pass (prompt screening, extraction, KL/CE)
-    # prompts per generation batch: each decoding step reads every weight once (~0.5 s for the 1.5B
-    # fp32 model on this CPU) whatever the batch, so evaluation decodes a whole condition at once
-    gen_batch_size: int = 128
+    # rows per generation batch: a decoding step's matmuls run ~3x faster per row at 200 rows than at 12
+    # on this CPU, so the evaluation conditions share batches (KV cache: ~1 GB for the 1.5B at 200 rows)
+    gen_batch_size: int = 200
     dtype: str = "float32"
     trust_remote_code: bool = False
     selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(induce_threshold=None))
@@ -454,7 +454,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     t = time.time()
     if not run.reuse("evaluate", key4, ("eval.json", "completions.jsonl",), must_reuse, log):
         log("evaluate: generating completions under each condition")
-        ev, rows = evaluate_direction(model, tok, direction, data, cfg)
+        ev, rows = evaluate_direction(model, tok, direction, data, cfg, log)
         ev["seconds"] = round(time.time() - t, 2)
         write_jsonl(run.file("completions.jsonl"), rows)
         write_json(run.file("eval.json"), ev)
@@ -470,7 +470,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     return summary
 
 
-def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunConfig) -> tuple[dict, list[dict]]:
+def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunConfig,
+                       log=lambda message: None) -> tuple[dict, list[dict]]:
     """Refusal rates per condition, KL/CE on harmless prompts, and orthogonalization ≡ ablation.
 
     The model's weights are orthogonalized in place at the end (keeping a second copy would
@@ -490,14 +491,20 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
                      "refused": j.refused, "completion": j.completion} for j in items)
         return items
 
-    for cond in ("baseline", "ablation", "actadd-"):
-        with condition(model, cond, direction):
-            record(cond, "harmful", generate_judged(model, tok, hp, hcat, fmt, n_new, gbs, f"harmful/{cond}"))
-    for cond in ("baseline", "actadd+"):
-        with condition(model, cond, direction):
-            record(cond, "harmless", generate_judged(model, tok, lp, lcat, fmt, n_new, gbs, f"harmless/{cond}"))
+    # all five conditions in shared batches, a refusing condition next to an answering one (rows that
+    # refuse leave the batch after a dozen tokens; the answers keep it wide)
+    jobs = [GenJob("harmful/baseline", "baseline", hp, hcat), GenJob("harmful/ablation", "ablation", hp, hcat),
+            GenJob("harmless/actadd+", "actadd+", lp, lcat), GenJob("harmful/actadd-", "actadd-", hp, hcat),
+            GenJob("harmless/baseline", "baseline", lp, lcat)]
+    judged = generate_conditions(model, tok, jobs, direction, fmt, n_new, gbs)
+    for split, cond in (("harmful", "baseline"), ("harmful", "ablation"), ("harmful", "actadd-"),
+                        ("harmless", "baseline"), ("harmless", "actadd+")):
+        record(cond, split, judged[f"{split}/{cond}"])
 
+    if cfg.judge:
+        log(f"evaluate: second judge ({cfg.judge})")
     judge = second_judge(model, tok, rows, cfg.judge, fmt) if cfg.judge else None
+    log("evaluate: KL and cross-entropy on harmless prompts and text")
 
     # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
     base_comps = [r["completion"] for r in rows if r["split"] == "harmless" and r["condition"] == "baseline"]
@@ -514,6 +521,7 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     # orthogonalized weights, in place and last (no second copy of the model in memory): equal to
     # ablation on logits (always checked); regenerated and re-scored only with --preset paper
     exact = get_adapter(model).linear_writes
+    log("evaluate: orthogonalizing the weights, checked against ablation")
     release_memory()  # untying the unembedding allocates a vocab x d copy: not on top of freed buffers
     orthogonalize_weights(model, direction.vector, allow_approximate=True)
     lo = last_logits(model, b.input_ids, b.attention_mask)
