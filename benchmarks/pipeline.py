@@ -149,7 +149,8 @@ def main() -> None:
     eff = counter.flops / wall / (peak_gflops * 1e9)
     print(f"refdir run: {wall / 60:.1f} min, >= {counter.flops / 1e12:.1f} TFLOP "
           f"({counter.flops / wall / 1e9:.1f} GFLOP/s, {eff:.0%} of matmul peak), peak RSS {peak_rss / 2**30:.2f} GiB "
-          f"for a {size_bytes / 2**30:.2f} GiB fp32 model", flush=True)
+          f"for a {size_bytes / 2**30:.2f} GiB fp32 model; the same FLOPs at 100% of the matmul peak: "
+          f"{counter.flops / (peak_gflops * 1e9) / 60:.1f} min", flush=True)
 
     del model
     base, hooked, ortho = generation_speed(a.model, out, a.gen_prompts, a.gen_tokens, a.gen_rounds)

@@ -123,10 +123,26 @@ CASES = [
     ("unknown intervention", lambda t, m, r: ["evaluate", "--model", str(m), "--direction", "x", "--prompts",
                                               "builtin:harmful", "--intervention", "zap", "--out", "o.json"],
      "invalid choice"),
+    ("judge a run that was never evaluated", lambda t, m, r: ["judge", "--run", str(_run_folder_of_other_model(t))],
+     "no evaluation yet"),
+    ("judge a condition the run lacks", lambda t, m, r: ["judge", "--run", _evaluated_run(t), "--conditions",
+                                                         "harmless/actadd+", "harmful/zap"], "no completions for"),
     ("export into a non-empty folder", lambda t, m, r: ["export", "--model", str(m), "--direction",
                                                         _direction(t, torch.randn(64)), "--out", str(_nonempty(t))],
      "--force"),
 ]
+
+
+def _evaluated_run(t: Path) -> str:
+    """A run folder with an evaluation: the second judge can be asked for its conditions only."""
+    d = t / "evaluated"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"format": 1, "model": "some/model"}))
+    (d / "eval.json").write_text("{}")
+    (d / "completions.jsonl").write_text("".join(
+        json.dumps({"split": s, "condition": c, "prompt": "p", "completion": "c", "refused": False}) + "\n"
+        for s, c in (("harmful", "baseline"), ("harmless", "actadd+"))))
+    return str(d)
 
 
 def _bytes(p: Path) -> Path:

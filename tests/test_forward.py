@@ -194,3 +194,15 @@ def test_conditions_sharing_batches_equal_one_condition_at_a_time(tiny, family):
         assert [j.completion for j in got[job.name]] == [j.completion for j in ref], job.condition
     texts = {k: [j.completion for j in v] for k, v in got.items()}
     assert texts["j0"] == texts["j4"] and texts["j0"] != texts["j2"]  # the conditions do differ
+
+
+def test_settled_rows_leave_with_what_they_have():
+    """A row whose verdict is settled (the screen: a refusal phrase appeared) stops; the others go on unchanged."""
+    model, tok = tiny_model("qwen2")
+    b = tokenize_prompts(tok, PROMPTS)
+    ends = end_token_ids(model, tok)
+    ref, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends)
+    stop = ref[0][2]
+    got, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends, settled=lambda t: t[-1] == stop)
+    want = [r[: r.index(stop) + 1] if stop in r else r for r in ref]
+    assert got == want and got != ref

@@ -12,7 +12,9 @@ the padding is masked out. Results equal a full forward up to float rounding (te
 supported family).
 
 The greedy loop drops a row from the batch (and its KV cache) as soon as it emits an end token,
-so a batch costs what its unfinished rows cost: refusals end after a dozen tokens.
+so a batch costs what its unfinished rows cost: refusals end after a dozen tokens. With per-row
+interventions (``rows``: :class:`~refdir.interventions.RowInterventions`) one batch holds rows of
+several conditions: the prefix then runs once per condition and serves that condition's rows.
 """
 
 from __future__ import annotations
@@ -311,12 +313,15 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[int],
-                    first_logits: bool = False, on_bucket=None, rows=None) -> tuple[list[list[int]], torch.Tensor | None]:
+                    first_logits: bool = False, on_bucket=None, rows=None,
+                    settled=None) -> tuple[list[list[int]], torch.Tensor | None]:
     """Greedy (argmax) decoding of a batch; rows leave the batch when they emit an end token.
 
     Plain greedy, like the paper: no repetition penalty or other logits processors. Returns the
     new token ids of each row (end token excluded) and, if asked, the logits at the first generated
-    position ``[B, V]``. ``on_bucket``, ``rows``: see :func:`bucketed_prefill`.
+    position ``[B, V]``. ``on_bucket``, ``rows``: see :func:`bucketed_prefill`. ``settled(tokens)``,
+    if given, says a row's tokens so far already decide what the caller wants from it (the prompt
+    screen: a refusal phrase has appeared): the row leaves the batch with the tokens it has.
     """
     b = pb.input_ids.shape[0]
     cache, logits = bucketed_prefill(model, pb, on_bucket=on_bucket, rows=rows)
@@ -330,9 +335,11 @@ def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[i
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)  # [b_alive]
         done = torch.isin(nxt, ends)
-        for r, t, d in zip(alive.tolist(), nxt.tolist(), done.tolist()):
+        for j, (r, t, d) in enumerate(zip(alive.tolist(), nxt.tolist(), done.tolist())):
             if not d:
                 tokens[r].append(t)
+                if settled is not None and settled(tokens[r]):
+                    done[j] = True
         if step == max_new_tokens - 1:
             break
         if done.any():

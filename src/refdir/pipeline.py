@@ -236,6 +236,7 @@ def prepare_prompts(model, tok, cfg: RunConfig, recorder: PostActivationRecorder
             for j in range(0, len(chunk), cfg.gen_batch_size):
                 rec = recorder.bucket(row0 + i + j) if recorder is not None else None
                 cp, lg = generate_batch(model, tok, chunk[j:j + cfg.gen_batch_size], cfg.fmt, n_new, first_logits=True,
+                                        stop_at_refusal=True,
                                         on_bucket=rec)
                 logits.append(lg)
                 comps += cp

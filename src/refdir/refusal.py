@@ -58,17 +58,20 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 @torch.no_grad()
 def generate_batch(model, tokenizer, instructions: list[str], fmt: PromptFormat = PromptFormat(),
                    max_new_tokens: int = 64, first_logits: bool = False,
-                   on_bucket=None, rows=None) -> tuple[list[str], torch.Tensor | None]:
+                   on_bucket=None, rows=None, stop_at_refusal: bool = False) -> tuple[list[str], torch.Tensor | None]:
     """Greedy completions of one batch, and (if asked) the logits at the first generated position ``[B, V]``.
 
     The template's shared prefix runs once (``forward.split_prefix``); finished rows leave the batch.
     ``on_bucket``: a context manager around each prompt-pass bucket (``forward.bucketed_prefill``);
     ``rows``: per-row interventions (``interventions.RowInterventions``, attached by the caller).
+    ``stop_at_refusal``: a row stops as soon as its text contains a refusal phrase (the verdict of
+    :func:`is_refusal` cannot change after that): for callers that only need the verdict.
     """
     b = tokenize_prompts(tokenizer, instructions, fmt, next(model.parameters()).device)
     pb = split_prefix(b, True, model, extra=max_new_tokens)
+    settled = (lambda t: is_refusal(tokenizer.decode(t, skip_special_tokens=True))) if stop_at_refusal else None
     new, first = greedy_generate(model, pb, max_new_tokens, end_token_ids(model, tokenizer), first_logits, on_bucket,
-                                 rows)
+                                 rows, settled)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new], first
 
 
