@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from .adapter import get_adapter, hidden_arg
 from .forward import expand, forward_rest, prefix_cache, split_prefix
 from .interventions import hooks
-from .refusal import position_ids
 from .templates import Batch
 
 
@@ -113,25 +112,19 @@ class PostActivationRecorder:
         return total / len(indices)
 
 
-@torch.no_grad()
-def resid_pre_all(model, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Full resid_pre ``[B, T, d]`` at the given layers for one (small) batch: selection's prefix cache."""
+@contextlib.contextmanager
+def recording_resid_pre(model, layers) -> Iterator[dict[int, torch.Tensor]]:
+    """``{layer: [B, T, d]}``: the residual stream entering each of ``layers`` in the (last) pass run inside.
+
+    For passes that later restart from a layer (:func:`~refdir.interventions.start_at_layer`): activation
+    addition at layer l leaves everything below l as in the baseline pass that recorded it."""
     ad = get_adapter(model)
-    out: dict[int, torch.Tensor] = {}
-    last = max(layers)
+    seen: dict[int, torch.Tensor] = {}
 
     def make_hook(layer: int):
         def pre(mod, args, kwargs):
-            out[layer] = hidden_arg(args, kwargs).detach().clone()
-            if layer == last:
-                raise _StopForward
+            seen[layer] = hidden_arg(args, kwargs).detach()
         return pre
 
-    handles = [ad.layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in layers]
-    with hooks(handles):
-        try:
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=position_ids(batch.attention_mask), use_cache=False)
-        except _StopForward:
-            pass
-    return out
+    with hooks([ad.layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in layers]):
+        yield seen

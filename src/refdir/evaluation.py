@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .directions import Direction
-from .adapter import get_adapter, hidden_arg
-from .interventions import RowInterventions, activation_addition, directional_ablation, hooks, start_at_layer
+from .activations import recording_resid_pre
+from .interventions import RowInterventions, activation_addition, directional_ablation, start_at_layer
 from .refusal import REFUSAL_PHRASES, generate, generate_batch, is_refusal
 from .forward import PrefixBatch, expand, forward_rest, last_logits_shared, length_buckets, prefix_cache, split_prefix
 from .templates import Batch, PromptFormat, _add_special, format_prompt, tokenize_prompts
@@ -40,23 +40,33 @@ class ActAddFactory:
         return activation_addition(self.model, self.vector, self.layer, self.coeff)
 
 
+def _parse_condition(name: str, coeff: float = 1.0) -> tuple[bool, float | None]:
+    """What a condition name does: (ablates r̂?, coefficient of r added at the direction's layer or None)."""
+    if name in ("baseline", "none"):
+        return False, None
+    if name in ("ablation", "ablate"):
+        return True, None
+    if name in ("actadd+", "actadd-", "actadd"):
+        return False, -coeff if name == "actadd-" else coeff
+    raise ValueError(f"unknown intervention '{name}' (use none, ablate, actadd or ortho)")
+
+
 def condition_factory(model, name: str, direction: Direction, coeff: float = 1.0):
     """A zero-argument factory of :func:`condition` (an :class:`ActAddFactory` for activation addition)."""
-    if name in ("actadd+", "actadd-", "actadd"):
-        return ActAddFactory(model, direction.vector, direction.layer, (-1.0 if name == "actadd-" else 1.0) * coeff)
+    _, add = _parse_condition(name, coeff)
+    if add is not None:
+        return ActAddFactory(model, direction.vector, direction.layer, add)
     return lambda: condition(model, name, direction, coeff)
 
 
 def condition(model, name: str, direction: Direction, coeff: float = 1.0) -> contextlib.AbstractContextManager:
     """The intervention context for a condition name (``none`` and ``baseline`` are the same)."""
-    if name in ("baseline", "none"):
-        return contextlib.nullcontext()
-    if name in ("ablation", "ablate"):
+    ablate, add = _parse_condition(name, coeff)
+    if ablate:
         return directional_ablation(model, direction.vector)
-    if name in ("actadd+", "actadd-", "actadd"):
-        sign = -1.0 if name == "actadd-" else 1.0
-        return activation_addition(model, direction.vector, direction.layer, sign * coeff)
-    raise ValueError(f"unknown intervention '{name}' (use none, ablate, actadd or ortho)")
+    if add is not None:
+        return activation_addition(model, direction.vector, direction.layer, add)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -100,12 +110,11 @@ def _row_tables(jobs: list[GenJob], direction: Direction, coeff: float = 1.0) ->
     d = direction.vector.shape[-1]
     ablate, add = torch.zeros(len(jobs), d), torch.zeros(len(jobs), d)
     for g, job in enumerate(jobs):
-        if job.condition not in ("baseline", "none", "ablation", "ablate", "actadd+", "actadd-", "actadd"):
-            raise ValueError(f"unknown intervention '{job.condition}' (use none, ablate, actadd or ortho)")
-        if job.condition in ("ablation", "ablate"):
+        abl, coef = _parse_condition(job.condition, coeff)
+        if abl:
             ablate[g] = direction.vector.float()
-        elif job.condition in ("actadd+", "actadd-", "actadd"):
-            add[g] = (-coeff if job.condition == "actadd-" else coeff) * direction.vector.float()
+        if coef is not None:
+            add[g] = coef * direction.vector.float()
     return ablate, add
 
 
@@ -248,11 +257,7 @@ def _completion_logits(model, pb: PrefixBatch, n_tokens: int, record: tuple[int,
     and the residual stream entering each layer in ``record`` at the rest tokens ``{layer: [B, T, d]}``."""
     k = min(n_tokens + 1, pb.input_ids.shape[1])
     head = prefix_cache(model, pb.prefix)
-    seen: dict[int, torch.Tensor] = {}
-    handles = [get_adapter(model).layers[l].register_forward_pre_hook(
-        lambda mod, args, kwargs, l=l: seen.__setitem__(l, hidden_arg(args, kwargs).detach()), with_kwargs=True)
-        for l in record]
-    with hooks(handles):
+    with recording_resid_pre(model, record) as seen:
         out = forward_rest(model, pb, expand(head, pb.input_ids.shape[0]), logits_to_keep=k)
     return out.logits.float(), k, seen
 

@@ -115,7 +115,7 @@ class RowInterventions:
         ad = get_adapter(model)
         if ablate.shape[-1] != ad.d_model or add.shape[-1] != ad.d_model:
             raise RefdirError(f"direction has size {ablate.shape[-1]} but the model's d_model is {ad.d_model}")
-        self.model, self.ad, self.layer = model, ad, layer
+        self.ad, self.layer = ad, layer
         self.groups = groups.long().to(ad.device)  # [B] group of each original row
         norms = ablate.double().norm(dim=-1, keepdim=True)
         self.units = torch.where(norms > 0, ablate.double() / norms.clamp_min(1e-300), 0.0).float().to(ad.device)  # [G, d]

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import get_adapter, hidden_arg
+from .activations import recording_resid_pre
+from .adapter import get_adapter
 from .errors import RefdirError
-from .interventions import activation_addition, directional_ablation, hooks, start_at_layer
+from .interventions import activation_addition, directional_ablation, start_at_layer
 from .forward import (FORWARD_OVERHEAD_TOKENS, PrefixBatch, expand, forward_rest, last_logits_shared, length_buckets,
                       prefix_cache, split_prefix)
 from .refusal import position_ids, refusal_metric
@@ -75,11 +76,6 @@ class SelectionResult:
                 "baseline": self.baseline, "counts": self.counts()}
 
 
-def _repeat(batch_ids: torch.Tensor, k: int) -> torch.Tensor:
-    """``[N, ...]`` -> ``[k*N, ...]``, candidate-major (rows c*N .. c*N+N-1 belong to candidate c)."""
-    return batch_ids.repeat(k, *([1] * (batch_ids.dim() - 1)))
-
-
 def _concat(a: Batch, b: Batch) -> Batch:
     """Stack two left-padded batches into one (re-padding on the left)."""
     t = max(a.input_ids.shape[1], b.input_ids.shape[1])
@@ -122,11 +118,7 @@ class _Scorer:
 
         @contextlib.contextmanager
         def on_bucket(idx: torch.Tensor, sub: PrefixBatch):
-            seen: dict[int, torch.Tensor] = {}
-            handles = [self.ad.layers[l].register_forward_pre_hook(
-                lambda mod, args, kwargs, l=l: seen.__setitem__(l, hidden_arg(args, kwargs).detach()), with_kwargs=True)
-                for l in layers]
-            with hooks(handles):
+            with recording_resid_pre(self.model, layers) as seen:
                 yield
             for l, x in seen.items():  # x [m, T_sub, d]: the last T_sub columns of the full rest
                 if l not in self._resid:
