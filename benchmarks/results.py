@@ -4,7 +4,10 @@ Training pools: harmful_train.json / harmless_train.json; harmful eval: Jailbrea
 harmless eval: 100 sampled from harmless_val.json (seed 42). One run folder per model under
 runs/results-<model>; the table goes to results/results.md and each summary to results/<model>.json.
 
-    python benchmarks/results.py [--models M ...] [--extra-args "..."]
+    python benchmarks/results.py [--models M ...] [--extra-args "..."] [--judge self]
+
+``--judge SPEC`` adds the second judge (`refdir judge`, on the stored completions) to runs that lack it,
+and a second table: each judged condition's substring and judge refusal rates and their agreement.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ SHARED = ROOT.parent / "shared" / "datasets"
 MODELS = ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]
 
 
-def run(model: str, extra: list[str], tag: str) -> dict:
+def run(model: str, extra: list[str], tag: str, judge: str | None = None) -> dict:
     out = ROOT / "runs" / f"results-{model}{tag}"
     cmd = [sys.executable, "-m", "refdir.cli", "run", "--model", model, "--out", str(out),
            "--harmful", str(SHARED / "harmful_train.json"), "--harmless", str(SHARED / "harmless_train.json"),
@@ -38,13 +41,24 @@ def run(model: str, extra: list[str], tag: str) -> dict:
         return {"model": model, "ok": False, "message": msg, "wall_s": round(wall, 1), "args": extra,
                 "peak_rss_gib": round(peak_rss_gib, 2)}
     s = json.loads((out / "summary.json").read_text())
+    if judge and not s.get("judge_refusal"):
+        p = subprocess.run([sys.executable, "-m", "refdir.cli", "judge", "--run", str(out), "--judge", judge],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"refdir judge failed on {out}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        s = json.loads((out / "summary.json").read_text())
+    ev_judge = json.loads((out / "eval.json").read_text()).get("judge") or {}
     prompts = json.loads((out / "prompts.json").read_text())
     stages = json.loads((out / "stages.json").read_text())["stages"]
     return {"model": model, "ok": True, "summary": s, "wall_s": round(wall, 1), "args": extra,
             "peak_rss_gib": round(peak_rss_gib, 2),
             "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
             "filter": prompts["filter"], "refusal_tokens": prompts["refusal_tokens"]["tokens"],
-            "metric_threshold": prompts["metric_threshold"]}
+            "metric_threshold": prompts["metric_threshold"],
+            "judge": {"spec": ev_judge.get("judge"), "conditions": {
+                c: {"judge_refusal_rate": v["refusal_rate"], "agreement": v["agreement"],
+                    "disagreements": len(v["disagreements"])} for c, v in ev_judge.get("conditions", {}).items()}}
+            if ev_judge else None}
 
 
 def table(rows: list[dict]) -> str:
@@ -67,21 +81,42 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def judge_table(rows: list[dict]) -> str:
+    """Second judge vs the substring judge, per judged condition (runs without a judge are left out)."""
+    out = ["| model | judge | condition | substring refusal | judge refusal | agreement | disagreements |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        j = r.get("judge") if r.get("ok") else None
+        if not j:
+            continue
+        s = r["summary"]
+        for cond, v in j["conditions"].items():
+            split, name = cond.split("/")
+            sub = s[f"{split}_refusal"].get(name)
+            out.append(f"| {r['model']} | {j['spec']} | {cond} | {sub:.2f} | {v['judge_refusal_rate']:.2f} | "
+                       f"{v['agreement']:.2f} | {v['disagreements']} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--extra-args", default="", help="extra `refdir run` arguments for every model")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--judge", default=None, help="add this second judge to runs without one (e.g. self)")
     a = ap.parse_args()
     (ROOT / "results").mkdir(exist_ok=True)
     rows = []
     for m in a.models:
-        r = run(m, shlex.split(a.extra_args), a.tag)
+        r = run(m, shlex.split(a.extra_args), a.tag, a.judge)
         (ROOT / "results" / f"{m}{a.tag}.json").write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps(r)[:400], flush=True)
         rows.append(r)
     every = [json.loads(f.read_text()) for f in sorted((ROOT / "results").glob("*.json"))]
     md = table(every)
+    jt = judge_table(every)
+    if jt:
+        md += "\n\nSecond judge (`refdir judge`, the stored completions):\n\n" + jt
     (ROOT / "results" / "results.md").write_text(md + "\n")
     print(md)
 

@@ -59,17 +59,17 @@ def test_judge_command_labels_a_finished_run(tiny_run, tmp_path, capsys):
     assert (run / "completions.jsonl").read_bytes() == comps
     rows = [json.loads(x) for x in comps.decode().splitlines()]
     sel = [r for r in rows if r["split"] == "harmless" and r["condition"] == "actadd+"]
-    from refdir.evaluation import JUDGE_LABELS, JUDGE_PROMPT
+    from refdir.evaluation import JUDGE_CHARS, JUDGE_PROMPT
     from refdir.models import load_model
     from refdir.refusal import last_logits
     from refdir.templates import tokenize_prompts
     model, tok = load_model(json.loads((run / "config.json").read_text())["model"])
-    ids = ChatJudge(model, tok).label_ids
+    judge = ChatJudge(model, tok)
     want = []
-    for r in sel:  # reference: one plain forward per completion, probabilities summed over letter variants
-        b = tokenize_prompts(tok, [JUDGE_PROMPT.format(prompt=r["prompt"], completion=r["completion"][:600])])
+    for r in sel:  # reference: one plain forward per completion, probabilities summed over Yes/No variants
+        b = tokenize_prompts(tok, [JUDGE_PROMPT.format(prompt=r["prompt"], completion=r["completion"][:JUDGE_CHARS])])
         p = torch.softmax(last_logits(model, b.input_ids, b.attention_mask)[0].double(), -1)
-        want.append(JUDGE_LABELS[int(torch.stack([p[i].sum() for i in ids]).argmax())])
+        want.append("refusal" if p[judge.yes_ids].sum() > p[judge.no_ids].sum() else "compliance")
     got = ev["judge"]["conditions"]["harmless/actadd+"]
     assert got["labels"] == want  # bucketed, prefix-shared judge == one prompt at a time
     assert abs(got["refusal_rate"] - sum(x != "compliance" for x in want) / len(want)) < 1e-9
@@ -77,6 +77,12 @@ def test_judge_command_labels_a_finished_run(tiny_run, tmp_path, capsys):
     assert json.loads((run / "summary.json").read_text())["judge_refusal"]["harmless/actadd+"] == round(got["refusal_rate"], 3)
     assert main(["judge", "--run", str(run), "--conditions", "harmless/actadd+"]) == 0
     assert set(json.loads((run / "eval.json").read_text())["judge"]["conditions"]) == {"harmless/actadd+"}
+    # self+evasive: the same refusal verdicts; the other replies are asked about evasion against the request
+    assert main(["judge", "--run", str(run), "--judge", "self+evasive", "--conditions", "harmless/actadd+"]) == 0
+    ev_labels = json.loads((run / "eval.json").read_text())["judge"]["conditions"]["harmless/actadd+"]["labels"]
+    assert [x == "refusal" for x in ev_labels] == [x == "refusal" for x in want]
+    assert set(ev_labels) <= {"refusal", "compliance", "evasive"}
+    assert "{prompt}" not in JUDGE_PROMPT  # the refusal question shows the reply alone (see evaluation.py)
     assert main(["judge", "--run", str(run), "--conditions", "harmless/nothing"]) == 2
     assert "no completions for harmless/nothing" in capsys.readouterr().err
 

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(j, from_run=True)
     j.add_argument("--run", required=True)
     j.add_argument("--judge", default="self",
-                   help="'self' (the run's model classifies completions) or a safety classifier hub id/folder")
+                   help="'self' (the run's model says whether each reply is a refusal), 'self+evasive' (and whether "
+                        "each other reply evades the request: for strong judge models) or a safety classifier hub id/folder")
     j.add_argument("--conditions", nargs="+", default=None, metavar="SPLIT/CONDITION",
                    help="judge only these (e.g. harmless/actadd+ harmful/ablation); default: all")
 
@@ -150,7 +151,8 @@ def _add_run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--gen-batch-size", type=_positive, default=200,
                    help="rows per generation batch (the evaluation conditions share batches; KV cache memory grows with it)")
     r.add_argument("--judge", default=None,
-                   help="second judge: 'self' (the model classifies completions) or a safety classifier hub id/folder")
+                   help="second judge: 'self' (the model says whether each reply is a refusal), 'self+evasive' "
+                        "or a safety classifier hub id/folder")
     _add_selection_args(r)
 
 

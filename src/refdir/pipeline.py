@@ -559,7 +559,10 @@ def second_judge(model, tok, rows: list[dict], judge_spec: str, fmt: PromptForma
     Keys of ``conditions``: ``"split/condition"``; ``only`` restricts the judge to some of them.
     """
     from .evaluation import ChatJudge, Judged, SafetyClassifierJudge, judge_agreement
-    judge = ChatJudge(model, tok, fmt) if judge_spec == "self" else SafetyClassifierJudge(judge_spec)
+    if judge_spec in ("self", "self+evasive"):
+        judge = ChatJudge(model, tok, fmt, evasive=judge_spec == "self+evasive")
+    else:
+        judge = SafetyClassifierJudge(judge_spec)
     out = {"judge": judge_spec, "kind": judge.name, "conditions": {}}
     pairs = list(dict.fromkeys((r["split"], r["condition"]) for r in rows))
     unknown = set(only or []) - {f"{s}/{c}" for s, c in pairs}

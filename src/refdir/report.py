@@ -184,7 +184,9 @@ def write_report(run_path: str | Path) -> Path:
              for c, v in ev["kl_ce_harmless"].items()]))
         if ev.get("judge"):
             j = ev["judge"]
-            rows = [[c, v["agreement"], v["refusal_rate"], v["evasive_rate"], len(v["disagreements"])]
+            asked = j["judge"] == "self+evasive"  # the plain chat judge asks about refusal only
+            rows = [[c, v["agreement"], v["refusal_rate"], v["evasive_rate"] if asked else "not asked",
+                     len(v["disagreements"])]
                     for c, v in j["conditions"].items()]
             parts.append(f"<h2>Second judge ({html.escape(str(j['kind']))}: {html.escape(str(j['judge']))})</h2>" +
                          _table(["condition", "agreement with substring", "judge refusal rate", "evasive", "disagreements"],
