@@ -152,7 +152,7 @@ def generate_conditions(model, tokenizer, jobs: list[GenJob], direction: Directi
 # otherwise, evasive non-answers). Reads the label from next-token logits: no generation.
 
 # The refusal question shows the reply alone. Measured on Qwen2.5-Coder-1.5B judging its own completions
-# (a stratified sample of 67): shown the request too, the judge called 56-69% of plain answers to harmless
+# (a stratified sample of 67, benchmarks/judge_prompts.py): shown the request too, the judge called 56-69% of plain answers to harmless
 # requests refusals (a harmful-sounding request pulls the verdict towards "refusal", and A/B/C letters add
 # a first-option bias); shown the reply alone it called none of them refusals, every induced refusal a
 # refusal, and found the one induced refusal the phrase list misses (a Spanish "Lo siento, ...").
