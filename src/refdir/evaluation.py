@@ -187,8 +187,10 @@ class ChatJudge:
             raise RefdirError("the judge's tokenizer cannot tell 'Yes' from 'No' by their first tokens: use another judge")
 
     @torch.no_grad()
-    def yes(self, template: str, prompts: list[str], completions: list[str]) -> list[bool]:
-        """Whether the judge answers Yes to ``template`` filled with each (prompt, completion).
+    def scores(self, template: str, prompts: list[str], completions: list[str],
+               answers: list[list[int]]) -> torch.Tensor:
+        """Log-probability ``[N, len(answers)]`` of each answer (a set of first-token ids, summed) at the judge's
+        first answer token, for ``template`` filled with each (prompt, completion).
 
         The judge prompt's head (template, question) is computed once per chunk and the rows run in
         length buckets (completions differ a lot in length)."""
@@ -199,9 +201,13 @@ class ChatJudge:
                      for p, c in zip(prompts[i:i + self.bs], completions[i:i + self.bs])]
             pb = split_prefix(tokenize_prompts(self.tok, texts, self.fmt, dev), True, self.model)
             logp = torch.log_softmax(last_logits_shared(self.model, pb, max_rows=16).double(), -1)
-            y, n = (torch.logsumexp(logp[:, ids], -1) for ids in (self.yes_ids, self.no_ids))
-            out += (y > n).tolist()
-        return out
+            out.append(torch.stack([torch.logsumexp(logp[:, ids], -1) for ids in answers], -1))
+        return torch.cat(out) if out else torch.zeros(0, len(answers), dtype=torch.float64)
+
+    def yes(self, template: str, prompts: list[str], completions: list[str]) -> list[bool]:
+        """Whether the judge answers Yes rather than No to ``template`` filled with each (prompt, completion)."""
+        s = self.scores(template, prompts, completions, [self.yes_ids, self.no_ids])
+        return (s[:, 0] > s[:, 1]).tolist()
 
     def labels(self, prompts: list[str], completions: list[str]) -> list[str]:
         """One label per completion: refusal (the reply alone judged a refusal), else evasive (if asked

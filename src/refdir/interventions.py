@@ -52,6 +52,33 @@ def hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
+def _ablation_handles(ad, unit_for) -> list:
+    """Hooks projecting ``unit_for(x)`` (a unit direction broadcastable against ``x``) out of the input of
+    every decoder layer and the output of every attention and MLP write: directional ablation's placement,
+    shared by the one-direction context and the per-row one."""
+
+    def pre(mod, args, kwargs):
+        x = hidden_arg(args, kwargs)
+        return replace_hidden_arg(args, kwargs, project_out(x, unit_for(x)))
+
+    def post(mod, args, out):
+        x = _first_tensor(out)
+        return replace_output(out, project_out(x, unit_for(x)))
+
+    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in ad.layers]
+    return handles + [m.register_forward_hook(post) for m in ad.attn_write + ad.mlp_write]
+
+
+def _addition_handle(ad, layer: int, vector_for):
+    """A hook adding ``vector_for(x)`` to the residual stream entering ``layer``."""
+
+    def pre(mod, args, kwargs):
+        x = hidden_arg(args, kwargs)
+        return replace_hidden_arg(args, kwargs, x + vector_for(x))
+
+    return ad.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+
+
 @contextlib.contextmanager
 def directional_ablation(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
     """Project the direction out of the residual stream at every layer and position.
@@ -61,18 +88,7 @@ def directional_ablation(model: nn.Module, direction: torch.Tensor) -> Iterator[
     """
     ad = get_adapter(model)
     unit = _unit(direction, ad.d_model).to(ad.device)
-
-    def pre(mod, args, kwargs):
-        x = hidden_arg(args, kwargs)
-        return replace_hidden_arg(args, kwargs, project_out(x, _as_rows(unit, x)))
-
-    def post(mod, args, out):
-        x = _first_tensor(out)
-        return replace_output(out, project_out(x, _as_rows(unit, x)))
-
-    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in ad.layers]
-    handles += [m.register_forward_hook(post) for m in ad.attn_write + ad.mlp_write]
-    with hooks(handles):
+    with hooks(_ablation_handles(ad, lambda x: _as_rows(unit, x))):
         yield
 
 
@@ -89,12 +105,7 @@ def activation_addition(model: nn.Module, vector: torch.Tensor, layer: int, coef
     if vector.shape[-1] != ad.d_model:
         raise RefdirError(f"direction has size {vector.shape[-1]} but the model's d_model is {ad.d_model}")
     v = (coeff * vector.float()).to(ad.device)
-
-    def pre(mod, args, kwargs):
-        x = hidden_arg(args, kwargs)
-        return replace_hidden_arg(args, kwargs, x + _as_rows(v, x))
-
-    with hooks([ad.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)]):
+    with hooks([_addition_handle(ad, layer, lambda x: _as_rows(v, x))]):
         yield
 
 
@@ -134,29 +145,14 @@ class RowInterventions:
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
         """Install the hooks (ablation at every read and write, addition at ``layer``) for the context."""
-        ad = self.ad
-
-        def rows(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return _as_rows(table[self.groups[self._rows]], x)
-
-        def pre(mod, args, kwargs):
-            x = hidden_arg(args, kwargs)
-            return replace_hidden_arg(args, kwargs, project_out(x, rows(self.units, x)))
-
-        def post(mod, args, out):
-            x = _first_tensor(out)
-            return replace_output(out, project_out(x, rows(self.units, x)))
-
-        def add(mod, args, kwargs):
-            x = hidden_arg(args, kwargs)
-            return replace_hidden_arg(args, kwargs, x + rows(self.add, x))
+        def rows(table: torch.Tensor):
+            return lambda x: _as_rows(table[self.groups[self._rows]], x)
 
         handles = []
         if self.units.abs().sum() > 0:
-            handles += [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in ad.layers]
-            handles += [m.register_forward_hook(post) for m in ad.attn_write + ad.mlp_write]
+            handles += _ablation_handles(self.ad, rows(self.units))
         if self.add.abs().sum() > 0:
-            handles.append(ad.layers[self.layer].register_forward_pre_hook(add, with_kwargs=True))
+            handles.append(_addition_handle(self.ad, self.layer, rows(self.add)))
         with hooks(handles):
             yield
 
