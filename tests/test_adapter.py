@@ -18,7 +18,7 @@ def test_adapter_finds_every_part(tiny, family):
     model, _ = tiny
     ad = get_adapter(model)
     assert ad.n_layers == 4 and ad.d_model == 64
-    assert len(ad.attn_out) == len(ad.mlp_out) == 4
+    assert len(ad.attn_out) == len(ad.writers) == 4
     assert ad.linear_writes == (family not in SANDWICH)
     # the writes really are what changes the residual stream: under ablation the component along r̂ of
     # every block input and of the final residual (last block output = input of the final norm) vanishes
@@ -92,3 +92,31 @@ def test_template_without_system_role_merges_the_system_prompt():
 def test_family_templates_give_post_positions(tiny, family):
     _, tok = tiny
     assert len(post_instruction_tokens(tok)) >= 1
+
+
+@pytest.mark.parametrize("family,expected", [
+    ("qwen2_moe", {"mlp.experts.down_proj", "mlp.shared_expert.down_proj.weight", "self_attn.o_proj.weight"}),
+    ("gpt_oss", {"mlp.experts.down_proj", "mlp.experts.down_proj_bias", "self_attn.o_proj.bias"}),
+    ("deepseek_v3", {"mlp.experts.down_proj", "mlp.shared_experts.down_proj.weight"}),
+    ("granitemoe", {"block_sparse_moe.experts.down_proj"}),
+])
+def test_moe_writers_cover_routed_and_shared_experts(family, expected):
+    from tiny import tiny_model
+    ad = get_adapter(tiny_model(family)[0])
+    names = {w.name.split(".", 3)[-1] for w in ad.writers[1]}  # layer 1 (DeepSeek's layer 0 is dense)
+    assert expected <= names
+    assert ad.linear_writes and ad.is_moe
+    axes = {w.name.split(".", 3)[-1]: w.axis for w in ad.writers[1]}
+    assert axes["mlp.experts.down_proj" if family != "granitemoe" else "block_sparse_moe.experts.down_proj"] == (
+        2 if family == "gpt_oss" else 1)  # GPT-OSS stores [E, ff, d], the others [E, d, ff]
+
+
+def test_the_numeric_check_catches_a_missing_writer():
+    from refdir.adapter import _edit_error
+    from tiny import tiny_model
+    model, _ = tiny_model("qwen2_moe")
+    ad = get_adapter(model)
+    full = _edit_error(model, ad.layers[1], (ad.attn_write[1], ad.mlp_write[1]), ad.writers[1], ad.d_model)
+    partial = [w for w in ad.writers[1] if "shared_expert" not in w.name]  # forget the shared expert
+    missing = _edit_error(model, ad.layers[1], (ad.attn_write[1], ad.mlp_write[1]), partial, ad.d_model)
+    assert full < 1e-5 and missing > 1e-2

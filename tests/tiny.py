@@ -73,6 +73,29 @@ FAMILIES = {
                                              "attention_multiplier": 0.25, "logits_scaling": 2.0}, "chatml"),
 }
 
+# Mixture-of-experts families: fused expert parameters in both layouts ([E, d, ff] and GPT-OSS's [E, ff, d]
+# with biases), shared experts (Qwen2-MoE, DeepSeek-V3), dense first layers (DeepSeek-V3), MLA attention.
+MOE = dict(num_experts_per_tok=2)
+MOE_FAMILIES = {
+    "mixtral": (transformers.MixtralConfig, {**MOE, "num_local_experts": 4}, "chatml"),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, {**MOE, "num_experts": 4, "moe_intermediate_size": 48,
+                                                "shared_expert_intermediate_size": 96}, "qwen_default_system"),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, {**MOE, "num_experts": 4, "moe_intermediate_size": 48,
+                                                "head_dim": 16}, "chatml"),
+    "olmoe": (transformers.OlmoeConfig, {**MOE, "num_experts": 4}, "chatml"),
+    "gpt_oss": (transformers.GptOssConfig, {**MOE, "num_local_experts": 4, "head_dim": 16, "sliding_window": 8,
+                                            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+                "chatml"),
+    "deepseek_v3": (transformers.DeepseekV3Config, {**MOE, "n_routed_experts": 4, "num_key_value_heads": 4, "moe_intermediate_size": 48,
+                                                    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+                                                    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                                                    "qk_nope_head_dim": 8, "v_head_dim": 16,
+                                                    "rope_parameters": {"rope_type": "default",
+                                                                        "rope_theta": 10000.0}}, "chatml"),
+    "granitemoe": (transformers.GraniteMoeConfig, {**MOE, "num_local_experts": 4}, "chatml"),
+}
+FAMILIES.update(MOE_FAMILIES)
+
 
 def tiny_model(family: str, seed: int = 0, tie: bool = False):
     cls, extra, template = FAMILIES[family]

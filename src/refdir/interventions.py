@@ -13,7 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .adapter import _first_tensor, get_adapter, hidden_arg, replace_hidden_arg, replace_output
+from .adapter import (ResidualWriter, _first_tensor, get_adapter, hidden_arg, project_out_axis_, replace_hidden_arg,
+                      replace_output)
 from .errors import RefdirError
 
 
@@ -189,43 +190,29 @@ def start_at_layer(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterato
             ad.layers[i] = m
 
 
-def _project_rows_out(weight: torch.Tensor, unit: torch.Tensor, out_dim: int) -> None:
-    """In place: remove the direction from the output space of a weight matrix.
-
-    ``out_dim`` is the axis of size d_model (0 for nn.Linear ``[out, in]``; 1 for Conv1D and
-    embeddings are handled by the caller passing the right axis).
-    """
-    w = weight.data
-    u = unit.to(device=w.device, dtype=torch.float64)
-    # float64 a slice at a time: a whole [vocab, d] embedding in float64 would take GBs (peak memory)
-    step = 4096
-    if out_dim == 0:  # W [d, in]: W - r (r^T W), column blocks
-        for i in range(0, w.shape[1], step):
-            blk = w[:, i:i + step].double()
-            blk -= torch.outer(u, u @ blk)
-            w[:, i:i + step].copy_(blk.to(w.dtype))
-    else:  # W [n, d]: W - (W r) r^T, row blocks
-        for i in range(0, w.shape[0], step):
-            blk = w[i:i + step].double()
-            blk -= torch.outer(blk @ u, u)
-            w[i:i + step].copy_(blk.to(w.dtype))
-
-
-def _out_axis(m: nn.Module) -> int:
-    return 0 if isinstance(m, nn.Linear) else 1
+def _embed_writer(ad) -> ResidualWriter:
+    return ResidualWriter("embed", ad.embed, "weight", 1)
 
 
 @torch.no_grad()
 def orthogonalize_weights(model: nn.Module, direction: torch.Tensor, allow_approximate: bool = False) -> nn.Module:
     """Edit the weights in place so no component writes along r (paper Eq. 5).
 
-    Projects r out of the token (and position) embeddings and out of every attention-output and
-    MLP-output projection and its bias. With tied embeddings the unembedding is untied first, so
-    it keeps reading the original direction. Equal to :func:`directional_ablation` when the
-    projections write the residual stream directly; models whose writes pass through a norm
-    (Gemma 2/3, OLMo 2) raise unless ``allow_approximate``.
+    Projects r out of the token (and position) embeddings and out of every residual writer the
+    adapter found (:class:`~refdir.adapter.ResidualWriter`: attention-output and MLP-output projections,
+    every routed and shared expert, their biases). With tied embeddings the unembedding is untied first,
+    so it keeps reading the original direction. Equal to :func:`directional_ablation` when the writers
+    write the residual stream directly (checked numerically per layer kind); models whose writes pass
+    through a norm (Gemma 2/3, OLMo 2) raise unless ``allow_approximate``. Quantized or offloaded
+    weights cannot be edited in place: :func:`refdir.export.export_streaming` re-reads the source.
     """
     ad = get_adapter(model)
+    bad = next((w for w in ad.all_writers() + [_embed_writer(ad)] if w.tensor.device.type == "meta"
+                or not w.tensor.is_floating_point()), None)
+    if bad is not None:
+        how = "offloaded by the device map" if bad.tensor.device.type == "meta" else "quantized"
+        raise RefdirError(f"cannot orthogonalize {bad.name} in place: its weights are {how}; export from the "
+                          "full-precision source instead: refdir export --model SOURCE --direction RUN --out DIR")
     if not ad.linear_writes and not allow_approximate:
         raise RefdirError(
             f"{type(model).__name__} normalizes attention/MLP outputs before adding them to the residual stream, "
@@ -237,14 +224,10 @@ def orthogonalize_weights(model: nn.Module, direction: torch.Tensor, allow_appro
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
         ad.tied = False
-    _project_rows_out(ad.embed.weight, unit, out_dim=1)  # [vocab, d]
+    project_out_axis_(ad.embed.weight.data, unit, 1)  # [vocab, d]
     if ad.pos_embed is not None:
-        _project_rows_out(ad.pos_embed.weight, unit, out_dim=1)
-    for m in ad.attn_out + ad.mlp_out:
-        _project_rows_out(m.weight, unit, out_dim=_out_axis(m))
-        if getattr(m, "bias", None) is not None:
-            b = m.bias.data
-            u = unit.to(b.device, torch.float64)
-            b.copy_((b.double() - (b.double() @ u) * u).to(b.dtype))
+        project_out_axis_(ad.pos_embed.weight.data, unit, 1)
+    for w in ad.all_writers():
+        project_out_axis_(w.tensor.data, unit, w.axis)
     model._refdir_orthogonalized = True
     return model
