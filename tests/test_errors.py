@@ -127,10 +127,48 @@ CASES = [
      "no evaluation yet"),
     ("judge a condition the run lacks", lambda t, m, r: ["judge", "--run", _evaluated_run(t), "--conditions",
                                                          "harmless/actadd+", "harmful/zap"], "no completions for"),
+    ("--device cuda without CUDA", lambda t, m, r: _run(m, "--device", "cuda", "--out", str(t / "r")),
+     "CUDA is not available" if not torch.cuda.is_available() else "out of memory"),
+    ("unknown device", lambda t, m, r: _run(m, "--device", "tpu:0", "--out", str(t / "r")), "unknown device"),
+    ("--load-in-4bit without bitsandbytes", lambda t, m, r: _no_bnb(_run(m, "--load-in-4bit", "--out", str(t / "r"))),
+     "pip install bitsandbytes"),
+    ("device map that misses modules", lambda t, m, r: _run(m, "--device-map", _partial_map(t), "--out", str(t / "r")),
+     "does not place"),
+    ("prompt longer than the context", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
+                                                        _direction(t, torch.randn(64)), "--prompts", _long_prompt(t),
+                                                        "--intervention", "ablate", "--out", str(t / "o.json")],
+     "exceeds the model's context"),
+    ("out of memory during a stage", lambda t, m, r: _oom(_run(m, "--out", str(t / "r"))), "out of GPU memory"),
     ("export into a non-empty folder", lambda t, m, r: ["export", "--model", str(m), "--direction",
                                                         _direction(t, torch.randn(64)), "--out", str(_nonempty(t))],
      "--force"),
 ]
+
+
+def _no_bnb(argv):
+    sys.modules["bitsandbytes"] = None  # as if not installed (restored by the test)
+    return argv
+
+
+def _partial_map(t: Path) -> str:
+    f = t / "map.json"
+    f.write_text(json.dumps({"model.embed_tokens": "cpu", "model.layers.0": "cpu"}))
+    return str(f)
+
+
+def _long_prompt(t: Path) -> str:
+    f = t / "long.txt"
+    f.write_text("word " * 40000 + "\n")  # 200,000 characters, one prompt
+    return str(f)
+
+
+def _oom(argv):
+    import refdir.pipeline
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    refdir.pipeline.prepare_prompts = boom  # restored by the test
+    return argv
 
 
 def _evaluated_run(t: Path) -> str:
@@ -171,6 +209,9 @@ def _snapshot(root: Path) -> set:
 def test_bad_input(case, argv, fragment, tmp_path, tiny_folder, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
+    import refdir.pipeline
+    monkeypatch.setattr(refdir.pipeline, "prepare_prompts", refdir.pipeline.prepare_prompts)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", sys.modules.get("bitsandbytes"))
     args = argv(tmp_path, tiny_folder, None)
     before = _snapshot(tmp_path)
     with pytest.raises(SystemExit) if case in ("non-positive sizes", "unknown intervention") else _nullctx() as exc:
@@ -178,12 +219,16 @@ def test_bad_input(case, argv, fragment, tmp_path, tiny_folder, capsys, monkeypa
     if exc is not None:
         rc = exc.value.code
     err = capsys.readouterr().err.strip().splitlines()
+    if case == "out of memory during a stage":  # mid-run: the stage log came first; the error is one line
+        err = [e for e in err if not e.startswith("[refdir]")]
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("refdir: error:"), err
     assert fragment.lower() in err[0].lower(), err[0]
     assert "Traceback" not in err[0]
-    created = _snapshot(tmp_path) - before
-    assert not {c for c in created if not c.startswith("cache")}, created
+    created = {c for c in _snapshot(tmp_path) - before if not c.startswith("cache")}
+    if case == "out of memory during a stage":  # the run folder stays, with only completed stages: none
+        created -= {"r", "r/config.json"}
+    assert not created, created
 
 
 class _nullctx:

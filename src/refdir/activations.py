@@ -23,6 +23,14 @@ class _StopForward(Exception):
     """Raised from a hook once every needed activation is recorded."""
 
 
+def _batch_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch ``[B, n, d] -> [n, d]`` float64 on the CPU: in float64 where the activations are
+    (CPU), in float32 on accelerators (MPS has no float64) before the float64 accumulator takes it."""
+    if x.device.type == "cpu":
+        return x.double().sum(0)
+    return x.float().sum(0).cpu().double()
+
+
 @torch.no_grad()
 def mean_activations(model, batch: Batch, n_post: int | None = None, batch_size: int = 16,
                      desc: str | None = None, share_prefix: bool = True) -> torch.Tensor:
@@ -33,12 +41,12 @@ def mean_activations(model, batch: Batch, n_post: int | None = None, batch_size:
     """
     ad = get_adapter(model)
     n_post = n_post or batch.n_post
-    total = torch.zeros(n_post, ad.n_layers, ad.d_model, dtype=torch.float64, device=ad.device)
+    total = torch.zeros(n_post, ad.n_layers, ad.d_model, dtype=torch.float64)  # CPU, whatever the layers' devices
 
     def make_hook(layer: int):
         def pre(mod, args, kwargs):
-            x = hidden_arg(args, kwargs)  # [B, T, d]
-            total[:, layer] += x[:, -n_post:, :].double().sum(0)
+            x = hidden_arg(args, kwargs)  # [B, T, d] on this layer's device
+            total[:, layer] += _batch_sum(x[:, -n_post:, :])
             if layer == ad.n_layers - 1:
                 raise _StopForward
         return pre
@@ -93,7 +101,8 @@ class PostActivationRecorder:
                 self.valid = False
                 yield
                 return
-            self._buf = torch.empty(len(idx), self.n_post, self.ad.n_layers, self.ad.d_model, device=self.ad.device)
+            # on the CPU: ~2.6 MB per prompt for an 8B model, which GPU memory needs for the KV cache
+            self._buf = torch.empty(len(idx), self.n_post, self.ad.n_layers, self.ad.d_model)
             try:
                 yield
                 for j, i in enumerate(idx.tolist()):
@@ -106,7 +115,7 @@ class PostActivationRecorder:
         """Mean over the given screened prompts ``[n_post, n_layers, d]`` float64, or None if any is missing."""
         if not self.valid or not indices or any(i not in self.rows for i in indices):
             return None
-        total = torch.zeros(self.n_post, self.ad.n_layers, self.ad.d_model, dtype=torch.float64, device=self.ad.device)
+        total = torch.zeros(self.n_post, self.ad.n_layers, self.ad.d_model, dtype=torch.float64)
         for i in indices:
             total += self.rows[i].double()
         return total / len(indices)

@@ -219,7 +219,7 @@ def _verify_writes(model: nn.Module, layer: nn.Module, d_model: int) -> tuple[nn
         err = (basis @ coef - delta.flatten()[:, None]).norm() / delta.norm().clamp_min(1e-30)
         if best is None or err < best[0]:
             best = (float(err), a, m)
-    if best is None or best[0] > 1e-4:
+    if best is None or best[0] > _edit_tolerance(model.get_input_embeddings().weight.dtype):
         raise RefdirError(
             f"unsupported architecture: the residual update of {type(layer).__name__} is not a sum of two of its "
             f"children's outputs ({', '.join(outs) or 'none found'}); refdir cannot place its hooks")
@@ -460,6 +460,12 @@ def build_adapter(model: nn.Module) -> ModelAdapter:
         pos_embed=_find_pos_embed(model, embed, layers, d_model), attn=attn, attn_out=attn_out, writers=writers,
         attn_write=attn_write, mlp_write=mlp_write, d_model=d_model, n_heads=n_heads, head_dim=head_dim,
         linear_writes=linear, tied=tied, notes=notes)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the input embedding's device (the first of a device map; its execution
+    device when accelerate offloads it). Index tensors stay on the CPU: they index tensors on any device."""
+    return get_adapter(model).device
 
 
 def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:

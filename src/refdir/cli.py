@@ -22,11 +22,32 @@ def _add_model_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
         p.add_argument("--model", default=None, help="default: the run's model")
     else:
         p.add_argument("--model", default=DEFAULT_MODEL, help="offline alias, hub id, local folder or .gguf file")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--system", default=None, help="system prompt (default: the template's own; '' for an empty one)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template for a tokenizer without one (e.g. a base model)")
+    _add_load_args(p)
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the weights are loaded (every command that loads a model)."""
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 on the CPU, the checkpoint's dtype on accelerators (bf16 for fp32 checkpoints)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--device-map", default=None, metavar="auto|balanced|FILE.json",
+                   help="spread the model over several devices / offload to CPU and disk (accelerate)")
+    p.add_argument("--max-memory", default=None, metavar="0=20GiB,cpu=64GiB", help="per-device caps for --device-map")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a hub model")
+    p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights (hooks only; export "
+                   "re-reads the full-precision source)")
+    p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights (likewise)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model (off by default)")
+
+
+def load_options(a) -> dict:
+    """The keyword arguments of :func:`refdir.models.load_model` that the model flags set."""
+    return {"dtype": a.dtype, "device": a.device, "device_map": a.device_map, "max_memory": a.max_memory,
+            "revision": a.revision, "load_in_4bit": a.load_in_4bit, "load_in_8bit": a.load_in_8bit,
+            "trust_remote_code": a.trust_remote_code}
 
 
 def _chat_template(a) -> str | None:
@@ -112,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--direction", required=True)
     c.add_argument("--n", type=_positive, default=32)
     c.add_argument("--out", required=True)
-    c.add_argument("--trust-remote-code", action="store_true")
+    _add_load_args(c)
 
     j = sub.add_parser("judge", help="label a finished run's completions with a second judge (no regeneration)")
     _add_model_args(j, from_run=True)
@@ -223,7 +244,9 @@ def cmd_run(a) -> int:
                     eval_harmless=a.eval_harmless, ce_text=None if a.ce_text == "none" else a.ce_text,
                     prompt_field=a.field, seed=a.seed, system=a.system, chat_template=_chat_template(a), filter=a.filter,
                     refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, gen_batch_size=a.gen_batch_size, judge=a.judge, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
-                    trust_remote_code=a.trust_remote_code,
+                    trust_remote_code=a.trust_remote_code, device=a.device, device_map=a.device_map,
+                    max_memory=a.max_memory, revision=a.revision, load_in_4bit=a.load_in_4bit,
+                    load_in_8bit=a.load_in_8bit,
                     selection=SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold, prune=not a.no_prune,
                                               exhaustive=a.exhaustive))
     for k, v in preset.items():
@@ -274,7 +297,7 @@ def cmd_evaluate(a) -> int:
     direction = load_direction(a.direction)
     out = Path(a.out)
     _check_writable(out)
-    model, tok = load_model(a.model, a.dtype, trust_remote_code=a.trust_remote_code)
+    model, tok = load_model(a.model, **load_options(a))
     from .adapter import get_adapter
     ad = get_adapter(model)
     direction = load_direction(a.direction, expect_d_model=ad.d_model, expect_model=getattr(model, "refdir_spec", None))
@@ -286,6 +309,8 @@ def cmd_evaluate(a) -> int:
         raise RefdirError("this direction file records no layer; pass --layer for actadd")
     fmt = PromptFormat(system=a.system, chat_template=_chat_template(a))
     ins, cats = [p.instruction for p in prompts], [p.category for p in prompts]
+    from .forward import check_prompts_fit
+    check_prompts_fit(model, tok, ins, fmt, a.max_new_tokens)
     if a.intervention == "ortho":
         orthogonalize_weights(model, direction.vector)  # in place: this process owns the model
         items = generate_judged(model, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, "ortho")
@@ -310,7 +335,7 @@ def cmd_export(a) -> int:
         raise RefdirError(f"output folder {out} is not empty; pass --force to replace it")
     _check_writable(out)
     load_direction(a.direction)  # validate before loading the model
-    model, tok = load_model(a.model, a.dtype, trust_remote_code=a.trust_remote_code)
+    model, tok = load_model(a.model, **load_options(a))
     path = export_orthogonalized(model, tok, a.direction, out, allow_approximate=a.allow_approximate)
     print(f"exported orthogonalized checkpoint to {path}")
     return 0
@@ -344,7 +369,7 @@ def _load_for_run(a):
     data = _run_prompts(run)
     load_direction(run)  # validate before loading the model
     spec, fmt = _run_model_and_format(a, run)
-    model, tok = load_model(spec, a.dtype, trust_remote_code=a.trust_remote_code)
+    model, tok = load_model(spec, **load_options(a))
     direction = load_direction(run, expect_d_model=get_adapter(model).d_model,
                                expect_model=getattr(model, "refdir_spec", None))
     return run, data, model, tok, direction, fmt
@@ -363,7 +388,7 @@ def cmd_judge(a) -> int:
     if missing:  # before loading any model
         raise RefdirError(f"no completions for {', '.join(missing)} in {run}; it has {', '.join(sorted(have))}")
     spec, fmt = _run_model_and_format(a, run)
-    model, tok = load_model(spec, a.dtype, trust_remote_code=a.trust_remote_code)
+    model, tok = load_model(spec, **load_options(a))
     judge_run(run, a.judge, model, tok, fmt, a.conditions)
     print_summary(summarize(run))
     return 0
@@ -438,8 +463,8 @@ def cmd_compare_base(a) -> int:
     from .data import load_builtin
     harmful = [p.instruction for p in load_builtin("harmful")[: a.n]]
     harmless = [p.instruction for p in load_builtin("harmless")[: a.n]]
-    chat, ctok = load_model(a.chat, trust_remote_code=a.trust_remote_code)
-    base, btok = load_model(a.base, trust_remote_code=a.trust_remote_code)
+    chat, ctok = load_model(a.chat, **load_options(a))
+    base, btok = load_model(a.base, **load_options(a))
     res = {}
     for name, ins in (("harmful", harmful), ("harmless", harmless)):
         cos = base_vs_chat_cosines(chat, ctok, base, btok, ins, direction.vector)
@@ -461,6 +486,14 @@ def cmd_models(a) -> int:
     return 0
 
 
+def _out_of_memory(a, e: BaseException) -> int:
+    where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
+    print(f"refdir: error: out of {where} memory during `refdir {a.cmd}`; completed stages are kept: lower "
+          "--batch-size / --gen-batch-size, or use --device-map auto (several devices, offload) or --load-in-4bit",
+          file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -472,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"refdir: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # torch.OutOfMemoryError (GPU) subclasses RuntimeError: caught below
+        return _out_of_memory(a, e)
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError" or a.debug:
+            raise
+        return _out_of_memory(a, e)
     except KeyboardInterrupt:
         print("refdir: interrupted; completed stages are kept and a rerun resumes from them", file=sys.stderr)
         return 130

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .directions import Direction
 from .errors import RefdirError
 from .activations import recording_resid_pre
+from .adapter import input_device
 from .interventions import RowInterventions, activation_addition, directional_ablation, start_at_layer
 from .refusal import REFUSAL_PHRASES, generate, generate_batch, is_refusal
 from .forward import PrefixBatch, expand, forward_rest, last_logits_shared, length_buckets, prefix_cache, split_prefix
@@ -195,7 +196,7 @@ class ChatJudge:
         The judge prompt's head (template, question) is computed once per chunk and the rows run in
         length buckets (completions differ a lot in length)."""
         out = []
-        dev = next(self.model.parameters()).device
+        dev = input_device(self.model)
         for i in tqdm(range(0, len(prompts), self.bs), desc="judge", leave=False, disable=len(prompts) <= self.bs):
             texts = [template.format(prompt=p, completion=c[:JUDGE_CHARS])
                      for p, c in zip(prompts[i:i + self.bs], completions[i:i + self.bs])]
@@ -324,7 +325,7 @@ def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt:
     a position's logits take 0.6 MB, so memory stays a few hundred MB) and converts one row at a time
     to float64 log-probs; the template prefix is shared within each batch.
     """
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     batch_size = max(1, min(batch_size, max_positions // (n_tokens + 1)))
     acc = {name: {"kl_first": 0.0, "kl_mean": 0.0, "ce_sum": 0.0, "ce_n": 0} for name in ctx_factories}
     prompt_ids, comp_ids = _teacher_forced_ids(tokenizer, prompts, completions, fmt, n_tokens)
@@ -355,8 +356,8 @@ def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt:
                 a["kl_first"] += float(kl[0])
                 a["kl_mean"] += float(kl.mean())
                 if c:
-                    tgt = torch.tensor(tgt_flat[offsets[j]:offsets[j + 1]], device=dev)
-                    a["ce_sum"] += float(-lp[torch.arange(c), tgt].sum())
+                    tgt = torch.tensor(tgt_flat[offsets[j]:offsets[j + 1]], device=lp.device)
+                    a["ce_sum"] += float(-lp[torch.arange(c, device=lp.device), tgt].sum())
                     a["ce_n"] += c
             del cur
     n = max(len(prompts), 1)

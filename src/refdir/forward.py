@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import RefdirError
 from .templates import Batch
 
 
@@ -69,7 +70,7 @@ class PrefixBatch:
         (:func:`length_buckets`); results scattered back by ``idx`` are in the batch's row order."""
         kw = {} if overhead is None else {"overhead": overhead}
         for g in length_buckets(self.rest_lengths().tolist(), max_rows, **kw):
-            idx = torch.tensor(g, device=self.input_ids.device)
+            idx = torch.tensor(g)  # on the CPU: it indexes tensors on every device of a device map
             yield idx, self.rows(idx).trim()
 
     def positions(self) -> torch.Tensor:
@@ -118,6 +119,35 @@ def sliding_window(model) -> int | None:
     return int(window)
 
 
+def context_length(model) -> int | None:
+    """The model's context (``max_position_embeddings`` of its text config), None where it does not say."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else None
+
+
+def check_context(model, n_tokens: int, extra: int = 0) -> None:
+    """A prompt (plus the tokens to generate) longer than the context is an input error, raised before the
+    forward pass: past the context a model computes garbage, slowly (a 200,000-character prompt ground on)."""
+    n = context_length(model)
+    if n is not None and n_tokens + extra > n:
+        more = f" + {extra} new tokens" if extra else ""
+        raise RefdirError(f"a prompt of {n_tokens} tokens{more} exceeds the model's context of {n} tokens; "
+                          "shorten the prompt (or lower --max-new-tokens)")
+
+
+def check_prompts_fit(model, tokenizer, instructions: list[str], fmt, extra: int = 0) -> None:
+    """:func:`check_context` for every chat-formatted instruction, before any forward pass or progress bar."""
+    from .templates import format_prompt
+    n = context_length(model)
+    if n is None:
+        return
+    for s in instructions:
+        if len(s) > n // 8:  # a token holds at most a few characters: only long texts can overflow
+            check_context(model, len(tokenizer(format_prompt(tokenizer, s, fmt))["input_ids"]), extra)
+
+
 def split_prefix(batch: Batch, share: bool = True, model=None, extra: int = 0,
                  max_prefix: int | None = None) -> PrefixBatch:
     """Split a left-padded batch into the longest shared token prefix and the rests.
@@ -128,6 +158,8 @@ def split_prefix(batch: Batch, share: bool = True, model=None, extra: int = 0,
     only while the whole layout (plus ``extra`` generated tokens) fits in the model's window.
     ``max_prefix`` caps the prefix (teacher forcing needs the logits of every prompt's last token).
     """
+    if model is not None:
+        check_context(model, batch.input_ids.shape[1], extra)
     window = sliding_window(model) if model is not None else None
     pb = _split(batch, share, max_prefix)
     if window is not None and pb.n_prefix and pb.attention_mask.shape[1] + extra >= window:
@@ -278,7 +310,7 @@ def bucketed_prefill(model, pb: PrefixBatch, bucket: bool = True, on_bucket=None
         groups = [list(range(b))]  # one pass over the batch as it is (rows in their own order)
     parts = []
     for g in groups:
-        idx = torch.tensor(g, device=pb.input_ids.device)
+        idx = torch.tensor(g)
         sub = pb.rows(idx).trim() if len(groups) > 1 else pb
         with on_bucket(idx, pb.n_post) if on_bucket else contextlib.nullcontext(), _row_ctx(rows, idx):
             out = forward_rest(model, sub, _head_for(head, serve, idx), use_cache=True)
@@ -287,8 +319,8 @@ def bucketed_prefill(model, pb: PrefixBatch, bucket: bool = True, on_bucket=None
             return bucketed_prefill(model, pb, bucket=False, on_bucket=on_bucket, rows=rows)
     if len(parts) == 1:
         return parts[0]
-    inv = torch.empty(b, dtype=torch.long, device=pb.input_ids.device)
-    inv[torch.tensor([i for g in groups for i in g], device=inv.device)] = torch.arange(b, device=inv.device)
+    inv = torch.empty(b, dtype=torch.long)  # CPU: the cache's layers may sit on several devices
+    inv[torch.tensor([i for g in groups for i in g])] = torch.arange(b)
     cache = parts[0][0]
     for li, layer in enumerate(cache.layers):
         for attr in ("keys", "values"):
@@ -328,7 +360,7 @@ def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[i
     kw = _cache_kwarg(model)
     first = logits.clone() if first_logits else None
     ends = torch.tensor(end_ids, device=logits.device)
-    alive = torch.arange(b, device=logits.device)  # original row of each batch row
+    alive = torch.arange(b)  # original row of each batch row (CPU, like every index)
     mask = pb.attention_mask
     next_pos = (mask.long().sum(-1))  # [B] position of the next token
     tokens: list[list[int]] = [[] for _ in range(b)]
@@ -343,14 +375,14 @@ def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[i
         if step == max_new_tokens - 1:
             break
         if done.any():
-            keep = (~done).nonzero().squeeze(-1)
+            keep = (~done).nonzero().squeeze(-1).cpu()
             if keep.numel() == 0:
                 break
             cache.batch_select_indices(keep)
             alive, mask, next_pos, nxt = alive[keep], mask[keep], next_pos[keep], nxt[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         with _row_ctx(rows, alive):
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+            out = model(input_ids=nxt[:, None].to(mask.device), attention_mask=mask, position_ids=next_pos[:, None],
                         use_cache=True, logits_to_keep=1, **{kw: cache})
         next_pos = next_pos + 1
         logits = out.logits[:, -1, :].float()

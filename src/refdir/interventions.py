@@ -128,32 +128,42 @@ class RowInterventions:
         if ablate.shape[-1] != ad.d_model or add.shape[-1] != ad.d_model:
             raise RefdirError(f"direction has size {ablate.shape[-1]} but the model's d_model is {ad.d_model}")
         self.ad, self.layer = ad, layer
-        self.groups = groups.long().to(ad.device)  # [B] group of each original row
+        self.groups = groups.long().cpu()  # [B] group of each original row
         norms = ablate.double().norm(dim=-1, keepdim=True)
-        self.units = torch.where(norms > 0, ablate.double() / norms.clamp_min(1e-300), 0.0).float().to(ad.device)  # [G, d]
-        self.add = add.float().to(ad.device)  # [G, d]
-        self._rows = torch.arange(len(groups), device=ad.device)
+        self.units = torch.where(norms > 0, ablate.double() / norms.clamp_min(1e-300), 0.0).float()  # [G, d]
+        self.add = add.float()  # [G, d]
+        self._rows = torch.arange(len(groups))
+        self._placed: dict = {}  # (table, device, dtype) -> the current rows' table there
 
     @contextlib.contextmanager
     def active(self, rows: torch.Tensor) -> Iterator[None]:
         """The original rows (``[b]``, in batch order) that the passes inside this context hold."""
-        saved, self._rows = self._rows, rows.to(self._rows.device)
+        saved, self._rows = self._rows, rows.cpu()
+        self._placed = {}
         try:
             yield
         finally:
             self._rows = saved
+            self._placed = {}
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
         """Install the hooks (ablation at every read and write, addition at ``layer``) for the context."""
-        def rows(table: torch.Tensor):
-            return lambda x: _as_rows(table[self.groups[self._rows]], x)
+        def rows(name: str):
+            def per_row(x: torch.Tensor) -> torch.Tensor:
+                # each layer's device gets the current rows' table once per pass, not once per hook call
+                key = (name, x.device, x.dtype)
+                if key not in self._placed:
+                    table = getattr(self, name)
+                    self._placed[key] = table[self.groups[self._rows]].to(device=x.device, dtype=x.dtype)
+                return _as_rows(self._placed[key], x)
+            return per_row
 
         handles = []
         if self.units.abs().sum() > 0:
-            handles += _ablation_handles(self.ad, rows(self.units))
+            handles += _ablation_handles(self.ad, rows("units"))
         if self.add.abs().sum() > 0:
-            handles.append(_addition_handle(self.ad, self.layer, rows(self.add)))
+            handles.append(_addition_handle(self.ad, self.layer, rows("add")))
         with hooks(handles):
             yield
 

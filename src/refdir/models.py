@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -179,33 +180,189 @@ def resolve_model_path(spec: str) -> str:
     raise RefdirError(f"unknown model '{spec}': not an offline alias ({known}), a local folder, a .gguf file or a hub id")
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               trust_remote_code: bool = False):
-    """Load ``(model, tokenizer)`` in eval mode with gradients off.
+ACCELERATOR_DTYPE = "bfloat16"  # what "auto" gives an fp32 checkpoint on a GPU: half the memory, same range
 
-    fp32 is the CPU default: on this class of machine it is ~8x faster than bf16.
-    ``trust_remote_code`` stays off unless the caller asks: model repos can ship code.
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> cuda, else mps, else cpu; a named device is checked before any weight is read."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RefdirError(f"--device {device}: CUDA is not available (torch {torch.__version__}, "
+                              f"{'no GPU visible' if torch.version.cuda else 'a CPU-only build'}); use --device cpu")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise RefdirError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return device
+    if kind == "mps" and not index:
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise RefdirError("--device mps: the MPS backend is not available on this machine; use --device cpu")
+        return "mps"
+    raise RefdirError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
+
+
+def _checkpoint_dtype(config) -> torch.dtype | None:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str, config=None) -> torch.dtype:
+    """``auto``: float32 on the CPU (~8x faster than bf16 there); on accelerators the checkpoint's dtype,
+    except fp32 checkpoints (-> bf16, half the memory) and fp16 for Gemma 2/3 (which overflows: -> bf16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise RefdirError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+        return getattr(torch, dtype)
+    if device == "cpu":
+        return torch.float32
+    ckpt = _checkpoint_dtype(config) if config is not None else None
+    family = str(getattr(config, "model_type", ""))
+    if ckpt in (torch.bfloat16, torch.float16) and not (ckpt == torch.float16 and family.startswith(("gemma2", "gemma3"))):
+        return ckpt
+    if device == "mps":
+        return torch.float32 if family.startswith(("gemma2", "gemma3")) else torch.float16
+    return getattr(torch, ACCELERATOR_DTYPE)
+
+
+def parse_max_memory(spec: str | dict | None) -> dict | None:
+    """``--max-memory 0=20GiB,1=40GiB,cpu=64GiB`` (or a JSON object) -> accelerate's ``max_memory``."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    s = spec.strip()
+    try:
+        items = json.loads(s).items() if s.startswith("{") else [kv.split("=", 1) for kv in s.split(",") if kv]
+        return {(int(k) if str(k).strip().isdigit() else str(k).strip()): str(v).strip() for k, v in items}
+    except (ValueError, AttributeError):
+        raise RefdirError(f"--max-memory '{spec}': use DEVICE=SIZE pairs, e.g. 0=20GiB,1=40GiB,cpu=64GiB") from None
+
+
+def _device_map_from_file(path: str) -> dict:
+    try:
+        dm = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise RefdirError(f"cannot read --device-map {path}: {e}") from None
+    if not isinstance(dm, dict) or not dm:
+        raise RefdirError(f"--device-map {path} must be a JSON object of module name -> device")
+    return dm
+
+
+def check_device_map(config, device_map: dict, trust_remote_code: bool = False) -> None:
+    """Every parameter of the model must be placed by the map (checked on an empty model: no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    keys = sorted(device_map, key=len, reverse=True)
+    missing = []
+    for name, _ in skeleton.named_parameters():
+        if not any(k == "" or name == k or name.startswith(k + ".") for k in keys):
+            missing.append(name.rsplit(".", 1)[0])
+    if missing:
+        first = sorted(set(missing))
+        raise RefdirError(f"the device map does not place {len(first)} module(s) of the model, e.g. {first[0]}; "
+                          "add them (or an entry \"\": DEVICE for the rest)")
+    for dev in set(map(str, device_map.values())):
+        if dev not in ("cpu", "disk", "meta") and not dev.isdigit():
+            resolve_device(dev)
+        elif dev.isdigit():
+            resolve_device(f"cuda:{dev}")
+
+
+def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype):
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    if load_in_4bit and load_in_8bit:
+        raise RefdirError("--load-in-4bit and --load-in-8bit exclude each other")
+    flag = "--load-in-4bit" if load_in_4bit else "--load-in-8bit"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RefdirError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+    if load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str = "auto", *,
+               device_map: str | dict | None = None, max_memory: str | dict | None = None,
+               revision: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
+               trust_remote_code: bool = False, offload_folder: str | None = None):
+    """Load ``(model, tokenizer)`` in eval mode with gradients off, on the device(s) asked for.
+
+    ``device``: auto | cpu | cuda | cuda:N | mps (one device). ``device_map``: auto | balanced |
+    balanced_low_0 | sequential | a JSON file or dict of module -> device (several devices, CPU and disk
+    offload through accelerate; ``max_memory`` caps each). ``dtype``: auto (see :func:`resolve_dtype`) or
+    a name. ``load_in_4bit``/``load_in_8bit``: bitsandbytes weights for extraction, selection and
+    hook-based evaluation (weight edits re-read the full-precision source). Every option is checked
+    before a weight is read. ``trust_remote_code`` stays off unless the caller asks: repos can ship code.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # refdir shows its own progress; keep stderr for errors
+    dev = resolve_device(device) if device_map is None else "cpu"
+    if isinstance(device_map, str) and device_map.endswith(".json"):
+        device_map = _device_map_from_file(device_map)
+    elif isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise RefdirError(f"unknown --device-map '{device_map}': use auto, balanced, balanced_low_0, sequential "
+                          "or a JSON file of module -> device")
+    if revision is not None and (spec in OFFLINE_MODELS or Path(spec).expanduser().exists()):
+        raise RefdirError(f"--revision applies to hub ids only; '{spec}' is a local model")
     path = resolve_model_path(spec)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:240]
+        raise RefdirError(f"cannot load model '{spec}': {type(e).__name__}: {first}") from e
+    if device_map is not None and dev == "cpu":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # the compute device of a mapped model
+    torch_dtype = resolve_dtype(dtype, dev, config)
+    quant = _quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
+    if isinstance(device_map, dict):
+        check_device_map(config, device_map, trust_remote_code)
+    kw: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "revision": revision}
+    if device_map is not None:
+        kw.update(device_map=device_map, max_memory=parse_max_memory(max_memory), offload_folder=offload_folder)
+    elif dev != "cpu" or quant is not None:
+        kw["device_map"] = {"": dev}  # straight onto the device, no CPU copy of the weights
+    if quant is not None:
+        kw["quantization_config"] = quant
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except torch.OutOfMemoryError as e:
+        raise RefdirError(f"out of memory loading '{spec}' on {dev} in {str(torch_dtype)[6:]}: use --device-map auto "
+                          "(spread over devices / offload), --load-in-4bit, or a smaller --dtype") from e
     except Exception as e:  # OSError, ValueError, SafetensorError (truncated/interrupted download), ...
         first = (str(e).splitlines() or [type(e).__name__])[0][:240]
         raise RefdirError(f"cannot load model '{spec}': {type(e).__name__}: {first} (incomplete download? "
                           "delete it and download again)") from e
-    model.to(device).eval()
+    if "device_map" not in kw:
+        model.to(dev)
+    model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     model.refdir_spec = spec  # recorded in run metadata
+    model.refdir_source = path  # the full-precision checkpoint folder (or hub id) weight edits re-read
+    model.refdir_load = {"device": dev, "device_map": device_map if not isinstance(device_map, dict) else "file",
+                         "dtype": str(torch_dtype).replace("torch.", ""), "revision": revision,
+                         "quantization": "4bit" if load_in_4bit else "8bit" if load_in_8bit else None}
     return model, tok
 
 

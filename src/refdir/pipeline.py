@@ -69,8 +69,14 @@ class RunConfig:
     # rows per generation batch: a decoding step's matmuls run ~3x faster per row at 200 rows than at 12
     # on this CPU, so the evaluation conditions share batches (KV cache: ~1 GB for the 1.5B at 200 rows)
     gen_batch_size: int = 200
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on the CPU, the checkpoint's dtype (bf16 for fp32) on accelerators
     trust_remote_code: bool = False
+    device: str = "auto"
+    device_map: str | None = None  # auto | balanced | FILE.json: several devices / offload (accelerate)
+    max_memory: str | None = None
+    revision: str | None = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
     selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(induce_threshold=None))
 
     def to_json(self) -> dict:
@@ -81,6 +87,12 @@ class RunConfig:
     @property
     def fmt(self) -> PromptFormat:
         return PromptFormat(system=self.system, chat_template=self.chat_template)
+
+    def load_options(self) -> dict:
+        """Keyword arguments of :func:`refdir.models.load_model`."""
+        return {"dtype": self.dtype, "device": self.device, "device_map": self.device_map,
+                "max_memory": self.max_memory, "revision": self.revision, "load_in_4bit": self.load_in_4bit,
+                "load_in_8bit": self.load_in_8bit, "trust_remote_code": self.trust_remote_code}
 
 
 def _hash(obj) -> str:
@@ -349,13 +361,17 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     t_start = time.time()
     check_run_folder(Path(out), cfg.model)
     if model is None:
-        model, tok = load_model(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        model, tok = load_model(cfg.model, **cfg.load_options())
     spec = getattr(model, "refdir_spec", cfg.model)
+    load = getattr(model, "refdir_load", {"dtype": str(next(model.parameters()).dtype).replace("torch.", "")})
     get_adapter(model)  # unsupported architecture: fail before writing anything
     format_prompt(tok, "x", cfg.fmt)  # no chat template: likewise
     run = RunFolder(out)
-    base_key = {"model": spec, "refdir": __version__, "dtype": cfg.dtype, "system": cfg.system,
+    # the resolved dtype (auto -> float32 on the CPU keys like an explicit float32); placement does not change
+    # what a stage computes beyond float rounding, quantization and revision do
+    base_key = {"model": spec, "refdir": __version__, "dtype": load.get("dtype"), "system": cfg.system,
                 "chat_template": cfg.chat_template}
+    base_key.update({k: load[k] for k in ("quantization", "revision") if load.get(k)})
 
     # 1. prompts
     key1 = _hash({**base_key, "data": [cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless, cfg.prompt_field,

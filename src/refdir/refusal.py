@@ -12,6 +12,7 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
+from .adapter import input_device
 from .forward import end_token_ids, greedy_generate, split_prefix
 from .templates import PromptFormat, tokenize_prompts
 
@@ -35,7 +36,7 @@ def refusal_metric(logits: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Ten
     out = []
     for i in range(0, logits.shape[0], 64):
         logp = torch.log_softmax(logits[i:i + 64].double(), dim=-1)
-        lp_ref = torch.logsumexp(logp[:, refusal_ids], dim=-1)  # log p
+        lp_ref = torch.logsumexp(logp[:, refusal_ids.to(logp.device)], dim=-1)  # log p
         # log(1 - p) computed stably: log1p(-exp(log p))
         lp_not = torch.log1p(-torch.exp(lp_ref).clamp(max=1 - 1e-12))
         out.append((lp_ref - lp_not).float())
@@ -67,7 +68,7 @@ def generate_batch(model, tokenizer, instructions: list[str], fmt: PromptFormat 
     ``stop_at_refusal``: a row stops as soon as its text contains a refusal phrase (the verdict of
     :func:`is_refusal` cannot change after that): for callers that only need the verdict.
     """
-    b = tokenize_prompts(tokenizer, instructions, fmt, next(model.parameters()).device)
+    b = tokenize_prompts(tokenizer, instructions, fmt, input_device(model))
     pb = split_prefix(b, True, model, extra=max_new_tokens)
     settled = (lambda t: is_refusal(tokenizer.decode(t, skip_special_tokens=True))) if stop_at_refusal else None
     new, first = greedy_generate(model, pb, max_new_tokens, end_token_ids(model, tokenizer), first_logits, on_bucket,

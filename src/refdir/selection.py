@@ -86,6 +86,10 @@ def _concat(a: Batch, b: Batch) -> Batch:
                  torch.cat([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]), min(a.n_post, b.n_post))
 
 
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
 def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(P_base || P) per row; ``base_logp`` and ``logits`` ``[N, V]``."""
     logp = torch.log_softmax(logits.double(), -1)
@@ -98,7 +102,7 @@ class _Scorer:
     def __init__(self, model, harmful: Batch, harmless: Batch, refusal_ids: list[int], cfg: SelectionConfig):
         self.model, self.cfg = model, cfg
         self.ad = get_adapter(model)
-        self.ids = torch.tensor(refusal_ids, device=self.ad.device)
+        self.ids = torch.tensor(refusal_ids)  # CPU: refusal_metric moves it to the logits' device
         self.harmful, self.harmless = harmful, harmless
         self.n_harm = harmful.input_ids.shape[0]
         self.p_harmful, self.p_harmless = split_prefix(harmful, True, model), split_prefix(harmless, True, model)
@@ -159,15 +163,15 @@ class _Scorer:
         logits = self.ablation(units, self.p_both)  # [K, Nh + Nl, V]
         bypass = torch.stack([refusal_metric(x[: self.n_harm], self.ids).mean() for x in logits])
         kl = torch.stack([_kl(self.base_logp, x[self.n_harm:]).mean() for x in logits])
-        return bypass, kl
+        return bypass.cpu(), kl.cpu()
 
     def bypass(self, units: torch.Tensor) -> torch.Tensor:
         """Full bypass score ``[K]``: mean refusal metric on harmful prompts with r̂ ablated."""
-        return torch.stack([refusal_metric(x, self.ids).mean() for x in self.ablation(units, self.p_harmful)])
+        return torch.stack([refusal_metric(x, self.ids).mean() for x in self.ablation(units, self.p_harmful)]).cpu()
 
     def kl(self, units: torch.Tensor) -> torch.Tensor:
         """KL(baseline || ablated) ``[K]`` on the harmless prompts' next-token distribution."""
-        return torch.stack([_kl(self.base_logp, x).mean() for x in self.ablation(units, self.p_harmless)])
+        return torch.stack([_kl(self.base_logp, x).mean() for x in self.ablation(units, self.p_harmless)]).cpu()
 
     def linear_screen(self, units: torch.Tensor, max_tokens: int = 128) -> torch.Tensor:
         """First-order estimate of the bypass score of every candidate ``[K]`` from one backward pass.
@@ -176,7 +180,7 @@ class _Scorer:
         hold at most ``max_tokens`` tokens (padding included) to bound peak memory (~0.5 GB)."""
         ad = self.ad
         d = ad.d_model
-        M = torch.zeros(d, d, dtype=torch.float64, device=ad.device)
+        M: dict[torch.device, torch.Tensor] = {}  # per device of a device map: each write adds where it lives
         base = []
         acts: list[torch.Tensor] = []
 
@@ -203,14 +207,18 @@ class _Scorer:
                     m.sum().backward()
                     for t in acts:
                         if t.grad is not None:
-                            M += t.detach().reshape(-1, d).double().T @ t.grad.reshape(-1, d).double()
+                            if t.device not in M:
+                                M[t.device] = torch.zeros(d, d, dtype=_acc_dtype(t.device), device=t.device)
+                            acc = M[t.device]
+                            acc += t.detach().reshape(-1, d).to(acc.dtype).T @ t.grad.reshape(-1, d).to(acc.dtype)
         finally:
             for h in handles:
                 h.remove()
             acts.clear()
-        u = units.double()
-        delta = -((u @ M) * u).sum(-1) / n  # [K]
-        return (torch.cat(base).mean().double() + delta).float()
+        u = units.double().cpu()
+        total = sum(m.cpu().double() for m in M.values()) if M else torch.zeros(d, d, dtype=torch.float64)
+        delta = -((u @ total) * u).sum(-1) / n  # [K]
+        return (torch.cat(base).mean().double().cpu() + delta).float()
 
     def induce(self, vectors: torch.Tensor, layer: int) -> torch.Tensor:
         """Refusal metric on harmless prompts with each vector added at ``layer`` ``[K]``.
@@ -231,10 +239,11 @@ class _Scorer:
             metric = torch.empty(k, n)
             for g, sub in groups:
                 m, ts = g.shape[0], sub.input_ids.shape[1]
-                resid = self._resid[layer][g, t - ts:].repeat(k, 1, 1) + v.repeat_interleave(m, 0)[:, None, :]
+                base = self._resid[layer][g, t - ts:]  # on the device of layer ``layer``
+                resid = base.repeat(k, 1, 1) + v.to(base.device).repeat_interleave(m, 0)[:, None, :]
                 with start_at_layer(self.model, layer, resid):
                     logits = forward_rest(self.model, sub.repeat(k), expand(head, m)).logits[:, -1, :]
-                metric[:, g] = refusal_metric(logits.float(), self.ids).view(k, m)
+                metric[:, g] = refusal_metric(logits.float(), self.ids).view(k, m).cpu()
             out.append(metric.mean(1))
         return torch.cat(out)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import get_adapter
+from .adapter import get_adapter, input_device
 from .forward import PrefixBatch, expand, forward_rest, prefix_cache
 from .templates import PromptFormat, _add_special, format_prompt
 
@@ -61,7 +61,7 @@ def _batch_loss(model, pre_cache, n_pre: int, suffixes: list[torch.Tensor], post
     cache ``pre_cache`` (one row) is computed once per prompt and step, and only suffix + template
     tail + target run per candidate. Candidates have equal token length, so no padding is needed.
     """
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     k = len(suffixes)
     rest = torch.stack([torch.cat([s, torch.tensor(post + tgt, dtype=s.dtype)]) for s in suffixes]).to(dev)
     pre = torch.zeros(n_pre if pre_cache is not None else 0, dtype=torch.long, device=dev)  # ids live in the cache
@@ -69,8 +69,8 @@ def _batch_loss(model, pre_cache, n_pre: int, suffixes: list[torch.Tensor], post
     n = len(tgt)
     logits = forward_rest(model, pb, expand(pre_cache, k), logits_to_keep=n + 1).logits[:, :-1]  # [K, n, V]
     lp = torch.log_softmax(logits.float(), -1)
-    t = torch.tensor(tgt, device=dev)
-    return -lp[:, torch.arange(n, device=dev), t].mean(-1)
+    t = torch.tensor(tgt, device=lp.device)  # the logits sit on the unembedding's device
+    return -lp[:, torch.arange(n, device=lp.device), t].mean(-1)
 
 
 def gcg(model, tok, instructions: list[str], targets: list[str], n_tokens: int = 20, steps: int = 50,
