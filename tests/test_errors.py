@@ -256,15 +256,22 @@ def test_missing_and_wrong_version_model_packages(monkeypatch, tmp_path, capsys)
     assert "sha256" in err and "reinstall" in err
 
 
-def test_disk_full_during_export_leaves_nothing(tiny_folder, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_disk_full_during_export_leaves_nothing(tiny_folder, tmp_path, monkeypatch, capsys, in_memory):
     import transformers
+
+    import refdir.export
     d = _direction(tmp_path, torch.randn(64))
 
     def full(self, *a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    if in_memory:
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    else:  # the second tensor of the streamed checkpoint hits a full disk
+        monkeypatch.setattr(refdir.export._ShardWriter, "close", full)
     out = tmp_path / "exp"
-    assert main(["export", "--model", str(tiny_folder), "--direction", d, "--out", str(out)]) == 2
+    assert main(["export", "--model", str(tiny_folder), "--direction", d, "--out", str(out)]
+                + ["--in-memory"] * in_memory) == 2
     assert "No space left" in capsys.readouterr().err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".exp")]
 

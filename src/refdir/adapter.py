@@ -103,12 +103,24 @@ class ModelAdapter:
     def device(self) -> torch.device:
         """The input device: where token ids and everything fed to the first layer go (device maps
         place later layers elsewhere; hooks move what they need to the tensor they see)."""
-        w = self.embed.weight
-        if w.device.type == "meta":  # offloaded by accelerate: inputs go where its hook computes
-            hook = getattr(self.embed, "_hf_hook", None)
-            dev = getattr(hook, "execution_device", None)
-            return torch.device(dev if dev is not None else "cpu")
-        return w.device
+        return _embed_device(self.embed)
+
+    def _param_name(self, module: nn.Module | None) -> str | None:
+        if module is None:
+            return None
+        return next(n for n, m in self.model.named_modules() if m is module) + ".weight"
+
+    @property
+    def embed_name(self) -> str:
+        return self._param_name(self.embed)
+
+    @property
+    def unembed_name(self) -> str:
+        return self._param_name(self.unembed)
+
+    @property
+    def pos_embed_name(self) -> str | None:
+        return self._param_name(self.pos_embed)
 
     def all_writers(self) -> list[ResidualWriter]:
         return [w for per in self.writers for w in per]
@@ -136,6 +148,14 @@ class ModelAdapter:
             "attn_write": names.get(self.attn_write[0]), "mlp_write": names.get(self.mlp_write[0]),
             "linear_writes": self.linear_writes, "tied_embeddings": self.tied,
         }
+
+
+def _embed_device(embed: nn.Module) -> torch.device:
+    w = embed.weight
+    if w.device.type == "meta":  # offloaded by accelerate: inputs go where its hook computes
+        dev = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+        return torch.device(dev if dev is not None else "cpu")
+    return w.device
 
 
 def _find_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
@@ -206,7 +226,7 @@ def _verify_writes(model: nn.Module, layer: nn.Module, d_model: int) -> tuple[nn
     try:
         gen = torch.Generator().manual_seed(0)
         vocab = model.get_input_embeddings().num_embeddings
-        ids = torch.randint(0, vocab, (1, 7), generator=gen).to(model.get_input_embeddings().weight.device)
+        ids = torch.randint(0, vocab, (1, 7), generator=gen).to(_embed_device(model.get_input_embeddings()))
         model(input_ids=ids, use_cache=False)
     finally:
         for h in hooks:
@@ -314,13 +334,13 @@ def _edit_error(model: nn.Module, layer: nn.Module, blocks: tuple[nn.Module, nn.
     random r̂ and each block fed its recorded input. Exact weight orthogonalization needs
     out' = out - (out·r̂)r̂ for both. Weights are restored before returning.
     """
-    dev = model.get_input_embeddings().weight.device
+    dev = _embed_device(model.get_input_embeddings())
     gen = torch.Generator().manual_seed(1)
     unit = torch.randn(d_model, generator=gen, dtype=torch.float64)
     unit /= unit.norm()
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, 9), generator=gen)
-    ids = ids.to(dev if dev.type != "meta" else "cpu")
+    ids = ids.to(dev)
     seen_in: dict[int, torch.Tensor] = {}
     seen_out: dict[int, list[torch.Tensor]] = {0: [], 1: []}
 

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     x.add_argument("--allow-approximate", action="store_true",
                    help="edit projections even where writes pass through a norm (not equal to ablation)")
+    x.add_argument("--in-memory", action="store_true",
+                   help="load the model, edit it and save_pretrained (default: stream the source safetensors tensor "
+                        "by tensor, peak memory about one tensor)")
 
     g = sub.add_parser("suffix", help="optimize an adversarial suffix (GCG) and screen it for universality")
     _add_model_args(g, from_run=True)
@@ -327,7 +330,7 @@ def cmd_evaluate(a) -> int:
 
 def cmd_export(a) -> int:
     from .directions import load_direction
-    from .export import export_orthogonalized
+    from .export import export_orthogonalized, export_streaming
     from .models import load_model
 
     out = Path(a.out)
@@ -335,8 +338,16 @@ def cmd_export(a) -> int:
         raise RefdirError(f"output folder {out} is not empty; pass --force to replace it")
     _check_writable(out)
     load_direction(a.direction)  # validate before loading the model
-    model, tok = load_model(a.model, **load_options(a))
-    path = export_orthogonalized(model, tok, a.direction, out, allow_approximate=a.allow_approximate)
+    if a.in_memory:
+        if a.load_in_4bit or a.load_in_8bit:
+            raise RefdirError("--in-memory cannot edit quantized weights; drop it: the default streaming export "
+                              "re-reads the full-precision source")
+        model, tok = load_model(a.model, **load_options(a))
+        path = export_orthogonalized(model, tok, a.direction, out, allow_approximate=a.allow_approximate)
+    else:  # quantization and placement flags do not matter: the source tensors are read from disk
+        path = export_streaming(a.model, None, a.direction, out, allow_approximate=a.allow_approximate,
+                                revision=a.revision, trust_remote_code=a.trust_remote_code,
+                                log=lambda m: print(f"[refdir] {m}", file=sys.stderr))
     print(f"exported orthogonalized checkpoint to {path}")
     return 0
 
