@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import transformers
@@ -111,6 +112,7 @@ def tiny_model(family: str, seed: int = 0, tie: bool = False):
             elif "norm" in n:
                 p.uniform_(0.5, 1.5)
     model.eval().requires_grad_(False)
+    model.to(os.environ.get("REFDIR_TEST_DEVICE", "cpu"))  # benchmarks/gpu_check.sh runs the tests on CUDA
     model.refdir_spec = f"tiny-{family}"
     tok = make_tokenizer(template)
     return model, tok

@@ -160,6 +160,10 @@ def split_prefix(batch: Batch, share: bool = True, model=None, extra: int = 0,
     """
     if model is not None:
         check_context(model, batch.input_ids.shape[1], extra)
+        from .adapter import input_device
+        dev = input_device(model)  # the one place a batch meets the model: its input device
+        if batch.input_ids.device != dev:
+            batch = Batch(batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.n_post)
     window = sliding_window(model) if model is not None else None
     pb = _split(batch, share, max_prefix)
     if window is not None and pb.n_prefix and pb.attention_mask.shape[1] + extra >= window:
