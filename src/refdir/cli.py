@@ -16,6 +16,11 @@ from pathlib import Path
 from .errors import RefdirError
 
 
+def template_kwargs_json(text):
+    from .templates import template_kwargs_json as parse  # lazy: templates imports torch
+    return parse(text)
+
+
 def _add_model_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
     from .models import DEFAULT_MODEL
     if from_run:  # commands on a run folder: the run's model and prompt format unless overridden
@@ -25,6 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
     p.add_argument("--system", default=None, help="system prompt (default: the template's own; '' for an empty one)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template for a tokenizer without one (e.g. a base model)")
+    p.add_argument("--template-kwargs", default=None, metavar="JSON",
+                   help="extra chat-template variables, e.g. '{\"enable_thinking\": false}' (Qwen3) or "
+                        "'{\"date_string\": \"26 Jul 2024\"}' (Llama-3.x prints today's date otherwise)")
     _add_load_args(p)
 
 
@@ -246,6 +254,7 @@ def cmd_run(a) -> int:
     cfg = RunConfig(model=a.model, harmful=a.harmful, harmless=a.harmless, eval_harmful=a.eval_harmful,
                     eval_harmless=a.eval_harmless, ce_text=None if a.ce_text == "none" else a.ce_text,
                     prompt_field=a.field, seed=a.seed, system=a.system, chat_template=_chat_template(a), filter=a.filter,
+                    template_kwargs=template_kwargs_json(a.template_kwargs),
                     refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, gen_batch_size=a.gen_batch_size, judge=a.judge, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
                     trust_remote_code=a.trust_remote_code, device=a.device, device_map=a.device_map,
                     max_memory=a.max_memory, revision=a.revision, load_in_4bit=a.load_in_4bit,
@@ -310,7 +319,8 @@ def cmd_evaluate(a) -> int:
         direction.layer = a.layer
     if a.intervention == "actadd" and direction.layer < 0:
         raise RefdirError("this direction file records no layer; pass --layer for actadd")
-    fmt = PromptFormat(system=a.system, chat_template=_chat_template(a))
+    fmt = PromptFormat(system=a.system, chat_template=_chat_template(a),
+                       template_kwargs=template_kwargs_json(a.template_kwargs))
     ins, cats = [p.instruction for p in prompts], [p.category for p in prompts]
     from .forward import check_prompts_fit
     check_prompts_fit(model, tok, ins, fmt, a.max_new_tokens)
@@ -366,9 +376,11 @@ def _run_model_and_format(a, run: Path):
     spec = a.model or cfg.get("model")
     if not spec:
         raise RefdirError(f"{run} does not record its model; pass --model")
-    fmt = PromptFormat(system=a.system, chat_template=_chat_template(a))
-    if a.system is None and a.chat_template is None:  # the run's own prompt format
-        fmt = PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"))
+    fmt = PromptFormat(system=a.system, chat_template=_chat_template(a),
+                       template_kwargs=template_kwargs_json(a.template_kwargs))
+    if a.system is None and a.chat_template is None and a.template_kwargs is None:  # the run's own format
+        fmt = PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"),
+                           template_kwargs=template_kwargs_json(cfg.get("template_kwargs")))
     return spec, fmt
 
 

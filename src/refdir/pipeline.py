@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from .io import load_tensors, save_tensors, write_json, write_jsonl
 from .models import DEFAULT_MODEL, load_model, release_memory
 from .refusal import REFUSAL_PHRASES, derive_refusal_tokens, generate_batch, is_refusal, last_logits, refusal_metric
 from .selection import SelectionConfig, require_choice, select_direction
-from .templates import PromptFormat, format_prompt, post_instruction_tokens, tokenize_prompts
+from .templates import PromptFormat, format_prompt, post_instruction_tokens, template_kwargs_json, tokenize_prompts
 
 RUN_FORMAT = 1
 SCREEN_MEANS = "screen_means.safetensors"  # the training prompts' mean activations, recorded by the prompt screen
@@ -59,6 +60,7 @@ class RunConfig:
     seed: int = 42
     system: str | None = None  # None: the template's own default system prompt
     chat_template: str | None = None  # Jinja template for tokenizers without one
+    template_kwargs: str | None = None  # JSON object passed to apply_chat_template ({"enable_thinking": false})
     filter: str = "auto"  # auto | metric | generation | none
     refusal_tokens: list[str] | None = None
     max_new_tokens: int = 64
@@ -86,13 +88,20 @@ class RunConfig:
 
     @property
     def fmt(self) -> PromptFormat:
-        return PromptFormat(system=self.system, chat_template=self.chat_template)
+        return PromptFormat(system=self.system, chat_template=self.chat_template,
+                            template_kwargs=self.template_kwargs)
 
     def load_options(self) -> dict:
         """Keyword arguments of :func:`refdir.models.load_model`."""
         return {"dtype": self.dtype, "device": self.device, "device_map": self.device_map,
                 "max_memory": self.max_memory, "revision": self.revision, "load_in_4bit": self.load_in_4bit,
                 "load_in_8bit": self.load_in_8bit, "trust_remote_code": self.trust_remote_code}
+
+
+def _date_free(text: str) -> str:
+    """The text with dates like "26 Jul 2024" / "2024-07-26" blanked: a prompt equal to it prints no date."""
+    text = re.sub(r"\b\d{1,2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]* \d{4}\b", "", text)
+    return re.sub(r"\b\d{4}-\d{2}-\d{2}\b", "", text)
 
 
 def _hash(obj) -> str:
@@ -372,6 +381,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     base_key = {"model": spec, "refdir": __version__, "dtype": load.get("dtype"), "system": cfg.system,
                 "chat_template": cfg.chat_template}
     base_key.update({k: load[k] for k in ("quantization", "revision") if load.get(k)})
+    if cfg.template_kwargs:
+        base_key["template_kwargs"] = cfg.template_kwargs
+    # the rendered prompt itself: templates that print today's date must not mix two formats in one run
+    rendered = format_prompt(tok, "x", cfg.fmt)
+    if rendered != _date_free(rendered):
+        base_key["rendered_prompt"] = rendered
 
     # 1. prompts
     key1 = _hash({**base_key, "data": [cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless, cfg.prompt_field,
@@ -610,7 +625,8 @@ def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | N
     if not ev_file.is_file() or not comp_file.is_file():
         raise RefdirError(f"{run_path} has no evaluation yet: run `refdir run --out {run_path}` first")
     cfg = _read_meta(run_path / "config.json")
-    fmt = fmt or PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"))
+    fmt = fmt or PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"),
+                              template_kwargs=template_kwargs_json(cfg.get("template_kwargs")))
     ev = json.loads(ev_file.read_text())
     ev["judge"] = second_judge(model, tok, read_jsonl(comp_file), judge_spec, fmt, only)
     write_json(ev_file, ev)

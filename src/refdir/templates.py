@@ -5,10 +5,19 @@ positions* are the template tokens after the user's text (for Qwen: ``<|im_end|>
 ``<|im_start|>``, ``assistant``, ``\\n``). We find them from character offsets in the actual
 tokenized prompt, not by tokenizing the template suffix on its own: the reference code did the
 latter and got Llama-2's ``[/INST]`` wrong, because the boundary token merges with the text.
+
+Templates seen in the wild: Llama-3 and Gemma trim the user's text (an instruction with surrounding
+whitespace is then found by its stripped text); Llama-3.x prints today's date (the rendered prompt is
+part of every stage key, so a resumed run never mixes two dates: pin it with
+``--template-kwargs '{"date_string": "26 Jul 2024"}'``); ``template_kwargs`` reach
+``apply_chat_template`` (Qwen3: ``{"enable_thinking": false}``); reasoning templates whose generation
+prompt opens a thinking block (``<think>\n``) simply have those tokens among the post-instruction
+positions, where the direction may be found.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +33,29 @@ class PromptFormat:
 
     system: str | None = SYSTEM_DEFAULT
     chat_template: str | None = None  # user-supplied Jinja template when the tokenizer has none
+    template_kwargs: str | None = None  # JSON object of extra apply_chat_template variables
 
     def to_json(self) -> dict:
-        return {"system": self.system, "chat_template": self.chat_template}
+        out = {"system": self.system, "chat_template": self.chat_template}
+        if self.template_kwargs:  # only when set: older run folders keep their stage keys
+            out["template_kwargs"] = json.loads(self.template_kwargs)
+        return out
+
+    def kwargs(self) -> dict:
+        return json.loads(self.template_kwargs) if self.template_kwargs else {}
+
+
+def template_kwargs_json(text: str | dict | None) -> str | None:
+    """``--template-kwargs`` as canonical JSON (sorted keys), or a one-line error."""
+    if text is None or text == "" or text == {}:
+        return None
+    try:
+        obj = json.loads(text) if isinstance(text, str) else text
+    except ValueError as e:
+        raise RefdirError(f"--template-kwargs is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RefdirError("--template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return json.dumps(obj, sort_keys=True)
 
 
 def _messages(instruction: str, system: str | None) -> list[dict]:
@@ -40,15 +69,16 @@ def format_prompt(tokenizer, instruction: str, fmt: PromptFormat = PromptFormat(
     if not template:
         raise RefdirError("the tokenizer has no chat template; this looks like a base model: "
                           "pass --chat-template FILE (a Jinja template) to use it anyway")
+    extra = fmt.kwargs()
     try:
         return tokenizer.apply_chat_template(_messages(instruction, fmt.system), chat_template=template,
-                                             tokenize=False, add_generation_prompt=True)
+                                             tokenize=False, add_generation_prompt=True, **extra)
     except Exception as e:  # templates without a system role raise from Jinja
         if fmt.system is None:
             raise RefdirError(f"the chat template failed: {str(e)[:200]}") from e
         merged = f"{fmt.system}\n\n{instruction}" if fmt.system else instruction
         return tokenizer.apply_chat_template(_messages(merged, None), chat_template=template,
-                                             tokenize=False, add_generation_prompt=True)
+                                             tokenize=False, add_generation_prompt=True, **extra)
 
 
 def _add_special(tokenizer, text: str) -> bool:
@@ -63,6 +93,9 @@ def post_instruction_count(tokenizer, text: str, instruction: str) -> int:
     A token that straddles the boundary contains instruction text and is *not* post-instruction.
     """
     end = text.rfind(instruction)
+    if end < 0 and instruction.strip():  # templates that trim the user's text (Llama-3, Gemma)
+        instruction = instruction.strip()
+        end = text.rfind(instruction)
     if end < 0:
         raise RefdirError("the chat template changed the instruction text; cannot locate post-instruction tokens")
     end += len(instruction)
