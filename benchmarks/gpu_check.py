@@ -56,7 +56,7 @@ def main() -> None:
     from refdir.activations import mean_activations
     from refdir.data import load_builtin
     from refdir.directions import candidate_directions
-    from refdir.forward import end_token_ids, greedy_generate, split_prefix
+    from refdir.forward import greedy_generate, split_prefix
     from refdir.interventions import orthogonalize_weights
     from refdir.selection import SelectionConfig, select_direction
     from refdir.templates import tokenize_prompts

@@ -6,7 +6,7 @@ Takes a stratified sample of the run's completions whose substring verdict is cl
 harmless prompts, induced refusals, harmful refusals, answers under ablation, and every +r completion the
 phrases count as an answer) and asks the run's own model, with each judge prompt, whether each is a refusal.
 Prints the share judged a refusal per set and prompt; only rates are printed, never completions. The judge
-prompt refdir uses is ``reply-only yes/no`` (``refdir.evaluation.JUDGE_PROMPT``).
+prompt refdir uses is ``reply-only yes/no`` (``refdir.judges.JUDGE_PROMPT``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from refdir.evaluation import JUDGE_PROMPT, ChatJudge
+from refdir.judges import JUDGE_PROMPT, ChatJudge
 from refdir.io import read_jsonl
 from refdir.models import load_model
 from refdir.templates import PromptFormat

@@ -50,7 +50,7 @@ def test_second_judge_is_reported(tiny_run, tiny_folder, tmp_path):
 def test_judge_command_labels_a_finished_run(tiny_run, tmp_path, capsys):
     """`refdir judge` adds the second judge from stored completions, without regenerating them."""
     import shutil
-    from refdir.evaluation import ChatJudge
+    from refdir.judges import ChatJudge
     run = tmp_path / "jc"
     shutil.copytree(tiny_run, run)
     comps = (run / "completions.jsonl").read_bytes()
@@ -59,7 +59,7 @@ def test_judge_command_labels_a_finished_run(tiny_run, tmp_path, capsys):
     assert (run / "completions.jsonl").read_bytes() == comps
     rows = [json.loads(x) for x in comps.decode().splitlines()]
     sel = [r for r in rows if r["split"] == "harmless" and r["condition"] == "actadd+"]
-    from refdir.evaluation import JUDGE_CHARS, JUDGE_PROMPT
+    from refdir.judges import JUDGE_CHARS, JUDGE_PROMPT
     from refdir.models import load_model
     from refdir.refusal import last_logits
     from refdir.templates import tokenize_prompts

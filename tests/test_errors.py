@@ -167,7 +167,7 @@ def _oom(argv):
 
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    refdir.pipeline.prepare_prompts = boom  # restored by the test
+    refdir.pipeline.prepare_prompts = boom  # restored by the test (the stage table calls it by this name)
     return argv
 
 

@@ -202,6 +202,17 @@ def base_vs_chat_cosines(chat, chat_tok, base, base_tok, instructions: list[str]
     return {"chat": chat_cos, "base": base_cos}
 
 
+def compare_base(chat, chat_tok, base, base_tok, harmful: list[str], harmless: list[str],
+                 direction: torch.Tensor) -> dict:
+    """App. J: per-layer cosine with r̂ of the chat and the base model's activations, mean and sd over
+    prompts, for harmful and harmless instructions."""
+    res = {}
+    for name, ins in (("harmful", harmful), ("harmless", harmless)):
+        cos = base_vs_chat_cosines(chat, chat_tok, base, base_tok, ins, direction)
+        res[name] = {k: {"mean": v.mean(0).tolist(), "sd": v.std(0, unbiased=False).tolist()} for k, v in cos.items()}
+    return res
+
+
 def _mean_sd(x: torch.Tensor) -> dict:
     return {"mean": x.mean(0).tolist(), "sd": x.std(0, unbiased=False).tolist()}
 

@@ -222,7 +222,8 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_select(a) -> int:
     """Rebuild the run's configuration from its config.json, then run up to selection (earlier stages reused)."""
-    from .pipeline import RunConfig, check_run_folder, run_pipeline
+    from .config import RunConfig
+    from .pipeline import check_run_folder, run_pipeline
     from .selection import SelectionConfig
 
     out = Path(a.out)
@@ -247,7 +248,9 @@ def cmd_select(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from .pipeline import PRESETS, RunConfig, run_pipeline, validate_inputs
+    from .config import PRESETS, RunConfig
+    from .pipeline import run_pipeline
+    from .screen import validate_inputs
     from .selection import SelectionConfig
 
     preset = PRESETS[a.preset]
@@ -418,22 +421,15 @@ def cmd_judge(a) -> int:
 
 
 def cmd_suffix(a) -> int:
-    from .analysis import random_suffixes
-    from .evaluation import generate_judged, refusal_rate
     from .io import write_json
-    from .suffix import affirmative_target, gcg
+    from .suffix import affirmative_target, gcg, universality_screen
 
     run, data, model, tok, direction, fmt = _load_for_run(a)
     train = [x["instruction"] for x in data["harmful_train"][: a.n_prompts]]
     res = gcg(model, tok, train, [affirmative_target(x) for x in train], a.n_tokens, a.steps, a.topk,
               a.search_batch, a.seed, a.time_budget, fmt)
     held = [x["instruction"] for x in data["eval_harmful"][: a.n_eval]]
-    rand = random_suffixes(tok, len(held), a.n_tokens, a.seed)
-    rates = {}
-    for name, prompts in (("none", held), ("random", [f"{p} {r}" for p, r in zip(held, rand)]),
-                          ("adversarial", [f"{p} {res.suffix}" for p in held])):
-        items = generate_judged(model, tok, prompts, [None] * len(prompts), fmt, a.max_new_tokens, 16, name)
-        rates[name] = refusal_rate(items)
+    rates = universality_screen(model, tok, held, res.suffix, a.n_tokens, a.seed, fmt, a.max_new_tokens)
     out = {"suffix": res.suffix, "token_ids": res.token_ids, "steps": res.steps, "seconds": round(res.seconds, 1),
            "losses": res.losses, "n_train_prompts": len(train), "n_eval": len(held), "refusal_rate": rates,
            "seed": a.seed, "n_tokens": a.n_tokens}
@@ -475,7 +471,7 @@ def cmd_analyze_suffix(a) -> int:
 
 
 def cmd_compare_base(a) -> int:
-    from .analysis import base_vs_chat_cosines
+    from .analysis import compare_base
     from .directions import load_direction
     from .io import write_json
     from .models import load_model
@@ -488,10 +484,7 @@ def cmd_compare_base(a) -> int:
     harmless = [p.instruction for p in load_builtin("harmless")[: a.n]]
     chat, ctok = load_model(a.chat, **load_options(a))
     base, btok = load_model(a.base, **load_options(a))
-    res = {}
-    for name, ins in (("harmful", harmful), ("harmless", harmless)):
-        cos = base_vs_chat_cosines(chat, ctok, base, btok, ins, direction.vector)
-        res[name] = {k: {"mean": v.mean(0).tolist(), "sd": v.std(0, unbiased=False).tolist()} for k, v in cos.items()}
+    res = compare_base(chat, ctok, base, btok, harmful, harmless, direction.vector)
     write_json(out, {"chat": a.chat, "base": a.base, "direction": a.direction, "n": a.n, "cosine": res})
     print(f"compare-base written to {out}")
     return 0

@@ -1,4 +1,8 @@
-"""``refdir run``: prompts -> activations -> candidates -> direction -> evaluations -> report.
+"""``refdir run``: the stage table over the run folder.
+
+prompts (:mod:`refdir.screen`) -> activations (:mod:`refdir.activations`) -> candidates
+(:mod:`refdir.directions`) -> direction (:mod:`refdir.selection`) -> evaluations (:mod:`refdir.evaluation`,
+:mod:`refdir.judges`) -> report (:mod:`refdir.report`); settings from :mod:`refdir.config`.
 
 Each stage writes its artifact into the run folder (atomically) together with the hash of its
 inputs in ``stages.json``. A stage whose inputs are unchanged is reused; one whose inputs changed
@@ -13,89 +17,26 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .activations import PostActivationRecorder, mean_activations
 from .adapter import get_adapter
-from .data import Prompt, load_prompts, load_text_pairs, pool_after, split_prompts
+from .config import RunConfig
 from .directions import Direction, candidate_directions, direction_from_candidates, load_direction
 from .errors import RefdirError
 from .evaluation import GenJob, condition, condition_factory, generate_conditions, generate_judged, kl_and_ce, per_category, refusal_rate
 from .interventions import orthogonalize_weights
 from .io import load_tensors, save_tensors, write_json, write_jsonl
-from .models import DEFAULT_MODEL, load_model, release_memory
-from .refusal import REFUSAL_PHRASES, derive_refusal_tokens, generate_batch, is_refusal, last_logits, refusal_metric
+from .judges import second_judge
+from .models import load_model, release_memory
+from .refusal import REFUSAL_PHRASES, last_logits
+from .screen import prepare_prompts
 from .selection import SelectionConfig, require_choice, select_direction
 from .templates import PromptFormat, format_prompt, post_instruction_tokens, template_kwargs_json, tokenize_prompts
 
 RUN_FORMAT = 1
 SCREEN_MEANS = "screen_means.safetensors"  # the training prompts' mean activations, recorded by the prompt screen
-HARMLESS_ROW = 1 << 20  # recorder row of the first harmless prompt (harmful prompts are rows 0, 1, ...)
-
-PRESETS = {
-    # CPU-sized defaults (documented in the README): the paper's sizes, 64 new tokens.
-    "default": {},
-    "quick": {"n_train": 32, "n_val": 8, "n_eval": 16, "max_new_tokens": 24},
-    "paper": {"max_new_tokens": 512, "regenerate_ortho": True},
-}
-
-
-@dataclass
-class RunConfig:
-    model: str = DEFAULT_MODEL
-    harmful: str = "builtin:harmful"
-    harmless: str = "builtin:harmless"
-    prompt_field: str = "instruction"  # column/key holding the instruction in user files
-    eval_harmful: str | None = None  # default: held out from `harmful`
-    eval_harmless: str | None = None
-    ce_text: str | None = "builtin:harmless_pairs"  # instruction+response text for CE (None: skip)
-    n_train: int = 128
-    n_val: int = 32
-    n_eval: int = 100
-    seed: int = 42
-    system: str | None = None  # None: the template's own default system prompt
-    chat_template: str | None = None  # Jinja template for tokenizers without one
-    template_kwargs: str | None = None  # JSON object passed to apply_chat_template ({"enable_thinking": false})
-    filter: str = "auto"  # auto | metric | generation | none
-    refusal_tokens: list[str] | None = None
-    max_new_tokens: int = 64
-    regenerate_ortho: bool = False
-    judge: str | None = None  # second judge: None, "self" (the model itself) or a classifier's hub id/folder
-    min_refusal_rate: float = 0.1
-    batch_size: int = 32  # prompts per forward pass (prompt screening, extraction, KL/CE)
-    # rows per generation batch: a decoding step's matmuls run ~3x faster per row at 200 rows than at 12
-    # on this CPU, so the evaluation conditions share batches (KV cache: ~1 GB for the 1.5B at 200 rows)
-    gen_batch_size: int = 200
-    dtype: str = "auto"  # float32 on the CPU, the checkpoint's dtype (bf16 for fp32) on accelerators
-    trust_remote_code: bool = False
-    device: str = "auto"
-    device_map: str | None = None  # auto | balanced | FILE.json: several devices / offload (accelerate)
-    max_memory: str | None = None
-    revision: str | None = None
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(induce_threshold=None))
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["selection"] = self.selection.to_json()
-        return d
-
-    @property
-    def fmt(self) -> PromptFormat:
-        return PromptFormat(system=self.system, chat_template=self.chat_template,
-                            template_kwargs=self.template_kwargs)
-
-    def load_options(self) -> dict:
-        """Keyword arguments of :func:`refdir.models.load_model`."""
-        return {"dtype": self.dtype, "device": self.device, "device_map": self.device_map,
-                "max_memory": self.max_memory, "revision": self.revision, "load_in_4bit": self.load_in_4bit,
-                "load_in_8bit": self.load_in_8bit, "trust_remote_code": self.trust_remote_code}
 
 
 def _date_free(text: str) -> str:
@@ -193,163 +134,6 @@ def _read_meta(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Stage 1: prompts (splits, filtering, refusal tokens)
-
-
-def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
-    harmful, harmless = load_prompts(cfg.harmful, cfg.prompt_field), load_prompts(cfg.harmless, cfg.prompt_field)
-    out = {}
-    for side, pool, ev in (("harmful", harmful, cfg.eval_harmful), ("harmless", harmless, cfg.eval_harmless)):
-        if ev is None:  # hold the eval set out of the training pool
-            (eval_set,) = split_prompts(pool, [cfg.n_eval], cfg.seed + 1, f"{side} ({getattr(cfg, side)})")
-            rest = pool_after(pool, [eval_set])
-        else:
-            given = load_prompts(ev, cfg.prompt_field)
-            eval_set = given if len(given) <= cfg.n_eval else split_prompts(given, [cfg.n_eval], cfg.seed + 1, ev)[0]
-            rest = pool_after(pool, [eval_set])
-        (ordered,) = split_prompts(rest, [cfg.n_train + cfg.n_val], cfg.seed, f"{side} ({getattr(cfg, side)})")
-        refill = pool_after(rest, [ordered])
-        out[side] = ordered + refill  # candidates for train+val in order, refill pool after them
-        out[f"eval_{side}"] = eval_set
-    return out
-
-
-def validate_inputs(cfg: RunConfig) -> dict[str, list[Prompt]]:
-    """Load every prompt source and check the sizes: all before any model is loaded."""
-    sets = _load_sets(cfg)
-    sets["ce_text"] = load_text_pairs(cfg.ce_text) if cfg.ce_text else []
-    need = cfg.n_train + cfg.n_val
-    if len(sets["harmful"]) < need or len(sets["harmless"]) < need:
-        raise RefdirError(f"not enough prompts: need {need} train+val per side after holding out {cfg.n_eval} "
-                          f"for eval, have {len(sets['harmful'])} harmful and {len(sets['harmless'])} harmless; "
-                          "lower the sizes or add prompts")
-    return sets
-
-
-def prepare_prompts(model, tok, cfg: RunConfig, recorder: PostActivationRecorder | None = None) -> dict:
-    """Train/val/eval splits after the paper's filtering, the refusal tokens, and what was measured.
-
-    Filtering keeps harmful prompts the model refuses and harmless ones it answers. Two rules:
-    ``metric`` (refusal log-odds > 0 / < 0, the paper's) and ``generation`` (greedy completion
-    judged by refusal phrases). ``auto`` uses the metric rule when it agrees with generation on
-    at least 90% of the harmful prompts, and generation otherwise (on Qwen2.5-0.5B the metric keeps
-    11 of 128 harmful prompts although the model refuses about half).
-
-    With a ``recorder`` attached, the screen's prompt passes also record the post-instruction
-    activations (harmful prompt i as row i, harmless prompt i as row ``HARMLESS_ROW + i``) and the
-    returned dict's ``"_train_rows"`` says which rows are the training prompts: extraction is then free.
-    """
-    sets = validate_inputs(cfg)
-    need = cfg.n_train + cfg.n_val
-    harm, harmless = sets["harmful"], sets["harmless"]
-    n_new = 8  # "I'm sorry, but I can't" fits: enough to judge a refusal
-
-    def screen(prompts: list[Prompt], wanted, target: int, desc: str, row0: int) -> tuple[torch.Tensor, list[str]]:
-        """Screen prompts until ``target`` completions satisfy ``wanted``: the rest stays unscreened.
-
-        The first chunk is what a perfect rate would need (plus a margin); later chunks are sized from
-        the rate seen so far, so the screen reads few prompts it does not use.
-        """
-        logits, comps = [], []
-        bar = tqdm(total=len(prompts), desc=desc, leave=False)
-        i, step = 0, target + 8
-        while i < len(prompts):
-            chunk = [p.instruction for p in prompts[i:i + step]]
-            for j in range(0, len(chunk), cfg.gen_batch_size):
-                rec = recorder.bucket(row0 + i + j) if recorder is not None else None
-                cp, lg = generate_batch(model, tok, chunk[j:j + cfg.gen_batch_size], cfg.fmt, n_new, first_logits=True,
-                                        stop_at_refusal=True,
-                                        on_bucket=rec)
-                logits.append(lg)
-                comps += cp
-                bar.update(len(cp))
-            i += len(chunk)
-            hits = sum(map(wanted, comps))
-            if len(comps) >= need + 8 and hits >= target:
-                break
-            rate = max(hits, 1) / len(comps)
-            step = int((max(target - hits, 0) / rate) * 1.1) + 8
-        bar.close()
-        return torch.cat(logits), comps
-
-    # enough refusals to fill train+val with a margin (the generation rule is the inclusive one)
-    with recorder.attached() if recorder is not None else contextlib.nullcontext():
-        hl, hc = screen(harm, is_refusal, need + need // 8, "screen harmful", 0)
-        ll, lc = screen(harmless, lambda c: not is_refusal(c), need + need // 8, "screen harmless", HARMLESS_ROW)
-    harm, harmless = harm[: len(hc)], harmless[: len(lc)]
-    if cfg.refusal_tokens:
-        ids = [tok(t, add_special_tokens=False)["input_ids"][0] for t in cfg.refusal_tokens]
-        tok_info = {"tokens": cfg.refusal_tokens, "token_ids": ids, "source": "user"}
-    else:
-        ids, tok_info = derive_refusal_tokens(tok, hc)
-        tok_info["source"] = "greedy refusals on the screened harmful training pool"
-    idt = torch.tensor(ids)
-    h_metric, l_metric = refusal_metric(hl, idt), refusal_metric(ll, idt)
-    h_gen = [is_refusal(c) for c in hc]
-    l_gen = [is_refusal(c) for c in lc]
-    gen_rate = sum(h_gen) / len(h_gen)
-    if gen_rate < cfg.min_refusal_rate:
-        raise RefdirError(
-            f"the model barely refuses: {sum(h_gen)} of {len(h_gen)} harmful prompts refused by greedy generation "
-            f"(< {cfg.min_refusal_rate:.0%}); there is no refusal behaviour to find a direction for")
-    m_keep_h = (h_metric > 0).tolist()
-    agreement = sum(a == b for a, b in zip(m_keep_h, h_gen)) / len(h_gen)
-    rule = cfg.filter if cfg.filter != "auto" else ("metric" if agreement >= 0.9 else "generation")
-    tau, tau_acc = calibrate_threshold(torch.cat([h_metric, l_metric]), h_gen + l_gen)
-    if rule == "metric" and agreement >= 0.9:
-        tau = 0.0  # the paper's threshold is calibrated for this model: keep it
-    if rule == "metric":
-        keep_h, keep_l = m_keep_h, (l_metric < 0).tolist()
-    elif rule == "generation":
-        keep_h, keep_l = h_gen, [not r for r in l_gen]
-    elif rule == "none":
-        keep_h, keep_l = [True] * len(harm), [True] * len(harmless)
-    else:
-        raise RefdirError(f"unknown --filter '{cfg.filter}' (use auto, metric, generation or none)")
-
-    def pick(prompts, keep):
-        kept = [i for i, k in enumerate(keep) if k]
-        if len(kept) < need:  # not enough survive: top up with unfiltered prompts, in order
-            kept += [i for i, k in enumerate(keep) if not k][: need - len(kept)]
-        return [prompts[i] for i in kept[: cfg.n_train]], [prompts[i] for i in kept[cfg.n_train:need]], sum(keep), \
-            kept[: cfg.n_train]
-
-    htr, hva, hk, h_rows = pick(harm, keep_h)
-    ltr, lva, lk, l_rows = pick(harmless, keep_l)
-    example = format_prompt(tok, "<instruction>", cfg.fmt)
-    return {
-        "harmful_train": [p.to_json() for p in htr], "harmful_val": [p.to_json() for p in hva],
-        "harmless_train": [p.to_json() for p in ltr], "harmless_val": [p.to_json() for p in lva],
-        "eval_harmful": [p.to_json() for p in sets["eval_harmful"]],
-        "eval_harmless": [p.to_json() for p in sets["eval_harmless"]],
-        "ce_text": [{"instruction": i, "response": r} for i, r in sets["ce_text"]],
-        "refusal_tokens": tok_info,
-        # log-odds above which the model's own generations are refusals: the induce threshold
-        "metric_threshold": round(float(tau), 4),
-        "metric_threshold_accuracy": round(float(tau_acc), 4),
-        "filter": {"rule": rule, "requested": cfg.filter, "metric_generation_agreement": round(agreement, 4),
-                   "harmful_screened": len(harm), "harmless_screened": len(harmless),
-                   "harmful_kept": hk, "harmless_kept": lk,
-                   "harmful_kept_by_metric": int(sum(m_keep_h)), "harmful_refused_by_generation": int(sum(h_gen)),
-                   "harmless_refused_by_generation": int(sum(l_gen)),
-                   "harmful_topped_up": max(0, need - hk), "harmless_topped_up": max(0, need - lk)},
-        "prompt_format": {**cfg.fmt.to_json(), "example": example,
-                          "post_instruction_tokens": post_instruction_tokens(tok, cfg.fmt)},
-        "_train_rows": {"harmful": h_rows, "harmless": [HARMLESS_ROW + i for i in l_rows]},  # not written
-    }
-
-
-def calibrate_threshold(metric: torch.Tensor, refused: list[bool]) -> tuple[float, float]:
-    """The refusal-metric threshold that best separates generated refusals from answers.
-
-    The paper's 0 assumes P(refusal tokens) > 0.5 when the model refuses; weak models refuse with
-    P("I") of 0.2-0.5, so the calibrated threshold is what "induce" has to exceed for them.
-    Returns (threshold, accuracy of ``metric > threshold`` against the generations).
-    """
-    vals = sorted(set(metric.tolist()))
-    cuts = [vals[0] - 1.0] + [(a + b) / 2 for a, b in zip(vals, vals[1:])] + [vals[-1] + 1.0]
-    y = torch.tensor(refused)
-    best = max(((float((((metric > c) == y).float()).mean()), -abs(c), c) for c in cuts))
-    return best[2], best[0]
 
 
 def _instructions(items: list[dict]) -> list[str]:
@@ -579,38 +363,6 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
           "judge": judge,
           "max_new_tokens": n_new, "refusal_phrases": list(REFUSAL_PHRASES)}
     return ev, rows
-
-
-def second_judge(model, tok, rows: list[dict], judge_spec: str, fmt: PromptFormat,
-                 only: list[str] | None = None) -> dict:
-    """Label the completions with a second judge; its refusal rate and agreement with the substring judge.
-
-    Harmful conditions always; harmless ones (baseline, +r) when the judge tells refusal from compliance
-    (the chat judge), since induced refusals are often phrased in ways the phrase list misses.
-    Keys of ``conditions``: ``"split/condition"``; ``only`` restricts the judge to some of them.
-    """
-    from .evaluation import ChatJudge, Judged, SafetyClassifierJudge, judge_agreement
-    if judge_spec in ("self", "self+evasive"):
-        judge = ChatJudge(model, tok, fmt, evasive=judge_spec == "self+evasive")
-    else:
-        judge = SafetyClassifierJudge(judge_spec)
-    out = {"judge": judge_spec, "kind": judge.name, "conditions": {}}
-    pairs = list(dict.fromkeys((r["split"], r["condition"]) for r in rows))
-    unknown = set(only or []) - {f"{s}/{c}" for s, c in pairs}
-    if unknown:
-        raise RefdirError(f"no completions for {', '.join(sorted(unknown))}; the run has "
-                          + ", ".join(f"{s}/{c}" for s, c in pairs))
-    for split, cond in pairs:
-        if (split == "harmless" and not judge.judges_harmless) or (only and f"{split}/{cond}" not in only):
-            continue
-        sel = [r for r in rows if r["split"] == split and r["condition"] == cond]
-        labels = judge.labels([r["prompt"] for r in sel], [r["completion"] for r in sel])
-        items = [Judged(r["prompt"], r["completion"], r["refused"], r.get("category")) for r in sel]
-        agr = judge_agreement(items, labels)
-        agr["refusal_rate"] = sum(lab != "compliance" for lab in labels) / max(len(labels), 1)
-        agr["evasive_rate"] = sum(lab == "evasive" for lab in labels) / max(len(labels), 1)
-        out["conditions"][f"{split}/{cond}"] = agr
-    return out
 
 
 def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | None = None,

@@ -140,3 +140,18 @@ def affirmative_target(instruction: str) -> str:
     """The usual GCG target: "Sure, here is" plus the request rephrased lightly."""
     text = instruction.strip().rstrip(".?!")
     return "Sure, here is " + (text[0].lower() + text[1:] if text else "")
+
+
+def universality_screen(model, tok, held: list[str], suffix: str, n_tokens: int, seed: int, fmt: PromptFormat,
+                        max_new_tokens: int) -> dict[str, float]:
+    """Refusal rate on held-out harmful prompts with no suffix, a random suffix of the same length
+    (resampled per prompt) and the optimized suffix (paper §5.1's universality check)."""
+    from .analysis import random_suffixes
+    from .evaluation import generate_judged, refusal_rate
+    rand = random_suffixes(tok, len(held), n_tokens, seed)
+    rates = {}
+    for name, prompts in (("none", held), ("random", [f"{p} {r}" for p, r in zip(held, rand)]),
+                          ("adversarial", [f"{p} {suffix}" for p in held])):
+        items = generate_judged(model, tok, prompts, [None] * len(prompts), fmt, max_new_tokens, 16, name)
+        rates[name] = refusal_rate(items)
+    return rates
