@@ -179,8 +179,9 @@ def _add_run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--refusal-tokens", nargs="+", default=None, help="override the derived refusal tokens")
     r.add_argument("--min-refusal-rate", type=float, default=0.1,
                    help="stop when the model refuses fewer harmful prompts than this (no direction to find)")
-    r.add_argument("--batch-size", type=_positive, default=32, help="prompts per forward pass")
-    r.add_argument("--gen-batch-size", type=_positive, default=200,
+    r.add_argument("--batch-size", type=_positive, default=None,
+                   help="prompts per forward pass (default: 32 on the CPU, autotuned on accelerators)")
+    r.add_argument("--gen-batch-size", type=_positive, default=None,
                    help="rows per generation batch (the evaluation conditions share batches; KV cache memory grows with it)")
     r.add_argument("--judge", default=None,
                    help="second judge: 'self' (the model says whether each reply is a refusal), 'self+evasive' "
@@ -388,17 +389,17 @@ def _run_model_and_format(a, run: Path):
 
 
 def _load_for_run(a):
-    from .adapter import get_adapter
+    """A command on a run folder: its prompts, the runtime (the run's model and prompt format unless
+    overridden) and its direction, checked against the model."""
     from .directions import load_direction
-    from .models import load_model
+    from .runtime import Runtime
     run = Path(a.run)
     data = _run_prompts(run)
     load_direction(run)  # validate before loading the model
     spec, fmt = _run_model_and_format(a, run)
-    model, tok = load_model(spec, **load_options(a))
-    direction = load_direction(run, expect_d_model=get_adapter(model).d_model,
-                               expect_model=getattr(model, "refdir_spec", None))
-    return run, data, model, tok, direction, fmt
+    rt = Runtime.load(spec, fmt, **load_options(a))
+    direction = load_direction(run, expect_d_model=rt.adapter.d_model, expect_model=rt.spec)
+    return run, data, rt, direction
 
 
 def cmd_judge(a) -> int:
@@ -424,7 +425,8 @@ def cmd_suffix(a) -> int:
     from .io import write_json
     from .suffix import affirmative_target, gcg, universality_screen
 
-    run, data, model, tok, direction, fmt = _load_for_run(a)
+    run, data, rt, direction = _load_for_run(a)
+    model, tok, fmt = rt.model, rt.tokenizer, rt.fmt
     train = [x["instruction"] for x in data["harmful_train"][: a.n_prompts]]
     res = gcg(model, tok, train, [affirmative_target(x) for x in train], a.n_tokens, a.steps, a.topk,
               a.search_batch, a.seed, a.time_budget, fmt)
@@ -457,7 +459,8 @@ def cmd_analyze_suffix(a) -> int:
         suffix = json.loads((run / "suffix.json").read_text())["suffix"]
     else:
         raise RefdirError(f"no suffix: pass --suffix-file or run `refdir suffix --run {run}` first")
-    run, data, model, tok, direction, fmt = _load_for_run(a)
+    run, data, rt, direction = _load_for_run(a)
+    model, tok, fmt = rt.model, rt.tokenizer, rt.fmt
     harmful = [x["instruction"] for x in data["harmful_val"] + data["harmful_train"]][: a.n]
     harmless = [x["instruction"] for x in data["harmless_val"] + data["harmless_train"]][: a.n]
     n_tok = len(tok(suffix, add_special_tokens=False)["input_ids"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .models import DEFAULT_MODEL
+from .runtime import BatchPolicy
 from .selection import SelectionConfig
 from .templates import PromptFormat
 
@@ -42,10 +43,10 @@ class RunConfig:
     regenerate_ortho: bool = False
     judge: str | None = None  # second judge: None, "self" (the model itself) or a classifier's hub id/folder
     min_refusal_rate: float = 0.1
-    batch_size: int = 32  # prompts per forward pass (prompt screening, extraction, KL/CE)
+    batch_size: int | None = None  # prompts per forward pass (extraction, KL/CE); None: the batch policy
     # rows per generation batch: a decoding step's matmuls run ~3x faster per row at 200 rows than at 12
     # on this CPU, so the evaluation conditions share batches (KV cache: ~1 GB for the 1.5B at 200 rows)
-    gen_batch_size: int = 200
+    gen_batch_size: int | None = None  # None: 200 on the CPU, autotuned on accelerators
     dtype: str = "auto"  # float32 on the CPU, the checkpoint's dtype (bf16 for fp32) on accelerators
     trust_remote_code: bool = False
     device: str = "auto"
@@ -65,6 +66,14 @@ class RunConfig:
     def fmt(self) -> PromptFormat:
         return PromptFormat(system=self.system, chat_template=self.chat_template,
                             template_kwargs=self.template_kwargs)
+
+    def batch_policy(self) -> BatchPolicy | None:
+        """The user's batch sizes, or None: the runtime's policy (CPU defaults, autotuned on accelerators)."""
+        if self.batch_size is None and self.gen_batch_size is None:
+            return None
+        d = BatchPolicy()
+        return BatchPolicy(prompt_rows=self.batch_size or d.prompt_rows, gen_rows=self.gen_batch_size or d.gen_rows,
+                           select_rows=self.selection.batch_rows, source="user")
 
     def load_options(self) -> dict:
         """Keyword arguments of :func:`refdir.models.load_model`."""

@@ -12,6 +12,7 @@ inputs in ``stages.json``. A stage whose inputs are unchanged is reused; one who
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
@@ -29,11 +30,12 @@ from .evaluation import GenJob, condition, condition_factory, generate_condition
 from .interventions import orthogonalize_weights
 from .io import load_tensors, save_tensors, write_json, write_jsonl
 from .judges import second_judge
-from .models import load_model, release_memory
+from .models import release_memory
 from .refusal import REFUSAL_PHRASES, last_logits
+from .runtime import BatchPolicy, Runtime
 from .screen import prepare_prompts
 from .selection import SelectionConfig, require_choice, select_direction
-from .templates import PromptFormat, format_prompt, post_instruction_tokens, template_kwargs_json, tokenize_prompts
+from .templates import PromptFormat, format_prompt, post_instruction_tokens, template_kwargs_json
 
 RUN_FORMAT = 1
 SCREEN_MEANS = "screen_means.safetensors"  # the training prompts' mean activations, recorded by the prompt screen
@@ -145,18 +147,22 @@ def _instructions(items: list[dict]) -> list[str]:
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=print, stop_after: str | None = None,
-                 must_reuse: tuple[str, ...] = ()) -> dict:
+                 must_reuse: tuple[str, ...] = (), runtime: Runtime | None = None) -> dict:
     """Run (or resume) every stage; returns the summary dict written to ``summary.json``.
 
-    ``must_reuse`` names stages that must already be complete with unchanged inputs (``refdir select``
-    uses it so that data paths read from a run folder's metadata are never followed).
+    The stages share one :class:`~refdir.runtime.Runtime` (``runtime``, or built from ``model``/``tok``,
+    or loaded from ``cfg``). ``must_reuse`` names stages that must already be complete with unchanged
+    inputs (``refdir select`` uses it so that data paths read from a run folder's metadata are never followed).
     """
     t_start = time.time()
     check_run_folder(Path(out), cfg.model)
-    if model is None:
-        model, tok = load_model(cfg.model, **cfg.load_options())
-    spec = getattr(model, "refdir_spec", cfg.model)
-    load = getattr(model, "refdir_load", {"dtype": str(next(model.parameters()).dtype).replace("torch.", "")})
+    if runtime is None:
+        runtime = (Runtime.load(cfg.model, cfg.fmt, cfg.batch_policy(), **cfg.load_options()) if model is None
+                   else Runtime(model, tok, cfg.fmt, cfg.batch_policy() or BatchPolicy()))
+    rt = runtime.with_format(cfg.fmt)
+    model, tok = rt.model, rt.tokenizer
+    spec = rt.spec or cfg.model
+    load = rt.load_info
     get_adapter(model)  # unsupported architecture: fail before writing anything
     format_prompt(tok, "x", cfg.fmt)  # no chat template: likewise
     run = RunFolder(out)
@@ -182,7 +188,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         log("prompts: splitting, filtering and deriving refusal tokens")
         n_post = len(post_instruction_tokens(tok, cfg.fmt))
         recorder = PostActivationRecorder(model, n_post)
-        prompts = prepare_prompts(model, tok, cfg, recorder)
+        prompts = prepare_prompts(rt, cfg, recorder)
         rows = prompts.pop("_train_rows")
         run.file(SCREEN_MEANS).unlink(missing_ok=True)
         # the training prompts' activations, recorded by the screen's forward passes: extraction is free
@@ -194,7 +200,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         write_json(run.file("prompts.json"), prompts)
         run.done("prompts", key1, time.time() - t)
     write_json(run.file("config.json"), {"format": RUN_FORMAT, "refdir": __version__, **cfg.to_json(),
-                                         "model_spec": spec, "architecture": get_adapter(model).describe()})
+                                         "model_spec": spec, "load": load, "batch_policy": rt.batch.to_json(),
+                                         "architecture": get_adapter(model).describe()})
     data = json.loads(run.file("prompts.json").read_text())
     ref_ids = data["refusal_tokens"]["token_ids"]
     if stop_after == "prompts":
@@ -207,8 +214,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     t = time.time()
     if not run.reuse("extract", key2, ("candidates.safetensors",), must_reuse, log):
         log("extract: mean activations at every layer and post-instruction position")
-        hb = tokenize_prompts(tok, _instructions(data["harmful_train"]), cfg.fmt)
-        lb = tokenize_prompts(tok, _instructions(data["harmless_train"]), cfg.fmt)
+        hb, lb = rt.encode(_instructions(data["harmful_train"])), rt.encode(_instructions(data["harmless_train"]))
         n_post = min(hb.n_post, lb.n_post)
         means = load_tensors(screened) if screened.exists() else {}
         source = "the prompt screen's forward passes (screen_means.safetensors)"
@@ -217,8 +223,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
             mh, ml = means["mean_harmful"], means["mean_harmless"]
         else:
             source = "a separate extraction pass"
-            mh = mean_activations(model, hb, n_post, cfg.batch_size, desc="extract harmful")
-            ml = mean_activations(model, lb, n_post, cfg.batch_size, desc="extract harmless")
+            mh = mean_activations(model, hb, n_post, rt.batch.prompt_rows, desc="extract harmful")
+            ml = mean_activations(model, lb, n_post, rt.batch.prompt_rows, desc="extract harmless")
         save_tensors(run.file("candidates.safetensors"),
                      {"directions": candidate_directions(mh, ml), "mean_harmful": mh, "mean_harmless": ml},
                      metadata={"model": spec})
@@ -234,14 +240,14 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         return {"candidates": list(candidates.shape)}
 
     # 3. selection
-    key3 = _hash({"candidates": run.artifact_hash("candidates.safetensors"), "sel": cfg.selection.to_json(),
+    sel_key = {k: v for k, v in cfg.selection.to_json().items() if k != "batch_rows"}  # rows: float rounding only
+    key3 = _hash({"candidates": run.artifact_hash("candidates.safetensors"), "sel": sel_key,
                   "prompts": run.artifact_hash("prompts.json"), **base_key})
     t = time.time()
     if not run.reuse("select", key3, ("selection.json", "direction.safetensors",), must_reuse, log):
         log(f"select: scoring {candidates.shape[0] * candidates.shape[1]} candidate directions")
-        hv = tokenize_prompts(tok, _instructions(data["harmful_val"]), cfg.fmt)
-        lv = tokenize_prompts(tok, _instructions(data["harmless_val"]), cfg.fmt)
-        sel_cfg = cfg.selection
+        hv, lv = rt.encode(_instructions(data["harmful_val"])), rt.encode(_instructions(data["harmless_val"]))
+        sel_cfg = dataclasses.replace(cfg.selection, batch_rows=rt.batch.select_rows)
         if sel_cfg.induce_threshold is None:  # auto: the calibrated refusal threshold of this model
             sel_cfg = SelectionConfig(**{**sel_cfg.to_json(), "induce_threshold": data["metric_threshold"]})
         res = select_direction(model, candidates, hv, lv, ref_ids, sel_cfg)
@@ -270,7 +276,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     t = time.time()
     if not run.reuse("evaluate", key4, ("eval.json", "completions.jsonl",), must_reuse, log):
         log("evaluate: generating completions under each condition")
-        ev, rows = evaluate_direction(model, tok, direction, data, cfg, log)
+        ev, rows = evaluate_direction(rt, direction, data, cfg, log)
         ev["seconds"] = round(time.time() - t, 2)
         write_jsonl(run.file("completions.jsonl"), rows)
         write_json(run.file("eval.json"), ev)
@@ -286,14 +292,15 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     return summary
 
 
-def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunConfig,
+def evaluate_direction(rt: Runtime, direction: Direction, data: dict, cfg: RunConfig,
                        log=lambda message: None) -> tuple[dict, list[dict]]:
     """Refusal rates per condition, KL/CE on harmless prompts, and orthogonalization ≡ ablation.
 
     The model's weights are orthogonalized in place at the end (keeping a second copy would
     double peak memory): pass a model you no longer need unmodified.
     """
-    fmt, bs, gbs, n_new = cfg.fmt, cfg.batch_size, cfg.gen_batch_size, cfg.max_new_tokens
+    model, tok = rt.model, rt.tokenizer
+    fmt, bs, gbs, n_new = rt.fmt, rt.batch.prompt_rows, rt.batch.gen_rows, cfg.max_new_tokens
     harm, harmless = data["eval_harmful"], data["eval_harmless"]
     hp, hcat = _instructions(harm), [x.get("category") for x in harm]
     lp, lcat = _instructions(harmless), [x.get("category") for x in harmless]
@@ -330,7 +337,7 @@ def evaluate_direction(model, tok, direction: Direction, data: dict, cfg: RunCon
     pairs = data.get("ce_text") or []
     pair_ins, pair_resp = [x["instruction"] for x in pairs], [x["response"] for x in pairs]
     text = kl_and_ce(model, tok, pair_ins, pair_resp, fmt, ctx, n_tokens=64, batch_size=bs) if pairs else {}
-    b = tokenize_prompts(tok, hp[:16], fmt)
+    b = rt.encode(hp[:16])
     with condition(model, "ablation", direction):
         la = last_logits(model, b.input_ids, b.attention_mask)
 

@@ -15,6 +15,7 @@ from .activations import PostActivationRecorder
 from .config import RunConfig
 from .data import Prompt, load_prompts, load_text_pairs, pool_after, split_prompts
 from .errors import RefdirError
+from .runtime import Runtime
 from .refusal import derive_refusal_tokens, generate_batch, is_refusal, refusal_metric
 from .templates import format_prompt, post_instruction_tokens
 
@@ -51,7 +52,7 @@ def validate_inputs(cfg: RunConfig) -> dict[str, list[Prompt]]:
     return sets
 
 
-def prepare_prompts(model, tok, cfg: RunConfig, recorder: PostActivationRecorder | None = None) -> dict:
+def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorder | None = None) -> dict:
     """Train/val/eval splits after the paper's filtering, the refusal tokens, and what was measured.
 
     Filtering keeps harmful prompts the model refuses and harmless ones it answers. Two rules:
@@ -64,6 +65,7 @@ def prepare_prompts(model, tok, cfg: RunConfig, recorder: PostActivationRecorder
     activations (harmful prompt i as row i, harmless prompt i as row ``HARMLESS_ROW + i``) and the
     returned dict's ``"_train_rows"`` says which rows are the training prompts: extraction is then free.
     """
+    model, tok, fmt, rows = rt.model, rt.tokenizer, rt.fmt, rt.batch.gen_rows
     sets = validate_inputs(cfg)
     need = cfg.n_train + cfg.n_val
     harm, harmless = sets["harmful"], sets["harmless"]
@@ -80,9 +82,9 @@ def prepare_prompts(model, tok, cfg: RunConfig, recorder: PostActivationRecorder
         i, step = 0, target + 8
         while i < len(prompts):
             chunk = [p.instruction for p in prompts[i:i + step]]
-            for j in range(0, len(chunk), cfg.gen_batch_size):
+            for j in range(0, len(chunk), rows):
                 rec = recorder.bucket(row0 + i + j) if recorder is not None else None
-                cp, lg = generate_batch(model, tok, chunk[j:j + cfg.gen_batch_size], cfg.fmt, n_new, first_logits=True,
+                cp, lg = generate_batch(model, tok, chunk[j:j + rows], fmt, n_new, first_logits=True,
                                         stop_at_refusal=True,
                                         on_bucket=rec)
                 logits.append(lg)
@@ -141,7 +143,7 @@ def prepare_prompts(model, tok, cfg: RunConfig, recorder: PostActivationRecorder
 
     htr, hva, hk, h_rows = pick(harm, keep_h)
     ltr, lva, lk, l_rows = pick(harmless, keep_l)
-    example = format_prompt(tok, "<instruction>", cfg.fmt)
+    example = format_prompt(tok, "<instruction>", fmt)
     return {
         "harmful_train": [p.to_json() for p in htr], "harmful_val": [p.to_json() for p in hva],
         "harmless_train": [p.to_json() for p in ltr], "harmless_val": [p.to_json() for p in lva],
@@ -158,8 +160,8 @@ def prepare_prompts(model, tok, cfg: RunConfig, recorder: PostActivationRecorder
                    "harmful_kept_by_metric": int(sum(m_keep_h)), "harmful_refused_by_generation": int(sum(h_gen)),
                    "harmless_refused_by_generation": int(sum(l_gen)),
                    "harmful_topped_up": max(0, need - hk), "harmless_topped_up": max(0, need - lk)},
-        "prompt_format": {**cfg.fmt.to_json(), "example": example,
-                          "post_instruction_tokens": post_instruction_tokens(tok, cfg.fmt)},
+        "prompt_format": {**fmt.to_json(), "example": example,
+                          "post_instruction_tokens": post_instruction_tokens(tok, fmt)},
         "_train_rows": {"harmful": h_rows, "harmless": [HARMLESS_ROW + i for i in l_rows]},  # not written
     }
 
