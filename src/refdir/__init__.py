@@ -1,24 +1,36 @@
 """refdir: find, test and use the refusal direction of chat language models.
 
 Arditi et al., "Refusal in Language Models Is Mediated by a Single Direction" (NeurIPS 2024).
+
+The public names below are imported on first use (PEP 562): ``refdir --help`` and ``refdir models``
+answer without importing torch or transformers.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .adapter import ModelAdapter, get_adapter  # noqa: E402
-from .activations import mean_activations  # noqa: E402
-from .data import Prompt, load_prompts  # noqa: E402
-from .directions import Direction, candidate_directions, load_direction  # noqa: E402
-from .errors import RefdirError  # noqa: E402
-from .interventions import activation_addition, directional_ablation, orthogonalize_weights  # noqa: E402
-from .models import load_model  # noqa: E402
-from .refusal import generate, is_refusal, refusal_metric  # noqa: E402
-from .selection import SelectionConfig, select_direction  # noqa: E402
-from .templates import PromptFormat, tokenize_prompts  # noqa: E402
+_PUBLIC = {
+    "ModelAdapter": "adapter", "get_adapter": "adapter", "mean_activations": "activations",
+    "Prompt": "data", "load_prompts": "data", "Direction": "directions", "candidate_directions": "directions",
+    "load_direction": "directions", "RefdirError": "errors", "activation_addition": "interventions",
+    "directional_ablation": "interventions", "orthogonalize_weights": "interventions", "load_model": "models",
+    "generate": "refusal", "is_refusal": "refusal", "refusal_metric": "refusal", "SelectionConfig": "config",
+    "select_direction": "selection", "PromptFormat": "templates", "tokenize_prompts": "templates",
+    "Runtime": "runtime", "RunConfig": "config", "export_streaming": "export",
+}
+__all__ = sorted(_PUBLIC)
 
-__all__ = [
-    "ModelAdapter", "get_adapter", "mean_activations", "Prompt", "load_prompts", "Direction",
-    "candidate_directions", "load_direction", "RefdirError", "activation_addition", "directional_ablation",
-    "orthogonalize_weights", "load_model", "generate", "is_refusal", "refusal_metric", "SelectionConfig",
-    "select_direction", "PromptFormat", "tokenize_prompts",
-]
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'refdir' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_PUBLIC))

@@ -17,64 +17,41 @@ from .errors import RefdirError
 
 
 def template_kwargs_json(text):
-    from .templates import template_kwargs_json as parse  # lazy: templates imports torch
-    return parse(text)
+    from .config import canonical_json_object
+    return canonical_json_object(text)
 
 
 def _add_model_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
-    from .models import DEFAULT_MODEL
+    """The model, prompt-format and loading flags of the config schema (commands outside ``run``)."""
+    from .config import DEFAULT_MODEL, add_arguments
+    add_arguments(p, ("model", "load"), suppress=False, model_default=None if from_run else DEFAULT_MODEL)
     if from_run:  # commands on a run folder: the run's model and prompt format unless overridden
-        p.add_argument("--model", default=None, help="default: the run's model")
-    else:
-        p.add_argument("--model", default=DEFAULT_MODEL, help="offline alias, hub id, local folder or .gguf file")
-    p.add_argument("--system", default=None, help="system prompt (default: the template's own; '' for an empty one)")
-    p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="Jinja chat template for a tokenizer without one (e.g. a base model)")
-    p.add_argument("--template-kwargs", default=None, metavar="JSON",
-                   help="extra chat-template variables, e.g. '{\"enable_thinking\": false}' (Qwen3) or "
-                        "'{\"date_string\": \"26 Jul 2024\"}' (Llama-3.x prints today's date otherwise)")
-    _add_load_args(p)
+        for act in p._actions:
+            if act.dest == "model":
+                act.help = "default: the run's model"
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
-    """Where and how the weights are loaded (every command that loads a model)."""
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: float32 on the CPU, the checkpoint's dtype on accelerators (bf16 for fp32 checkpoints)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--device-map", default=None, metavar="auto|balanced|FILE.json",
-                   help="spread the model over several devices / offload to CPU and disk (accelerate)")
-    p.add_argument("--max-memory", default=None, metavar="0=20GiB,cpu=64GiB", help="per-device caps for --device-map")
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a hub model")
-    p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights (hooks only; export "
-                   "re-reads the full-precision source)")
-    p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights (likewise)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model (off by default)")
+    from .config import add_arguments
+    add_arguments(p, ("load",), suppress=False)
 
 
 def load_options(a) -> dict:
     """The keyword arguments of :func:`refdir.models.load_model` that the model flags set."""
-    return {"dtype": a.dtype, "device": a.device, "device_map": a.device_map, "max_memory": a.max_memory,
-            "revision": a.revision, "load_in_4bit": a.load_in_4bit, "load_in_8bit": a.load_in_8bit,
-            "trust_remote_code": a.trust_remote_code}
+    from dataclasses import fields
+
+    from .config import RunConfig
+    return {f.name: getattr(a, f.name) for f in fields(RunConfig) if f.metadata.get("group") == "load"}
 
 
 def _chat_template(a) -> str | None:
-    if a.chat_template is None:
-        return None
-    try:
-        return Path(a.chat_template).read_text()
-    except OSError as e:
-        raise RefdirError(f"cannot read --chat-template {a.chat_template}: {e.strerror}") from None
+    from dataclasses import fields
+
+    from .config import RunConfig, read_value
+    return read_value(next(f for f in fields(RunConfig) if f.name == "chat_template"), a.chat_template)
 
 
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{v}'") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {n}")
-    return n
+from .config import _positive  # noqa: E402  (the schema's integer check, also for the other commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(stop_after="extract")
     sl = sub.add_parser("select", help="select the direction in a run folder made by `extract` (stage 3)")
     sl.add_argument("--out", required=True, help="the run folder")
-    _add_selection_args(sl)
+    from .config import add_arguments
+    add_arguments(sl, ("selection",))
     sl.set_defaults(stop_after="select")
 
     e = sub.add_parser("evaluate", help="refusal rate of a prompt set under one intervention")
@@ -160,41 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_args(r: argparse.ArgumentParser) -> None:
-    _add_model_args(r)
+    """Every setting of the config schema; a flag not given leaves the preset's / the TOML file's value."""
+    from .config import PRESETS, add_arguments
+    r.add_argument("--config", default=None, metavar="RUN.toml", help="settings file (flags override it)")
     r.add_argument("--out", default=None, help="run folder (default: runs/<model>-seed<seed>)")
-    r.add_argument("--preset", default="default", choices=["default", "quick", "paper"])
-    r.add_argument("--harmful", default="builtin:harmful")
-    r.add_argument("--harmless", default="builtin:harmless")
-    r.add_argument("--eval-harmful", default=None)
-    r.add_argument("--eval-harmless", default=None)
-    r.add_argument("--ce-text", default="builtin:harmless_pairs",
-                   help="instruction+response pairs for the CE check ('none' to skip)")
-    r.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
-    r.add_argument("--n-train", type=_positive)
-    r.add_argument("--n-val", type=_positive)
-    r.add_argument("--n-eval", type=_positive)
-    r.add_argument("--max-new-tokens", type=_positive)
-    r.add_argument("--seed", type=int, default=42)
-    r.add_argument("--filter", default="auto", choices=["auto", "metric", "generation", "none"])
-    r.add_argument("--refusal-tokens", nargs="+", default=None, help="override the derived refusal tokens")
-    r.add_argument("--min-refusal-rate", type=float, default=0.1,
-                   help="stop when the model refuses fewer harmful prompts than this (no direction to find)")
-    r.add_argument("--batch-size", type=_positive, default=None,
-                   help="prompts per forward pass (default: 32 on the CPU, autotuned on accelerators)")
-    r.add_argument("--gen-batch-size", type=_positive, default=None,
-                   help="rows per generation batch (the evaluation conditions share batches; KV cache memory grows with it)")
-    r.add_argument("--judge", default=None,
-                   help="second judge: 'self' (the model says whether each reply is a refusal), 'self+evasive' "
-                        "or a safety classifier hub id/folder")
-    _add_selection_args(r)
-
-
-def _add_selection_args(r: argparse.ArgumentParser) -> None:
-    r.add_argument("--kl-threshold", type=float, default=0.1)
-    r.add_argument("--induce-threshold", type=float, default=None,
-                   help="induce filter (default: the model's calibrated refusal log-odds; the paper uses 0)")
-    r.add_argument("--no-prune", action="store_true", help="score every eligible candidate fully")
-    r.add_argument("--exhaustive", action="store_true", help="score all candidates, late layers too")
+    r.add_argument("--preset", default=None, choices=list(PRESETS), help="default | quick | paper")
+    add_arguments(r, ("model", "load", "run", "selection"))
 
 
 def _check_writable(path: Path) -> None:
@@ -225,7 +174,6 @@ def cmd_select(a) -> int:
     """Rebuild the run's configuration from its config.json, then run up to selection (earlier stages reused)."""
     from .config import RunConfig
     from .pipeline import check_run_folder, run_pipeline
-    from .selection import SelectionConfig
 
     out = Path(a.out)
     cfg_file = out / "config.json"
@@ -238,8 +186,9 @@ def cmd_select(a) -> int:
     check_run_folder(out, old.get("model", ""))
     fields = set(RunConfig.__dataclass_fields__) - {"selection"}  # config.json also holds provenance keys
     cfg = RunConfig(**{k: v for k, v in old.items() if k in fields})
-    cfg.selection = SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
-                                    prune=not a.no_prune, exhaustive=a.exhaustive)
+    for k, v in vars(a).items():  # the selection flags given (the others keep the schema's defaults)
+        if k.startswith("selection."):
+            setattr(cfg.selection, k.split(".", 1)[1], v)
     d = run_pipeline(cfg, out, stop_after="select", log=lambda m: print(f"[refdir] {m}", file=sys.stderr),
                      must_reuse=("prompts", "extract"))  # never follow data paths from the folder's metadata
     print(f"chosen direction: layer {d['layer']}, position {d['position']} ({d.get('token')!r}); bypass "
@@ -249,29 +198,14 @@ def cmd_select(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from .config import PRESETS, RunConfig
+    from .config import resolve
     from .pipeline import run_pipeline
     from .screen import validate_inputs
-    from .selection import SelectionConfig
 
-    preset = PRESETS[a.preset]
-    cfg = RunConfig(model=a.model, harmful=a.harmful, harmless=a.harmless, eval_harmful=a.eval_harmful,
-                    eval_harmless=a.eval_harmless, ce_text=None if a.ce_text == "none" else a.ce_text,
-                    prompt_field=a.field, seed=a.seed, system=a.system, chat_template=_chat_template(a), filter=a.filter,
-                    template_kwargs=template_kwargs_json(a.template_kwargs),
-                    refusal_tokens=a.refusal_tokens, batch_size=a.batch_size, gen_batch_size=a.gen_batch_size, judge=a.judge, min_refusal_rate=a.min_refusal_rate, dtype=a.dtype,
-                    trust_remote_code=a.trust_remote_code, device=a.device, device_map=a.device_map,
-                    max_memory=a.max_memory, revision=a.revision, load_in_4bit=a.load_in_4bit,
-                    load_in_8bit=a.load_in_8bit,
-                    selection=SelectionConfig(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold, prune=not a.no_prune,
-                                              exhaustive=a.exhaustive))
-    for k, v in preset.items():
-        setattr(cfg, k, v)
-    for k in ("n_train", "n_val", "n_eval", "max_new_tokens"):
-        if getattr(a, k) is not None:
-            setattr(cfg, k, getattr(a, k))
+    reserved = {"cmd", "debug", "config", "out", "preset", "stop_after"}
+    cfg = resolve({k: v for k, v in vars(a).items() if k not in reserved}, a.config, a.preset)
     validate_inputs(cfg)  # data sources and sizes, before loading the model
-    out = Path(a.out or f"runs/{Path(a.model).name}-seed{a.seed}")
+    out = Path(a.out or f"runs/{Path(cfg.model).name}-seed{cfg.seed}")
     _check_writable(out)
     t = time.time()
     summary = run_pipeline(cfg, out, stop_after=a.stop_after, log=lambda m: print(f"[refdir] {m}", file=sys.stderr))

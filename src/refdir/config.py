@@ -1,17 +1,24 @@
-"""The run's settings: one dataclass, presets, and a TOML file (``--config run.toml``).
+"""The run's settings: one schema for the CLI flags, the presets, :class:`RunConfig` and a TOML file.
 
-Precedence, lowest first: the defaults here, the preset, the TOML file, the flags given on the command
-line. The run folder's ``config.json`` records the resolved result.
+Every setting is a field of :class:`RunConfig` (or of its :class:`SelectionConfig`) whose metadata says
+its flag, help and how a text value is read; :func:`add_arguments` builds the flags from it and
+:func:`resolve` builds the configuration. Precedence, lowest first: the defaults here, the preset (a
+flag, or ``preset = "quick"`` in the file), the TOML file (``--config run.toml``), the flags given on the
+command line. The run folder's ``config.json`` records the resolved result.
+
+Torch-free on purpose: ``refdir --help`` builds its flags from this module without importing torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 
-from .models import DEFAULT_MODEL
-from .runtime import BatchPolicy
-from .selection import SelectionConfig
-from .templates import PromptFormat
+from .errors import RefdirError
+
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 
 PRESETS = {
     # CPU-sized defaults (documented in the README): the paper's sizes, 64 new tokens.
@@ -21,40 +28,109 @@ PRESETS = {
 }
 
 
+def _s(default, help: str = "", flag: str | None = None, group: str = "run", read: str | None = None, **arg):
+    """A setting: ``flag`` (None: no flag, TOML only), its argparse keywords, and ``read`` (how a text is read)."""
+    kw = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**kw, metadata={"help": help, "flag": flag, "group": group, "read": read, "arg": arg})
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{v}'") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {n}")
+    return n
+
+
+@dataclass
+class SelectionConfig:
+    max_layer_frac: float = _s(0.8, "discard candidates from layers >= int(frac * L)")
+    kl_threshold: float = _s(0.1, "discard candidates whose ablation moves harmless next-token KL above this",
+                             "--kl-threshold", type=float)
+    induce_threshold: float | None = _s(0.0, "induce filter (default: the model's calibrated refusal log-odds; "
+                                        "the paper uses 0)", "--induce-threshold", type=float)
+    batch_rows: int = _s(64, "rows (candidate x prompt) per forward pass")
+    prune: bool = _s(True, "score every eligible candidate fully", "--no-prune", action="store_false")
+    chunk: int = _s(8, "candidates given a full bypass score per round, in screen order")
+    exhaustive: bool = _s(False, "score all candidates, late layers too (full heatmaps)", "--exhaustive",
+                          action="store_true")
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BatchPolicy:
+    """Rows per forward pass for each kind of work (``source``: defaults | user | autotuned | cached)."""
+
+    prompt_rows: int = 32  # prompt passes: extraction, KL/CE, judges
+    gen_rows: int = 200  # greedy generation rows (the evaluation conditions share batches)
+    select_rows: int = 64  # selection rows: candidate x prompt
+    source: str = "defaults"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class RunConfig:
-    model: str = DEFAULT_MODEL
-    harmful: str = "builtin:harmful"
-    harmless: str = "builtin:harmless"
-    prompt_field: str = "instruction"  # column/key holding the instruction in user files
-    eval_harmful: str | None = None  # default: held out from `harmful`
-    eval_harmless: str | None = None
-    ce_text: str | None = "builtin:harmless_pairs"  # instruction+response text for CE (None: skip)
-    n_train: int = 128
-    n_val: int = 32
-    n_eval: int = 100
-    seed: int = 42
-    system: str | None = None  # None: the template's own default system prompt
-    chat_template: str | None = None  # Jinja template for tokenizers without one
-    template_kwargs: str | None = None  # JSON object passed to apply_chat_template ({"enable_thinking": false})
-    filter: str = "auto"  # auto | metric | generation | none
-    refusal_tokens: list[str] | None = None
-    max_new_tokens: int = 64
-    regenerate_ortho: bool = False
-    judge: str | None = None  # second judge: None, "self" (the model itself) or a classifier's hub id/folder
-    min_refusal_rate: float = 0.1
-    batch_size: int | None = None  # prompts per forward pass (extraction, KL/CE); None: the batch policy
-    # rows per generation batch: a decoding step's matmuls run ~3x faster per row at 200 rows than at 12
-    # on this CPU, so the evaluation conditions share batches (KV cache: ~1 GB for the 1.5B at 200 rows)
-    gen_batch_size: int | None = None  # None: 200 on the CPU, autotuned on accelerators
-    dtype: str = "auto"  # float32 on the CPU, the checkpoint's dtype (bf16 for fp32) on accelerators
-    trust_remote_code: bool = False
-    device: str = "auto"
-    device_map: str | None = None  # auto | balanced | FILE.json: several devices / offload (accelerate)
-    max_memory: str | None = None
-    revision: str | None = None
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
+    # the model and its prompt format
+    model: str = _s(DEFAULT_MODEL, "offline alias, hub id, local folder or .gguf file", "--model", "model")
+    system: str | None = _s(None, "system prompt (default: the template's own; '' for an empty one)", "--system",
+                            "model")
+    chat_template: str | None = _s(None, "Jinja chat template FILE for a tokenizer without one (e.g. a base model)",
+                                   "--chat-template", "model", read="file", metavar="FILE")
+    template_kwargs: str | None = _s(None, "extra chat-template variables, e.g. '{\"enable_thinking\": false}' "
+                                     "(Qwen3) or '{\"date_string\": \"26 Jul 2024\"}' (Llama-3.x prints today's "
+                                     "date otherwise)", "--template-kwargs", "model", read="json", metavar="JSON")
+    # where and how the weights are loaded
+    dtype: str = _s("auto", "auto: float32 on the CPU, the checkpoint's dtype on accelerators (bf16 for fp32 "
+                    "checkpoints)", "--dtype", "load", choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = _s("auto", "auto | cpu | cuda | cuda:N | mps", "--device", "load")
+    device_map: str | None = _s(None, "spread the model over several devices / offload to CPU and disk "
+                                "(accelerate)", "--device-map", "load", metavar="auto|balanced|FILE.json")
+    max_memory: str | None = _s(None, "per-device caps for --device-map", "--max-memory", "load",
+                                metavar="0=20GiB,cpu=64GiB")
+    revision: str | None = _s(None, "hub revision (branch, tag or commit) of a hub model", "--revision", "load")
+    load_in_4bit: bool = _s(False, "bitsandbytes 4-bit weights (hooks only; export re-reads the full-precision "
+                            "source)", "--load-in-4bit", "load", action="store_true")
+    load_in_8bit: bool = _s(False, "bitsandbytes 8-bit weights (likewise)", "--load-in-8bit", "load",
+                            action="store_true")
+    trust_remote_code: bool = _s(False, "allow code shipped with the model (off by default)", "--trust-remote-code",
+                                 "load", action="store_true")
+    # data and sizes
+    harmful: str = _s("builtin:harmful", "harmful instructions: builtin:harmful or a .json/.jsonl/.csv/.txt file",
+                      "--harmful")
+    harmless: str = _s("builtin:harmless", "harmless instructions (likewise)", "--harmless")
+    eval_harmful: str | None = _s(None, "harmful evaluation prompts (default: held out from --harmful)",
+                                  "--eval-harmful")
+    eval_harmless: str | None = _s(None, "harmless evaluation prompts (default: held out from --harmless)",
+                                   "--eval-harmless")
+    ce_text: str | None = _s("builtin:harmless_pairs", "instruction+response pairs for the CE check ('none' to "
+                             "skip)", "--ce-text", read="none")
+    prompt_field: str = _s("instruction", "JSON key / CSV column holding the instruction", "--field")
+    n_train: int = _s(128, "training prompts per side", "--n-train", type=_positive)
+    n_val: int = _s(32, "validation prompts per side (selection)", "--n-val", type=_positive)
+    n_eval: int = _s(100, "evaluation prompts per side", "--n-eval", type=_positive)
+    seed: int = _s(42, "seed of the splits", "--seed", type=int)
+    filter: str = _s("auto", "which prompts the screen keeps", "--filter",
+                     choices=["auto", "metric", "generation", "none"])
+    refusal_tokens: list[str] | None = _s(None, "override the derived refusal tokens", "--refusal-tokens", nargs="+")
+    min_refusal_rate: float = _s(0.1, "stop when the model refuses fewer harmful prompts than this (no direction "
+                                 "to find)", "--min-refusal-rate", type=float)
+    max_new_tokens: int = _s(64, "greedy tokens per completion (--preset paper: 512)", "--max-new-tokens",
+                             type=_positive)
+    regenerate_ortho: bool = _s(False, "regenerate under orthogonalized weights instead of checking them against "
+                                "ablation on logits")
+    judge: str | None = _s(None, "second judge: 'self' (the model says whether each reply is a refusal), "
+                           "'self+evasive' or a safety classifier hub id/folder", "--judge")
+    # batch sizes: None lets the runtime decide (CPU defaults, autotuned on accelerators)
+    batch_size: int | None = _s(None, "prompts per forward pass (default: 32 on the CPU, autotuned on "
+                                "accelerators)", "--batch-size", type=_positive)
+    gen_batch_size: int | None = _s(None, "rows per generation batch (default: 200 on the CPU, autotuned on "
+                                    "accelerators; the KV cache grows with it)", "--gen-batch-size", type=_positive)
     selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(induce_threshold=None))
 
     def to_json(self) -> dict:
@@ -63,7 +139,8 @@ class RunConfig:
         return d
 
     @property
-    def fmt(self) -> PromptFormat:
+    def fmt(self):
+        from .templates import PromptFormat
         return PromptFormat(system=self.system, chat_template=self.chat_template,
                             template_kwargs=self.template_kwargs)
 
@@ -77,6 +154,100 @@ class RunConfig:
 
     def load_options(self) -> dict:
         """Keyword arguments of :func:`refdir.models.load_model`."""
-        return {"dtype": self.dtype, "device": self.device, "device_map": self.device_map,
-                "max_memory": self.max_memory, "revision": self.revision, "load_in_4bit": self.load_in_4bit,
-                "load_in_8bit": self.load_in_8bit, "trust_remote_code": self.trust_remote_code}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("group") == "load"}
+
+
+def _settings(groups: tuple[str, ...]):
+    """(owner, field) of every setting with a flag in ``groups`` (``selection`` names SelectionConfig's)."""
+    for f in fields(RunConfig):
+        if f.metadata.get("flag") and f.metadata["group"] in groups:
+            yield "run", f
+    if "selection" in groups:
+        for f in fields(SelectionConfig):
+            if f.metadata.get("flag"):
+                yield "selection", f
+
+
+def add_arguments(p: argparse.ArgumentParser, groups: tuple[str, ...], suppress: bool = True,
+                  model_default: str | None = DEFAULT_MODEL) -> None:
+    """The flags of the settings in ``groups``. ``suppress``: a flag not given leaves no attribute, so
+    :func:`resolve` can tell given flags from defaults; otherwise the defaults are set."""
+    for owner, f in _settings(groups):
+        m = f.metadata
+        kw = dict(m["arg"], help=m["help"])
+        if suppress:
+            kw["default"] = argparse.SUPPRESS
+        elif f.name == "model":
+            kw["default"] = model_default
+        elif kw.get("action") not in ("store_true", "store_false"):
+            kw["default"] = f.default if f.default is not MISSING else None
+        p.add_argument(m["flag"], dest=f.name if owner == "run" else f"selection.{f.name}", **kw)
+
+
+def canonical_json_object(text, flag: str = "--template-kwargs") -> str | None:
+    """A JSON object given as text (or a dict) as canonical JSON (sorted keys); None for an empty one."""
+    if text is None or text == "" or text == {}:
+        return None
+    try:
+        obj = json.loads(text) if isinstance(text, str) else text
+    except ValueError as e:
+        raise RefdirError(f"{flag} is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RefdirError(f"{flag} must be a JSON object, e.g. '{{\"enable_thinking\": false}}'")
+    return json.dumps(obj, sort_keys=True)
+
+
+def read_value(f, value):
+    """A setting's value as given in a flag or the TOML file, read as its metadata says."""
+    how = f.metadata.get("read")
+    if value is None:
+        return None
+    if how == "file":
+        try:
+            return Path(value).read_text()
+        except OSError as e:
+            raise RefdirError(f"cannot read --{f.name.replace('_', '-')} {value}: {e.strerror}") from None
+    if how == "json":
+        return canonical_json_object(value, f"--{f.name.replace('_', '-')}")
+    if how == "none":
+        return None if value == "none" else value
+    return value
+
+
+def load_toml(path: str) -> dict:
+    import tomllib
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as e:
+        raise RefdirError(f"cannot read --config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RefdirError(f"--config {path} is not valid TOML: {e}") from None
+
+
+def resolve(given: dict, config_file: str | None = None, preset: str | None = None) -> RunConfig:
+    """Defaults < preset < TOML file < ``given`` (flags as parsed: ``selection.X`` keys for selection)."""
+    table = load_toml(config_file) if config_file else {}
+    preset = preset or table.pop("preset", None) or "default"
+    table.pop("preset", None)
+    if preset not in PRESETS:
+        raise RefdirError(f"unknown preset '{preset}' (use {', '.join(PRESETS)})")
+    run_fields = {f.name: f for f in fields(RunConfig) if f.name != "selection"}
+    sel_fields = {f.name: f for f in fields(SelectionConfig)}
+    sel_table = table.pop("selection", {})
+    where = f"--config {config_file}"
+    unknown = [k for k in table if k not in run_fields] + [f"selection.{k}" for k in sel_table if k not in sel_fields]
+    if unknown:
+        raise RefdirError(f"{where}: unknown setting '{unknown[0]}' (settings: {', '.join(run_fields)}, "
+                          f"[selection] {', '.join(sel_fields)})")
+    cfg = RunConfig(**PRESETS[preset])
+    for k, v in table.items():
+        setattr(cfg, k, read_value(run_fields[k], v))
+    for k, v in sel_table.items():
+        setattr(cfg.selection, k, v)
+    for k, v in given.items():
+        if k.startswith("selection."):
+            setattr(cfg.selection, k.split(".", 1)[1], v)
+        elif k in run_fields:
+            setattr(cfg, k, read_value(run_fields[k], v))
+    return cfg

@@ -8,9 +8,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 
 @contextlib.contextmanager
@@ -88,6 +89,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _json_default(o: Any) -> Any:
+    import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
     if isinstance(o, torch.Tensor):
         return o.tolist()
     if isinstance(o, Path):

@@ -15,13 +15,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 from .errors import RefdirError
 from .io import atomic_dir
 
-DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+from .config import DEFAULT_MODEL  # noqa: E402,F401  (one place: the config schema)
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ def _convert_gguf(gguf_path: Path, out: Path, dtype: torch.dtype) -> None:
 
 def _cached_offline(model: OfflineModel) -> Path:
     """Assemble, verify and dequantize an offline model once; return its safetensors folder."""
+    import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
     out = cache_dir() / "models" / f"{model.alias}-{model.sha256[:12]}"
     if (out / "config.json").exists():
         return out
@@ -153,6 +158,7 @@ def _cached_offline(model: OfflineModel) -> Path:
 
 def _cached_gguf(path: Path) -> Path:
     """Dequantize a user GGUF file once, keyed by its path, size and modification time."""
+    import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "models" / f"{path.stem}-{key}"
@@ -185,6 +191,7 @@ ACCELERATOR_DTYPE = "bfloat16"  # what "auto" gives an fp32 checkpoint on a GPU:
 
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> cuda, else mps, else cpu; a named device is checked before any weight is read."""
+    import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -210,6 +217,7 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def _checkpoint_dtype(config) -> torch.dtype | None:
+    import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(d, str):
@@ -220,6 +228,7 @@ def _checkpoint_dtype(config) -> torch.dtype | None:
 def resolve_dtype(dtype: str | torch.dtype, device: str, config=None) -> torch.dtype:
     """``auto``: float32 on the CPU (~8x faster than bf16 there); on accelerators the checkpoint's dtype,
     except fp32 checkpoints (-> bf16, half the memory) and fp16 for Gemma 2/3 (which overflows: -> bf16)."""
+    import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
@@ -310,6 +319,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
     hook-based evaluation (weight edits re-read the full-precision source). Every option is checked
     before a weight is read. ``trust_remote_code`` stays off unless the caller asks: repos can ship code.
     """
+    import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -11,25 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .adapter import ModelAdapter, get_adapter
+from .config import BatchPolicy
 from .templates import Batch, PromptFormat, tokenize_prompts
-
-
-@dataclass
-class BatchPolicy:
-    """Rows per forward pass for each kind of work (``source``: defaults | user | autotuned | cached)."""
-
-    prompt_rows: int = 32  # prompt passes: extraction, KL/CE, judges
-    gen_rows: int = 200  # greedy generation rows (the evaluation conditions share batches)
-    select_rows: int = 64  # selection rows: candidate x prompt
-    source: str = "defaults"
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

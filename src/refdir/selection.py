@@ -29,26 +29,13 @@ from tqdm.auto import tqdm
 
 from .activations import recording_resid_pre
 from .adapter import get_adapter
+from .config import SelectionConfig  # noqa: F401  (re-exported: refdir.SelectionConfig)
 from .errors import RefdirError
 from .interventions import activation_addition, directional_ablation, start_at_layer
 from .forward import (FORWARD_OVERHEAD_TOKENS, PrefixBatch, expand, forward_rest, last_logits_shared, length_buckets,
                       prefix_cache, split_prefix)
 from .refusal import position_ids, refusal_metric
 from .templates import Batch
-
-
-@dataclass
-class SelectionConfig:
-    max_layer_frac: float = 0.8  # discard candidates from layers >= int(0.8 * L)
-    kl_threshold: float = 0.1
-    induce_threshold: float | None = 0.0  # None: calibrated per model by the pipeline
-    batch_rows: int = 64  # rows (candidate x prompt) per forward pass
-    prune: bool = True
-    chunk: int = 8  # candidates given a full bypass score per round, in screen order
-    exhaustive: bool = False  # score every candidate, late layers too (full heatmaps)
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass

@@ -47,15 +47,8 @@ class PromptFormat:
 
 def template_kwargs_json(text: str | dict | None) -> str | None:
     """``--template-kwargs`` as canonical JSON (sorted keys), or a one-line error."""
-    if text is None or text == "" or text == {}:
-        return None
-    try:
-        obj = json.loads(text) if isinstance(text, str) else text
-    except ValueError as e:
-        raise RefdirError(f"--template-kwargs is not JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise RefdirError("--template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
-    return json.dumps(obj, sort_keys=True)
+    from .config import canonical_json_object
+    return canonical_json_object(text)
 
 
 def _messages(instruction: str, system: str | None) -> list[dict]:
