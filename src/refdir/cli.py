@@ -350,7 +350,8 @@ def cmd_judge(a) -> int:
         raise RefdirError(f"no completions for {', '.join(missing)} in {run}; it has {', '.join(sorted(have))}")
     spec, fmt = _run_model_and_format(a, run)
     model, tok = load_model(spec, **load_options(a))
-    judge_run(run, a.judge, model, tok, fmt, a.conditions)
+    judge_run(run, a.judge, model, tok, fmt, a.conditions,
+              {k: load_options(a)[k] for k in ("device", "dtype", "trust_remote_code")})
     print_summary(summarize(run))
     return 0
 

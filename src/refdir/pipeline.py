@@ -326,7 +326,7 @@ def evaluate_direction(rt: Runtime, direction: Direction, data: dict, cfg: RunCo
 
     if cfg.judge:
         log(f"evaluate: second judge ({cfg.judge})")
-    judge = second_judge(model, tok, rows, cfg.judge, fmt) if cfg.judge else None
+    judge = second_judge(model, tok, rows, cfg.judge, fmt, load_options=_judge_load(cfg)) if cfg.judge else None
     log("evaluate: KL and cross-entropy on harmless prompts and text")
 
     # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
@@ -372,8 +372,13 @@ def evaluate_direction(rt: Runtime, direction: Direction, data: dict, cfg: RunCo
     return ev, rows
 
 
+def _judge_load(cfg: RunConfig) -> dict:
+    """A classifier judge goes where the run's model computes, in its dtype (a device map is the model's own)."""
+    return {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
+
+
 def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | None = None,
-              only: list[str] | None = None) -> dict:
+              only: list[str] | None = None, load_options: dict | None = None) -> dict:
     """Add (or replace) the second judge of a finished run from its stored completions: no regeneration.
 
     The chat judge reads its prompt in ``fmt`` (default: the run's own prompt format). Rewrites
@@ -387,7 +392,7 @@ def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | N
     fmt = fmt or PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"),
                               template_kwargs=template_kwargs_json(cfg.get("template_kwargs")))
     ev = json.loads(ev_file.read_text())
-    ev["judge"] = second_judge(model, tok, read_jsonl(comp_file), judge_spec, fmt, only)
+    ev["judge"] = second_judge(model, tok, read_jsonl(comp_file), judge_spec, fmt, only, load_options)
     write_json(ev_file, ev)
     write_report(run_path)
     summary = summarize(run_path)
