@@ -23,6 +23,7 @@ import torch
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256),
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256),
+    "smoke": (128, 256, 4, 4, 2, 1024),  # a CPU smoke test of this script: python benchmarks/gpu_check.py --shape smoke --device cpu
 }
 HBM_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # vendor peak bandwidth, GB/s
 
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
     from refdir.activations import mean_activations
     from refdir.data import load_builtin
@@ -61,17 +63,20 @@ def main() -> None:
     from refdir.selection import SelectionConfig, select_direction
     from refdir.templates import tokenize_prompts
 
-    dev = "cuda"
-    torch.cuda.reset_peak_memory_stats()
+    dev = a.device
+    cuda = dev.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     model, tok = build(a.shape, a.layers, dev), tokenizer()
-    res: dict = {"shape": a.shape, "gpu": torch.cuda.get_device_name(0)}
+    res: dict = {"shape": a.shape, "gpu": torch.cuda.get_device_name(0) if cuda else "cpu"}
     harm = [p.instruction for p in load_builtin("harmful")][:128]
     safe = [p.instruction for p in load_builtin("harmless")][:128]
     hb, sb = tokenize_prompts(tok, harm, device=dev), tokenize_prompts(tok, safe, device=dev)
-    torch.cuda.synchronize()
+    sync()
     t = time.time()
     mh, ms = mean_activations(model, hb, batch_size=64), mean_activations(model, sb, batch_size=64)
-    torch.cuda.synchronize()
+    sync()
     n_tok = int(hb.attention_mask.sum() + sb.attention_mask.sum())
     res["extract_s"] = time.time() - t
     res["extract_tok_s"] = n_tok / res["extract_s"]
@@ -80,7 +85,7 @@ def main() -> None:
     sel = select_direction(model, cands, tokenize_prompts(tok, harm[:32], device=dev),
                            tokenize_prompts(tok, safe[:32], device=dev), [40, 50],
                            SelectionConfig(induce_threshold=-1e9, kl_threshold=1e9), progress=False)
-    torch.cuda.synchronize()
+    sync()
     res["select_s"] = time.time() - t
     scored = int(sum(1 for row in sel.bypass.tolist() for v in row if v == v))
     res["select_s_per_scored_candidate"] = res["select_s"] / max(scored, 1)
@@ -88,14 +93,14 @@ def main() -> None:
     # greedy decoding: batch doubles while it fits and gets faster
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     best, bs = None, 16
-    while bs <= 1024:
+    while bs <= (1024 if cuda else 32):
         try:
             b = tokenize_prompts(tok, (safe * 8)[:bs], device=dev)
             pb = split_prefix(b, model=model, extra=64)
-            torch.cuda.synchronize()
+            sync()
             t = time.time()
             new, _ = greedy_generate(model, pb, 64, [-1])  # no end token: every row decodes 64 tokens
-            torch.cuda.synchronize()
+            sync()
             rate = sum(len(x) for x in new) / (time.time() - t)
         except torch.OutOfMemoryError:
             break
@@ -108,12 +113,13 @@ def main() -> None:
         kv = 2 * SHAPES[a.shape][2] * SHAPES[a.shape][4] * 128 * 2 * 96 * best[0]
         res["decode_roofline"] = best[1] / (best[0] * bw * 1e9 / (params + kv))
     t = time.time()
-    orthogonalize_weights(model, cands[-1, 5])
-    torch.cuda.synchronize()
+    orthogonalize_weights(model, cands[-1, min(5, cands.shape[1] - 1)])
+    sync()
     res["ortho_s"] = time.time() - t
-    res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as d:  # streaming export of a saved copy (CPU side, disk speed)
         from refdir.directions import Direction
         from refdir.export import export_streaming

@@ -136,6 +136,8 @@ def _cached_offline(model: OfflineModel) -> Path:
     if (out / "config.json").exists():
         return out
     parts = offline_parts(model)
+    _announce(f"first use of '{model.alias}': verifying and dequantizing its {model.size / 2**30:.1f} GiB GGUF once "
+              f"into {out} (a few minutes on a laptop CPU; later loads take seconds)")
     size, digest = _sha256_of(parts)
     if size != model.size or digest != model.sha256:
         raise RefdirError(
@@ -156,6 +158,12 @@ def _cached_offline(model: OfflineModel) -> Path:
     return out
 
 
+def _announce(message: str) -> None:
+    """One line on stderr before slow one-time work, so a first run never looks stuck."""
+    import sys
+    print(f"[refdir] {message}", file=sys.stderr, flush=True)
+
+
 def _cached_gguf(path: Path) -> Path:
     """Dequantize a user GGUF file once, keyed by its path, size and modification time."""
     import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
@@ -163,6 +171,7 @@ def _cached_gguf(path: Path) -> Path:
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "models" / f"{path.stem}-{key}"
     if not (out / "config.json").exists():
+        _announce(f"first use of {path.name}: dequantizing it once into {out} (minutes; later loads take seconds)")
         _convert_gguf(path, out, torch.float32)
     return out
 
