@@ -189,3 +189,12 @@ def test_extract_then_select_commands(tiny_folder, tmp_path, capsys):
     d = json.loads((out / "direction.json").read_text())
     for key in ("model", "layer", "position", "token", "bypass", "induce", "kl", "refusal_tokens", "sizes", "seed"):
         assert key in d, key
+
+
+def test_monitor_command(tiny_run, tiny_folder, tmp_path):
+    out = tmp_path / "mon.json"
+    assert main(["monitor", "--run", str(tiny_run), "--model", str(tiny_folder), "--prompts", "builtin:harmless",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["items"]) > 0 and 0 <= res["evaluation"]["direction"]["auroc"] <= 1
+    assert "Refusal monitor" in (tiny_run / "report.html").read_text()

@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--conditions", nargs="+", default=None, metavar="SPLIT/CONDITION",
                    help="judge only these (e.g. harmless/actadd+ harmful/ablation); default: all")
 
+    mo = sub.add_parser("monitor", help="flag prompts by their projection onto r̂; AUROC per layer and read position")
+    _add_model_args(mo, from_run=True)
+    mo.add_argument("--run", required=True, help="run folder (its prompts, direction and suffix.json if present)")
+    mo.add_argument("--prompts", default=None, help="prompts to score (builtin:harmful, a .json/.jsonl/.csv/.txt file)")
+    mo.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
+    mo.add_argument("--out", required=True, help="output .json (also written to RUN/monitor.json for the report)")
+
     sub.add_parser("models", help="list the offline model aliases and whether their packages are installed")
     return ap
 
@@ -428,6 +435,28 @@ def cmd_compare_base(a) -> int:
     return 0
 
 
+def cmd_monitor(a) -> int:
+    from .data import load_prompts
+    from .io import write_json
+    from .monitor import monitor_run
+    from .report import write_report
+
+    prompts = [p.instruction for p in load_prompts(a.prompts, a.field)] if a.prompts else None
+    out = Path(a.out)
+    _check_writable(out)
+    run, data, rt, direction = _load_for_run(a)
+    suffix = json.loads((run / "suffix.json").read_text())["suffix"] if (run / "suffix.json").is_file() else None
+    res = monitor_run(rt.model, rt.tokenizer, data, direction, rt.fmt, prompts, suffix, rt.batch.prompt_rows)
+    write_json(out, res)
+    write_json(run / "monitor.json", {k: v for k, v in res.items() if k != "items"})
+    write_report(run)
+    e = res["evaluation"]["direction"]
+    print(f"monitor at layer {res['layer']}, position {res['position']}: AUROC {e['auroc']:.3f}, TPR at 1% FPR "
+          f"{e['tpr_at_1pct_fpr']:.2f} on {res['n_evaluation']['harmful']}+{res['n_evaluation']['harmless']} eval "
+          f"prompts; threshold {res['threshold']:.3f} -> {out}")
+    return 0
+
+
 def cmd_models(a) -> int:
     from .models import DEFAULT_MODEL, OFFLINE_MODELS, offline_parts
     for alias, m in OFFLINE_MODELS.items():
@@ -453,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return {"run": cmd_run, "extract": cmd_run, "select": cmd_select, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models,
-                "judge": cmd_judge, "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
+                "judge": cmd_judge, "monitor": cmd_monitor, "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
     except RefdirError as e:
         if a.debug:
             raise

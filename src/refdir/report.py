@@ -123,6 +123,22 @@ def _first_sentence(text: str, limit: int = 90) -> str:
     return line[:limit] + ("…" if len(line) > limit else "")
 
 
+def _monitor_section(mon: dict) -> str:
+    """The refusal monitor: detection quality at the direction's layer for each read position."""
+    n = mon["n_evaluation"]
+    rows = [[r, v["auroc"], v["tpr_at_1pct_fpr"], v["flagged_harmful"], v["flagged_harmless"],
+             (mon.get("suffix") or {}).get("flagged", {}).get(r, {}).get("with_gcg_suffix", "")]
+            for r, v in mon["evaluation"].items()]
+    best = max(((r, max(s["auroc"])) for r, s in mon["sweep"].items()), key=lambda x: x[1])
+    return (f"<h2>Refusal monitor</h2><p>Projection onto r̂ at layer {mon['layer']}; threshold "
+            f"{mon['threshold']:.3f} ({html.escape(mon['threshold_rule'])}; {mon['n_calibration']['harmful']}+"
+            f"{mon['n_calibration']['harmless']} prompts). Measured on {n['harmful']} harmful and {n['harmless']} "
+            f"harmless evaluation prompts (TPR at 1% FPR: at most {int(0.01 * n['harmless'])} harmless prompt(s) "
+            f"above the threshold); the last column is the fraction of GCG-suffixed harmful prompts flagged.</p>"
+            + _table(["read", "AUROC", "TPR@1%FPR", "flagged harmful", "flagged harmless", "flagged +GCG suffix"], rows)
+            + f"<p class=note>Best AUROC over all layers: {best[1]:.3f} ({html.escape(best[0])}).</p>")
+
+
 def _table(headers: list[str], rows: list[list]) -> str:
     def cell(v):
         if v is None:
@@ -219,6 +235,9 @@ def write_report(run_path: str | Path) -> Path:
                          f"held-out refusal rate (n={sj['n_eval']}): none {r['none']:.2f}, random suffix "
                          f"{r['random']:.2f}, adversarial suffix {r['adversarial']:.2f}.</p>")
         parts.append(f"<img src='{suffix_figures(sa)}'>")
+    mon = load("monitor.json")
+    if mon:
+        parts.append(_monitor_section(mon))
     page = f"<!doctype html><html><head><meta charset=utf-8><title>refdir report</title><style>{CSS}</style></head>" \
            f"<body>{''.join(parts)}</body></html>"
     out = run / "report.html"
