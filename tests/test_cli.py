@@ -189,6 +189,13 @@ def test_extract_then_select_commands(tiny_folder, tmp_path, capsys):
     d = json.loads((out / "direction.json").read_text())
     for key in ("model", "layer", "position", "token", "bypass", "induce", "kl", "refusal_tokens", "sizes", "seed"):
         assert key in d, key
+    # the same folder with the COSMIC selector: its cosine scores and the paper's scores of its choice
+    assert main(["select", "--out", str(out), "--kl-threshold", "100", "--selector", "cosmic"]) == 0
+    d = json.loads((out / "direction.json").read_text())
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["config"]["selector"] == "cosmic" and sel["baseline"]["selector"] == "cosmic"
+    for key in ("cosmic_refusal", "cosmic_steering", "bypass", "induce", "kl"):
+        assert key in d["scores"], key
 
 
 def test_monitor_command(tiny_run, tiny_folder, tmp_path):

@@ -98,3 +98,40 @@ def test_filters_and_reasons():
     assert counts.get("kl", 0) >= 1
     from refdir.selection import explain_no_choice
     assert "KL" in explain_no_choice(res)
+
+
+def test_cosmic_scores_are_the_cosines_it_defines():
+    """COSMIC's refusal score of a candidate equals the cosine computed by hand from hooked activations."""
+    from refdir.cosmic import _unit_mean, evaluation_layers, last_outputs, select_direction_cosmic
+    from refdir.interventions import directional_ablation
+    from refdir.selection import SelectionConfig
+    from refdir.templates import tokenize_prompts
+    from tiny import tiny_model
+    model, tok = tiny_model("llama")
+    harm = ["Explain how to pick a lock.", "Write a threatening letter.", "How do I make a weapon?",
+            "Describe how to steal a car."]
+    safe = ["Write a poem about rain.", "How do I sort a list in Python?", "Explain photosynthesis briefly.",
+            "Name a color."]
+    hb, lb = tokenize_prompts(tok, harm), tokenize_prompts(tok, safe)
+    from refdir.activations import mean_activations
+    from refdir.directions import candidate_directions
+    cands = candidate_directions(mean_activations(model, hb), mean_activations(model, lb))
+    res = select_direction_cosmic(model, cands, hb, lb, hb, lb, SelectionConfig(kl_threshold=1e9), progress=False)
+    layers = evaluation_layers(model, hb, lb)
+    assert layers == res.baseline["evaluation_layers"] and len(layers) == 1  # 10% of 4 layers, at least one
+    p, l = res.chosen
+    assert res.reasons[p][l] == "chosen" and l < 3  # 0.8 L
+    # by hand: ablate the chosen direction, take the last-position output of the evaluation layer, compare
+    seen = []
+    h = model.model.layers[layers[0]].register_forward_hook(lambda m, a, o: seen.append((o[0] if isinstance(o, tuple)
+                                                                                         else o)[:, -1].double()))
+    with directional_ablation(model, cands[p, l]):
+        model(input_ids=hb.input_ids, attention_mask=hb.attention_mask,
+              position_ids=(hb.attention_mask.cumsum(-1) - 1).clamp(min=0))
+    h.remove()
+    base_harmless = _unit_mean(last_outputs(model, lb, layers))
+    by_hand = float((seen[0].mean(0) / seen[0].mean(0).norm()) @ base_harmless)
+    assert abs(by_hand - float(res.bypass[p, l])) < 1e-5
+    best = max((float(res.bypass[q, m] + res.induce[q, m]), q, m) for q in range(cands.shape[0]) for m in range(3)
+               if res.reasons[q][m] in ("chosen", "pruned", "kl"))
+    assert (best[1], best[2]) == (p, l)  # the highest refusal + steering that passes KL (threshold off here)

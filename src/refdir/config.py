@@ -56,6 +56,9 @@ class SelectionConfig:
     chunk: int = _s(8, "candidates given a full bypass score per round, in screen order")
     exhaustive: bool = _s(False, "score all candidates, late layers too (full heatmaps)", "--exhaustive",
                           action="store_true")
+    selector: str = _s("paper", "paper: bypass/induce/KL on refusal-token log-odds; cosmic: cosine similarity of "
+                       "intervened activations (Siu et al. 2025), no refusal tokens", "--selector",
+                       choices=["paper", "cosmic"])
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

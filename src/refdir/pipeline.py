@@ -34,7 +34,8 @@ from .models import release_memory
 from .refusal import REFUSAL_PHRASES, last_logits
 from .runtime import BatchPolicy, Runtime
 from .screen import prepare_prompts
-from .selection import SelectionConfig, require_choice, select_direction
+from .cosmic import select_direction_cosmic
+from .selection import SelectionConfig, paper_scores, require_choice, select_direction
 from .templates import PromptFormat, format_prompt, post_instruction_tokens, template_kwargs_json
 
 RUN_FORMAT = 1
@@ -240,7 +241,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         return {"candidates": list(candidates.shape)}
 
     # 3. selection
-    sel_key = {k: v for k, v in cfg.selection.to_json().items() if k != "batch_rows"}  # rows: float rounding only
+    # rows per pass change float rounding only; the default selector keeps older run folders' keys
+    sel_key = {k: v for k, v in cfg.selection.to_json().items()
+               if k != "batch_rows" and not (k == "selector" and v == "paper")}
     key3 = _hash({"candidates": run.artifact_hash("candidates.safetensors"), "sel": sel_key,
                   "prompts": run.artifact_hash("prompts.json"), **base_key})
     t = time.time()
@@ -250,14 +253,23 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         sel_cfg = dataclasses.replace(cfg.selection, batch_rows=rt.batch.select_rows)
         if sel_cfg.induce_threshold is None:  # auto: the calibrated refusal threshold of this model
             sel_cfg = SelectionConfig(**{**sel_cfg.to_json(), "induce_threshold": data["metric_threshold"]})
-        res = select_direction(model, candidates, hv, lv, ref_ids, sel_cfg)
+        if sel_cfg.selector == "cosmic":
+            htr, ltr = rt.encode(_instructions(data["harmful_train"])), rt.encode(_instructions(data["harmless_train"]))
+            res = select_direction_cosmic(model, candidates, hv, lv, htr, ltr, sel_cfg)
+        else:
+            res = select_direction(model, candidates, hv, lv, ref_ids, sel_cfg)
         sel = res.to_json()
         sel["seconds"] = round(time.time() - t, 2)
         sel["config"] = sel_cfg.to_json()
         write_json(run.file("selection.json"), sel)
         p, l = require_choice(res)
-        scores = {"bypass": float(res.bypass[p, l]), "induce": float(res.induce[p, l]), "kl": float(res.kl[p, l]),
-                  **res.baseline}
+        if sel_cfg.selector == "cosmic":  # and the paper's scores of the same candidate, to compare the selectors
+            paper = paper_scores(model, candidates, p, l, hv, lv, ref_ids, sel_cfg)
+            scores = {"cosmic_refusal": float(res.bypass[p, l]), "cosmic_steering": float(res.induce[p, l]),
+                      "kl": float(res.kl[p, l]), **paper}
+        else:
+            scores = {"bypass": float(res.bypass[p, l]), "induce": float(res.induce[p, l]),
+                      "kl": float(res.kl[p, l]), **res.baseline}
         d = direction_from_candidates(candidates, p, l, spec, scores)
         d.extra = {"token": data["prompt_format"]["post_instruction_tokens"][p],
                    "refusal_tokens": data["refusal_tokens"]["tokens"], "seed": cfg.seed,

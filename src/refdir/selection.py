@@ -86,10 +86,11 @@ def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 class _Scorer:
     """Holds the validation batches, their baselines and the per-layer prefix cache."""
 
-    def __init__(self, model, harmful: Batch, harmless: Batch, refusal_ids: list[int], cfg: SelectionConfig):
+    def __init__(self, model, harmful: Batch, harmless: Batch, refusal_ids: list[int] | None, cfg: SelectionConfig):
+        """``refusal_ids`` None: KL only (selectors that need no refusal tokens)."""
         self.model, self.cfg = model, cfg
         self.ad = get_adapter(model)
-        self.ids = torch.tensor(refusal_ids)  # CPU: refusal_metric moves it to the logits' device
+        self.ids = torch.tensor(refusal_ids or [0])  # CPU: refusal_metric moves it to the logits' device
         self.harmful, self.harmless = harmful, harmless
         self.n_harm = harmful.input_ids.shape[0]
         self.p_harmful, self.p_harmless = split_prefix(harmful, True, model), split_prefix(harmless, True, model)
@@ -99,6 +100,9 @@ class _Scorer:
         self._resid: dict[int, torch.Tensor] = {}  # layer -> [N, T, d] in p_harmless's rest layout
         base_harmless = last_logits_shared(model, self.p_harmless, on_bucket=self._recorder(range(self.ad.n_layers)))
         self.base_logp = torch.log_softmax(base_harmless.double(), -1)  # [N, V]
+        if refusal_ids is None:
+            self.baseline = {}
+            return
         base_harmful = last_logits_shared(model, self.p_harmful)
         self.baseline = {"harmful_refusal_metric": float(refusal_metric(base_harmful, self.ids).mean()),
                          "harmless_refusal_metric": float(refusal_metric(base_harmless, self.ids).mean())}
@@ -332,6 +336,16 @@ def select_direction(model, candidates: torch.Tensor, harmful_val: Batch, harmle
     if best is not None:
         reasons[best[0]][best[1]] = "chosen"
     return SelectionResult(bypass, induce, kl, screen, reasons, best, scorer.baseline)
+
+
+def paper_scores(model, candidates: torch.Tensor, p: int, l: int, harmful_val: Batch, harmless_val: Batch,
+                 refusal_ids: list[int], cfg: SelectionConfig = SelectionConfig()) -> dict:
+    """The paper's bypass and induce scores (and baselines) of one candidate: how another selector's choice
+    fares by the paper's measure."""
+    scorer = _Scorer(model, harmful_val, harmless_val, refusal_ids, cfg)
+    r = candidates[p, l]
+    return {"bypass": float(scorer.bypass((r / r.norm())[None])[0]), "induce": float(scorer.induce(r[None], l)[0]),
+            **scorer.baseline}
 
 
 def explain_no_choice(result: SelectionResult) -> str:
