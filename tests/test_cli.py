@@ -205,3 +205,31 @@ def test_monitor_command(tiny_run, tiny_folder, tmp_path):
     res = json.loads(out.read_text())
     assert len(res["items"]) > 0 and 0 <= res["evaluation"]["direction"]["auroc"] <= 1
     assert "Refusal monitor" in (tiny_run / "report.html").read_text()
+
+
+def test_cone_command_and_rank_in_evaluate_and_export(tiny_run, tiny_folder, tmp_path):
+    out = tmp_path / "cone.json"
+    assert main(["cone", "--run", str(tiny_run), "--model", str(tiny_folder), "--max-rank", "2",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["rank"] for r in res["ranks"]] == [1, 2] and "Refusal cone" in (tiny_run / "report.html").read_text()
+    ev = tmp_path / "ev.json"
+    assert main(["evaluate", "--model", str(tiny_folder), "--direction", str(tiny_run), "--rank", "2", "--prompts",
+                 "builtin:harmful", "--n", "4", "--max-new-tokens", "4", "--intervention", "ablate",
+                 "--out", str(ev)]) == 0
+    assert json.loads(ev.read_text())["rank"] == 2
+    assert main(["export", "--model", str(tiny_folder), "--direction", str(tiny_run), "--rank", "2",
+                 "--out", str(tmp_path / "exp")]) == 0
+    from refdir.directions import load_subspace
+    from refdir.interventions import subspace_ablation
+    from refdir.models import load_model
+    from refdir.refusal import last_logits
+    from refdir.templates import tokenize_prompts
+    base, tok = load_model(str(tiny_folder))
+    exported, _ = load_model(str(tmp_path / "exp"))
+    b = tokenize_prompts(tok, ["Write a poem about rain.", "Name a color."])
+    with subspace_ablation(base, load_subspace(tiny_run, 2)):
+        want = last_logits(base, b.input_ids, b.attention_mask)
+    assert (last_logits(exported, b.input_ids, b.attention_mask) - want).abs().max() < 1e-4
+    assert main(["export", "--model", str(tiny_folder), "--direction", str(tiny_run), "--rank", "9",
+                 "--out", str(tmp_path / "exp9")]) == 2  # the cone holds ranks 1..2

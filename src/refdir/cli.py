@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=_positive, default=None, help="use the first N prompts")
     e.add_argument("--max-new-tokens", type=_positive, default=64)
     e.add_argument("--batch-size", type=_positive, default=128, help="prompts per generation batch")
+    e.add_argument("--rank", type=_positive, default=1, help="ablate / orthogonalize the first RANK vectors of the "
+                   "run's refusal cone (refdir cone)")
     e.add_argument("--out", required=True, help="output .json")
 
     x = sub.add_parser("export", help="write an orthogonalized checkpoint loadable with plain transformers")
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     x.add_argument("--allow-approximate", action="store_true",
                    help="edit projections even where writes pass through a norm (not equal to ablation)")
+    x.add_argument("--rank", type=_positive, default=1, help="project out the first RANK vectors of the run's refusal "
+                   "cone (refdir cone) instead of its direction alone")
     x.add_argument("--in-memory", action="store_true",
                    help="load the model, edit it and save_pretrained (default: stream the source safetensors tensor "
                         "by tensor, peak memory about one tensor)")
@@ -132,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "each other reply evades the request: for strong judge models) or a safety classifier hub id/folder")
     j.add_argument("--conditions", nargs="+", default=None, metavar="SPLIT/CONDITION",
                    help="judge only these (e.g. harmless/actadd+ harmful/ablation); default: all")
+
+    co = sub.add_parser("cone", help="ablate refusal subspaces of rank 1..K (Wollschläger et al. 2025)")
+    _add_model_args(co, from_run=True)
+    co.add_argument("--run", required=True, help="run folder (its prompts, candidates and direction)")
+    co.add_argument("--prompts", default=None, help="harmful prompts to evaluate (default: the run's eval_harmful)")
+    co.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
+    co.add_argument("--max-rank", type=_positive, default=4)
+    co.add_argument("--max-new-tokens", type=_positive, default=64)
+    co.add_argument("--out", required=True, help="output .json (also RUN/cone.json and RUN/cone.safetensors)")
 
     mo = sub.add_parser("monitor", help="flag prompts by their projection onto r̂; AUROC per layer and read position")
     _add_model_args(mo, from_run=True)
@@ -269,14 +282,24 @@ def cmd_evaluate(a) -> int:
     ins, cats = [p.instruction for p in prompts], [p.category for p in prompts]
     from .forward import check_prompts_fit
     check_prompts_fit(model, tok, ins, fmt, a.max_new_tokens)
+    subspace = None
+    if a.rank > 1:
+        if a.intervention not in ("ablate", "ortho"):
+            raise RefdirError("--rank applies to --intervention ablate or ortho (a subspace has no single vector to add)")
+        from .directions import load_subspace
+        subspace = load_subspace(a.direction, a.rank, ad.d_model)
     if a.intervention == "ortho":
-        orthogonalize_weights(model, direction.vector)  # in place: this process owns the model
+        for v in (subspace if subspace is not None else [direction.vector]):
+            orthogonalize_weights(model, v)  # in place: this process owns the model
         items = generate_judged(model, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, "ortho")
     else:
-        with condition(model, a.intervention, direction, a.coeff):
+        from .interventions import subspace_ablation
+        ctx = (subspace_ablation(model, subspace) if subspace is not None
+               else condition(model, a.intervention, direction, a.coeff))
+        with ctx:
             items = generate_judged(model, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, a.intervention)
     result = {"refusal_rate": refusal_rate(items), "n": len(items), "intervention": a.intervention,
-              "coeff": a.coeff, "items": [{"prompt": j.prompt, "refused": j.refused, "completion": j.completion}
+              "coeff": a.coeff, "rank": a.rank, "items": [{"prompt": j.prompt, "refused": j.refused, "completion": j.completion}
                                           for j in items]}
     write_json(out, result)
     print(f"refusal rate {result['refusal_rate']:.3f} on {len(items)} prompts ({a.intervention}) -> {out}")
@@ -293,16 +316,19 @@ def cmd_export(a) -> int:
         raise RefdirError(f"output folder {out} is not empty; pass --force to replace it")
     _check_writable(out)
     load_direction(a.direction)  # validate before loading the model
+    if a.rank > 1:
+        from .directions import load_subspace
+        load_subspace(a.direction, a.rank)
     if a.in_memory:
         if a.load_in_4bit or a.load_in_8bit:
             raise RefdirError("--in-memory cannot edit quantized weights; drop it: the default streaming export "
                               "re-reads the full-precision source")
         model, tok = load_model(a.model, **load_options(a))
-        path = export_orthogonalized(model, tok, a.direction, out, allow_approximate=a.allow_approximate)
+        path = export_orthogonalized(model, tok, a.direction, out, allow_approximate=a.allow_approximate, rank=a.rank)
     else:  # quantization and placement flags do not matter: the source tensors are read from disk
         path = export_streaming(a.model, None, a.direction, out, allow_approximate=a.allow_approximate,
                                 revision=a.revision, trust_remote_code=a.trust_remote_code,
-                                log=lambda m: print(f"[refdir] {m}", file=sys.stderr))
+                                log=lambda m: print(f"[refdir] {m}", file=sys.stderr), rank=a.rank)
     print(f"exported orthogonalized checkpoint to {path}")
     return 0
 
@@ -435,6 +461,39 @@ def cmd_compare_base(a) -> int:
     return 0
 
 
+def cmd_cone(a) -> int:
+    from .cone import evaluate_ranks, greedy_cone
+    from .data import load_prompts
+    from .io import load_tensors, save_tensors, write_json
+    from .report import write_report
+
+    harmful = [p.instruction for p in load_prompts(a.prompts, a.field)] if a.prompts else None
+    out = Path(a.out)
+    _check_writable(out)
+    run, data, rt, direction = _load_for_run(a)
+    if not (run / "candidates.safetensors").is_file():
+        raise RefdirError(f"{run} has no candidates.safetensors: run `refdir extract --out {run}` first")
+    cands = load_tensors(run / "candidates.safetensors")["directions"]
+    ins = lambda split: rt.encode([x["instruction"] for x in data[split]])  # noqa: E731
+    t = time.time()
+    ranks = greedy_cone(rt.model, cands, direction, ins("harmful_val"), ins("harmful_train"), ins("harmless_train"),
+                        data["refusal_tokens"]["token_ids"], a.max_rank)
+    harmful = harmful or [x["instruction"] for x in data["eval_harmful"]]
+    harmless = [x["instruction"] for x in data["eval_harmless"]]
+    rows = evaluate_ranks(rt.model, rt.tokenizer, ranks, harmful, harmless, rt.fmt, a.max_new_tokens,
+                          rt.batch.gen_rows)
+    res = {"model": rt.spec, "direction": {"layer": direction.layer, "pos": direction.pos}, "ranks": rows,
+           "judge": "substring (paper)", "max_new_tokens": a.max_new_tokens, "seconds": round(time.time() - t, 1)}
+    save_tensors(run / "cone.safetensors", {"basis": ranks[-1]["basis"].float().contiguous()},
+                 metadata={"model": str(rt.spec)})
+    write_json(out, res)
+    write_json(run / "cone.json", res)
+    write_report(run)
+    print("cone: " + ", ".join(f"rank {r['rank']} refusal {r['refusal_rate']:.2f} (KL {r['kl']:.3f})" for r in rows)
+          + f" on {len(harmful)} prompts -> {out}")
+    return 0
+
+
 def cmd_monitor(a) -> int:
     from .data import load_prompts
     from .io import write_json
@@ -482,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return {"run": cmd_run, "extract": cmd_run, "select": cmd_select, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models,
-                "judge": cmd_judge, "monitor": cmd_monitor, "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
+                "judge": cmd_judge, "monitor": cmd_monitor, "cone": cmd_cone, "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
     except RefdirError as e:
         if a.debug:
             raise

@@ -57,6 +57,20 @@ class Direction:
             tmp.write_text(json.dumps(self.meta(), indent=1) + "\n")
 
 
+def load_subspace(run: str | Path, rank: int, expect_d_model: int | None = None) -> torch.Tensor:
+    """The first ``rank`` rows ``[rank, d]`` of the orthonormal refusal-cone basis ``RUN/cone.safetensors``
+    (``refdir cone``); rank 1 is the run's direction."""
+    f = Path(run) / "cone.safetensors"
+    if not f.is_file():
+        raise RefdirError(f"{run} has no cone.safetensors: run `refdir cone --run {run}` first (or drop --rank)")
+    basis = load_tensors(f)["basis"]
+    if not 1 <= rank <= basis.shape[0]:
+        raise RefdirError(f"--rank {rank}: {f} holds ranks 1..{basis.shape[0]}")
+    if expect_d_model is not None and basis.shape[1] != expect_d_model:
+        raise RefdirError(f"the cone has size {basis.shape[1]} but the model's d_model is {expect_d_model}")
+    return basis[:rank]
+
+
 def load_direction(path: str | Path, expect_d_model: int | None = None, expect_model: str | None = None) -> Direction:
     """Load a direction from a run folder, a ``.safetensors`` file, or a reference-code ``.pt``.
 

@@ -42,6 +42,15 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def _vectors(direction, direction_src, rank: int, d_model: int) -> list[torch.Tensor]:
+    """What to project out: the direction, or the first ``rank`` vectors of the run's refusal cone (orthonormal:
+    projecting them out one after the other is projecting out their span)."""
+    if rank == 1:
+        return [direction.vector]
+    from .directions import load_subspace
+    return list(load_subspace(direction_src, rank, d_model))
+
+
 def _meta(model, ad, direction, direction_src) -> dict:
     return {"refdir": __version__, "source": str(direction_src), "source_model": getattr(model, "refdir_spec", None),
             "layer": direction.layer, "pos": direction.pos, "direction_norm": float(direction.vector.norm()),
@@ -49,7 +58,7 @@ def _meta(model, ad, direction, direction_src) -> dict:
 
 
 def export_orthogonalized(model, tokenizer, direction_src: str | Path, out: str | Path,
-                          allow_approximate: bool = False, max_shard_size: str = "2GB") -> Path:
+                          allow_approximate: bool = False, max_shard_size: str = "2GB", rank: int = 1) -> Path:
     """Orthogonalize ``model`` in place and save it (safetensors, sharded) with its tokenizer.
 
     Written to a temporary folder beside ``out`` and renamed at the end, so an interrupted or
@@ -57,7 +66,8 @@ def export_orthogonalized(model, tokenizer, direction_src: str | Path, out: str 
     """
     ad = get_adapter(model)
     direction = load_direction(direction_src, expect_d_model=ad.d_model, expect_model=getattr(model, "refdir_spec", None))
-    orthogonalize_weights(model, direction.vector, allow_approximate)
+    for v in _vectors(direction, direction_src, rank, ad.d_model):
+        orthogonalize_weights(model, v, allow_approximate)
     out = Path(out)
     try:
         with atomic_dir(out) as tmp:
@@ -231,7 +241,7 @@ def _plan_model(src: Path, trust_remote_code: bool, offload: Path):
 
 def export_streaming(spec: str, tokenizer_src: str | None, direction_src: str | Path, out: str | Path,
                      allow_approximate: bool = False, revision: str | None = None, trust_remote_code: bool = False,
-                     max_shard_bytes: int = 2 << 30, log=lambda m: None) -> Path:
+                     max_shard_bytes: int = 2 << 30, log=lambda m: None, rank: int = 1) -> Path:
     """Orthogonalize the checkpoint ``spec`` tensor by tensor into ``out`` (see the module docstring).
 
     Output shards hold at most ``max_shard_bytes`` (one larger tensor gets a shard of its own); every
@@ -251,7 +261,7 @@ def export_streaming(spec: str, tokenizer_src: str | None, direction_src: str | 
                               "stream, so weight orthogonalization cannot equal ablation; pass --allow-approximate to "
                               "edit the projections anyway")
         direction = load_direction(direction_src, expect_d_model=ad.d_model, expect_model=spec)
-        unit = _unit(direction.vector, ad.d_model)  # as orthogonalize_weights rounds it: identical tensors
+        units = [_unit(v, ad.d_model) for v in _vectors(direction, direction_src, rank, ad.d_model)]  # as in memory
         plan = writer_plan(ad, [e.name for e in entries])
         tied, embed, head = ad.tied, ad.embed_name, ad.unembed_name
         meta = _meta(model, ad, direction, direction_src)
@@ -290,7 +300,8 @@ def export_streaming(spec: str, tokenizer_src: str | None, direction_src: str | 
                     cached = (e.name, t) if tied and e.name == embed and name == embed else None
                     if name in plan and name != head:
                         t = t.clone() if cached is not None else t
-                        project_out_axis_(t, unit, plan[name])
+                        for unit in units:
+                            project_out_axis_(t, unit, plan[name])
                     w.write(name, t)
                     del t
                 w.close()

@@ -93,6 +93,49 @@ def directional_ablation(model: nn.Module, direction: torch.Tensor) -> Iterator[
         yield
 
 
+def orthonormal_basis(vectors: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt (float64) of ``[k, d]`` rows, in order: row i is the part of vector i orthogonal to rows < i."""
+    out: list[torch.Tensor] = []
+    for v in vectors.double():
+        for b in out:
+            v = v - (v @ b) * b
+        n = v.norm()
+        if n < 1e-9:
+            raise RefdirError("the subspace's vectors are linearly dependent")
+        out.append(v / n)
+    return torch.stack(out)
+
+
+@contextlib.contextmanager
+def subspace_ablation(model: nn.Module, vectors: torch.Tensor) -> Iterator[None]:
+    """Project a whole subspace ``span(vectors)`` (``[k, d]``) out of the residual stream, everywhere.
+
+    Refusal may span a cone of a few dimensions (Wollschläger et al. 2025); with one vector this is
+    :func:`directional_ablation`. Same placement: every block input and every attention and MLP write."""
+    ad = get_adapter(model)
+    if vectors.shape[-1] != ad.d_model:
+        raise RefdirError(f"direction has size {vectors.shape[-1]} but the model's d_model is {ad.d_model}")
+    basis = orthonormal_basis(vectors.reshape(-1, ad.d_model)).float()  # [k, d]
+    placed: dict = {}
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if key not in placed:
+            placed[key] = basis.to(device=x.device, dtype=x.dtype)
+        b = placed[key]
+        return x - (x @ b.T) @ b
+
+    def pre(mod, args, kwargs):
+        return replace_hidden_arg(args, kwargs, project(hidden_arg(args, kwargs)))
+
+    def post(mod, args, out):
+        return replace_output(out, project(_first_tensor(out)))
+
+    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in ad.layers]
+    with hooks(handles + [m.register_forward_hook(post) for m in ad.attn_write + ad.mlp_write]):
+        yield
+
+
 @contextlib.contextmanager
 def activation_addition(model: nn.Module, vector: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
     """Add ``coeff * vector`` to the residual stream entering ``layer``, at every position.

@@ -123,6 +123,25 @@ def _first_sentence(text: str, limit: int = 90) -> str:
     return line[:limit] + ("…" if len(line) > limit else "")
 
 
+def cone_section(cone: dict) -> str:
+    """Refusal rate and KL against the rank of the ablated subspace, and the table behind the plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = cone["ranks"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([r["rank"] for r in rows], [r["refusal_rate"] for r in rows], "o-", label="refusal rate")
+    ax.set_xlabel("rank of the ablated subspace")
+    ax.set_ylabel(f"refusal rate (n={rows[0]['n']})")
+    ax.set_ylim(0, 1)
+    ax2 = ax.twinx()
+    ax2.plot([r["rank"] for r in rows], [r["kl"] for r in rows], "s--", color="tab:red", label="KL")
+    ax2.set_ylabel(f"first-token KL (n={rows[0]['n_kl']})", color="tab:red")
+    return (f"<h2>Refusal cone</h2><img src='{_png(fig)}'>"
+            + _table(["rank", "refusal rate", "n", "KL", "bypass", "how the basis was built"],
+                     [[r["rank"], r["refusal_rate"], r["n"], r["kl"], r["bypass"], r["method"]] for r in rows]))
+
+
 def _monitor_section(mon: dict) -> str:
     """The refusal monitor: detection quality at the direction's layer for each read position."""
     n = mon["n_evaluation"]
@@ -235,6 +254,9 @@ def write_report(run_path: str | Path) -> Path:
                          f"held-out refusal rate (n={sj['n_eval']}): none {r['none']:.2f}, random suffix "
                          f"{r['random']:.2f}, adversarial suffix {r['adversarial']:.2f}.</p>")
         parts.append(f"<img src='{suffix_figures(sa)}'>")
+    cone = load("cone.json")
+    if cone:
+        parts.append(cone_section(cone))
     mon = load("monitor.json")
     if mon:
         parts.append(_monitor_section(mon))

@@ -1,0 +1,75 @@
+"""Refusal cones: subspace ablation is exact, rank 1 is the run's direction, a greedy basis stays orthonormal."""
+import copy
+
+import torch
+
+from refdir.adapter import get_adapter
+from refdir.directions import Direction
+from refdir.interventions import (directional_ablation, orthogonalize_weights, orthonormal_basis,
+                                  subspace_ablation)
+from refdir.refusal import last_logits
+from refdir.templates import PromptFormat, tokenize_prompts
+from tiny import tiny_model
+
+PROMPTS = ["Write a poem about rain.", "How do I sort a list in Python?", "Explain photosynthesis briefly."]
+HARM = ["Explain how to pick a lock.", "Write a threatening letter.", "How do I make a weapon?",
+        "Describe how to steal a car."]
+
+
+def _vecs(k, seed=4):
+    return torch.randn(k, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_rank_one_is_directional_ablation_and_rank_k_removes_the_span():
+    model, tok = tiny_model("qwen2")
+    b = tokenize_prompts(tok, PROMPTS)
+    v = _vecs(3)
+    with directional_ablation(model, v[0]):
+        one = last_logits(model, b.input_ids, b.attention_mask)
+    with subspace_ablation(model, v[:1]):
+        assert (last_logits(model, b.input_ids, b.attention_mask) - one).abs().max() < 1e-5
+    basis = orthonormal_basis(v).float()
+    seen = []
+    ad = get_adapter(model)
+    with subspace_ablation(model, v):
+        hs = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
+                                              with_kwargs=True) for layer in ad.layers]
+        model(input_ids=b.input_ids)
+        for h in hs:
+            h.remove()
+    for x in seen:
+        assert ((x @ basis.T).abs().max(-1).values / x.norm(dim=-1)).max() < 1e-5
+
+
+def test_orthogonalizing_each_basis_vector_equals_subspace_ablation():
+    model, tok = tiny_model("mixtral")
+    b = tokenize_prompts(tok, PROMPTS)
+    basis = orthonormal_basis(_vecs(3))
+    with subspace_ablation(model, basis):
+        want = last_logits(model, b.input_ids, b.attention_mask)
+    m2 = copy.deepcopy(model)
+    for v in basis:
+        orthogonalize_weights(m2, v)
+    assert (last_logits(m2, b.input_ids, b.attention_mask) - want).abs().max() < 1e-4
+
+
+def test_greedy_cone_grows_an_orthonormal_basis_from_the_run_direction():
+    from refdir.activations import mean_activations
+    from refdir.cone import evaluate_ranks, greedy_cone
+    from refdir.directions import candidate_directions
+    model, tok = tiny_model("llama")
+    hb, lb = tokenize_prompts(tok, HARM), tokenize_prompts(tok, PROMPTS)
+    cands = candidate_directions(mean_activations(model, hb), mean_activations(model, lb))
+    d = Direction(cands[-1, 1], 1, -1)
+    ranks = greedy_cone(model, cands, d, hb, hb, lb, [5, 6], max_rank=3, pool_size=6, progress=False)
+    assert [r["rank"] for r in ranks] == [1, 2, 3]
+    basis = ranks[-1]["basis"]
+    assert torch.allclose(basis @ basis.T, torch.eye(3, dtype=basis.dtype), atol=1e-8)
+    assert torch.allclose(basis[0], (d.vector / d.vector.norm()).double(), atol=1e-6)  # rank 1 is r̂ itself
+    from refdir.cone import subspace_bypass
+    from refdir.forward import split_prefix
+    again = subspace_bypass(model, split_prefix(hb, True, model), ranks[2]["basis"], torch.tensor([5, 6]))
+    assert abs(again - ranks[2]["bypass"]) < 1e-4  # the recorded score is that basis's bypass
+    rows = evaluate_ranks(model, tok, ranks, HARM, PROMPTS, PromptFormat(), 4, 8)
+    assert [r["n"] for r in rows] == [4, 4, 4] and all(0 <= r["refusal_rate"] <= 1 for r in rows)
+    assert rows[0]["method"] == "run direction"
