@@ -233,3 +233,21 @@ def test_cone_command_and_rank_in_evaluate_and_export(tiny_run, tiny_folder, tmp
     assert (last_logits(exported, b.input_ids, b.attention_mask) - want).abs().max() < 1e-4
     assert main(["export", "--model", str(tiny_folder), "--direction", str(tiny_run), "--rank", "9",
                  "--out", str(tmp_path / "exp9")]) == 2  # the cone holds ranks 1..2
+
+
+def test_audit_of_a_finished_run(tiny_run, tiny_folder, tmp_path):
+    out = tmp_path / "audit"
+    assert main(["audit", "--run", str(tiny_run), "--model", str(tiny_folder), "--max-rank", "2",
+                 "--out", str(out)]) == 0
+    a = json.loads((out / "audit.json").read_text())
+    ev = json.loads((tiny_run / "eval.json").read_text())
+    assert a["baseline_refusal"]["harmful"] == ev["refusal"]["harmful"]["baseline"]["refusal_rate"]
+    assert {r["method"] for r in a["removal"]} >= {"directional ablation", "orthogonalized weights"}
+    assert a["cone"]["ranks"][0]["rank"] == 1 and a["monitor"]["reads"]["direction"]["auroc"] is not None
+    page = (out / "audit.html").read_text()
+    assert "What removes refusal" in page and "<script" not in page  # self-contained, no scripts
+
+
+def test_audit_needs_a_run_or_a_model(tmp_path, capsys):
+    assert main(["audit", "--out", str(tmp_path / "a")]) == 2
+    assert "pass --run RUN" in capsys.readouterr().err

@@ -68,6 +68,18 @@ def _run_folder_of_other_model(tmp: Path) -> str:
     return str(d)
 
 
+def _prompts_only_run(tmp: Path, direction_model: str | None = None) -> str:
+    """A run folder with prompts.json and, if ``direction_model`` is given, a direction computed on that model."""
+    d = tmp / "ponly"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"format": 1, "model": "x"}))
+    (d / "prompts.json").write_text(json.dumps({"harmful_train": [], "eval_harmful": []}))
+    if direction_model:
+        from refdir.directions import Direction
+        Direction(torch.randn(64), 1, -1, direction_model).save(d / "direction")
+    return str(d)
+
+
 def _newer_run_folder(tmp: Path) -> str:
     d = tmp / "newrun"
     d.mkdir()
@@ -139,6 +151,15 @@ CASES = [
                                                         "--intervention", "ablate", "--out", str(t / "o.json")],
      "exceeds the model's context"),
     ("out of memory during a stage", lambda t, m, r: _oom(_run(m, "--out", str(t / "r"))), "out of GPU memory"),
+    ("--rank above what was built", lambda t, m, r: ["export", "--model", str(m), "--direction",
+                                                     _direction(t, torch.randn(64)), "--rank", "3",
+                                                     "--out", str(t / "exp")], "no cone.safetensors"),
+    ("monitor on a folder without a direction", lambda t, m, r: ["monitor", "--run", _prompts_only_run(t),
+                                                                 "--model", str(m), "--out", str(t / "m.json")],
+     "not found"),
+    ("cone on another model's run", lambda t, m, r: ["cone", "--run", _prompts_only_run(t, "other/model"),
+                                                     "--model", str(m), "--out", str(t / "c.json")],
+     "computed on model"),
     ("export into a non-empty folder", lambda t, m, r: ["export", "--model", str(m), "--direction",
                                                         _direction(t, torch.randn(64)), "--out", str(_nonempty(t))],
      "--force"),
@@ -292,12 +313,19 @@ def render_table() -> str:
         (t / "tinyq").mkdir()
         model.save_pretrained(t / "tinyq")
         tok.save_pretrained(t / "tinyq")
+        import refdir.pipeline
+        screen, bnb = refdir.pipeline.prepare_prompts, sys.modules.get("bitsandbytes")
         for case, argv, _ in CASES:
             work = t / case.replace(" ", "_").replace("/", "_")
             work.mkdir()
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
                 main(argv(work, t / "tinyq", None))
+            refdir.pipeline.prepare_prompts = screen  # the cases that simulate failures patch these
+            if bnb is None:
+                sys.modules.pop("bitsandbytes", None)
+            else:
+                sys.modules["bitsandbytes"] = bnb
             line = err.getvalue().strip().splitlines()[-1].replace(str(work), "…").replace(str(t), "…")
             rows.append(f"| {case} | `{line.replace('|', '/')}` |")
     return "\n".join(rows)

@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--max-new-tokens", type=_positive, default=64)
     co.add_argument("--out", required=True, help="output .json (also RUN/cone.json and RUN/cone.safetensors)")
 
+    au = sub.add_parser("audit", help="one page on how brittle the model's refusal is (audit.html + audit.json)")
+    _add_model_args(au, from_run=True)
+    au.add_argument("--run", default=None, help="a finished run folder (default with --model: DIR/run, made here)")
+    au.add_argument("--preset", default="quick", choices=["default", "quick", "paper"],
+                    help="with --model and no finished run: the preset of the run made here (stated on the page)")
+    au.add_argument("--max-rank", type=_positive, default=3, help="cone ranks measured when missing")
+    au.add_argument("--out", required=True, help="output folder")
+
     mo = sub.add_parser("monitor", help="flag prompts by their projection onto r̂; AUROC per layer and read position")
     _add_model_args(mo, from_run=True)
     mo.add_argument("--run", required=True, help="run folder (its prompts, direction and suffix.json if present)")
@@ -494,6 +502,35 @@ def cmd_cone(a) -> int:
     return 0
 
 
+def cmd_audit(a) -> int:
+    """Audit a finished run, or run what is missing first (the run with --preset, the cone, the monitor)."""
+    from .audit import write_audit
+    out = Path(a.out)
+    _check_writable(out)
+    if a.run is None and a.model is None:
+        raise RefdirError("pass --run RUN (a finished run) or --model M (refdir runs what is missing)")
+    run = Path(a.run) if a.run else out / "run"
+    if not (run / "eval.json").is_file():
+        if a.model is None:
+            raise RefdirError(f"{run} has no evaluation yet: run `refdir run --out {run}` first or pass --model")
+        from .config import resolve
+        from .pipeline import run_pipeline
+        given = {k: getattr(a, k) for k in ("model", "system", "template_kwargs", "dtype", "device", "device_map",
+                                             "max_memory", "revision", "load_in_4bit", "load_in_8bit",
+                                             "trust_remote_code")}
+        given["chat_template"] = a.chat_template
+        cfg = resolve(given, None, a.preset)
+        run_pipeline(cfg, run, log=lambda m: print(f"[refdir] {m}", file=sys.stderr))
+    base = argparse.Namespace(**{**vars(a), "run": str(run), "prompts": None, "field": "instruction"})
+    if not (run / "cone.json").is_file():
+        cmd_cone(argparse.Namespace(**{**vars(base), "max_new_tokens": 64, "out": str(run / "cone.json")}))
+    if not (run / "monitor.json").is_file():
+        cmd_monitor(argparse.Namespace(**{**vars(base), "out": str(run / "monitor_items.json")}))
+    page = write_audit(run, out)
+    print(f"audit written to {page} and {out / 'audit.json'}")
+    return 0
+
+
 def cmd_monitor(a) -> int:
     from .data import load_prompts
     from .io import write_json
@@ -541,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return {"run": cmd_run, "extract": cmd_run, "select": cmd_select, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models,
-                "judge": cmd_judge, "monitor": cmd_monitor, "cone": cmd_cone, "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
+                "judge": cmd_judge, "monitor": cmd_monitor, "cone": cmd_cone, "audit": cmd_audit, "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
     except RefdirError as e:
         if a.debug:
             raise
