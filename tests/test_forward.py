@@ -206,3 +206,16 @@ def test_settled_rows_leave_with_what_they_have():
     got, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends, settled=lambda t: t[-1] == stop)
     want = [r[: r.index(stop) + 1] if stop in r else r for r in ref]
     assert got == want and got != ref
+
+
+def test_progress_hears_of_every_row_once():
+    """``on_done`` counts finished rows (progress bars move with the rows): every row exactly once."""
+    model, tok = tiny_model("qwen2")
+    b = tokenize_prompts(tok, PROMPTS)
+    ends = end_token_ids(model, tok)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[ends[0]] *= 2  # some rows end early
+    seen = []
+    new, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends, on_done=seen.append)
+    ref, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends)
+    assert sum(seen) == len(PROMPTS) and new == ref

@@ -138,10 +138,9 @@ def generate_conditions(model, tokenizer, jobs: list[GenJob], direction: Directi
         rows = RowInterventions(model, torch.tensor([g for g, _ in chunk]), ablate, add, direction.layer)
         with rows.attached():
             out, _ = generate_batch(model, tokenizer, [jobs[g].prompts[i] for g, i in chunk], fmt, max_new_tokens,
-                                    rows=rows)
+                                    rows=rows, on_done=bar.update)  # the bar moves as rows finish
         for (g, i), c in zip(chunk, out):
             comps[g][i] = c
-        bar.update(len(chunk))
     bar.close()
     return {job.name: [Judged(p, c, is_refusal(c, phrases), cat) for p, c, cat in zip(job.prompts, cs, job.categories)]
             for job, cs in zip(jobs, comps)}

@@ -350,14 +350,15 @@ def end_token_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[int],
                     first_logits: bool = False, on_bucket=None, rows=None,
-                    settled=None) -> tuple[list[list[int]], torch.Tensor | None]:
+                    settled=None, on_done=None) -> tuple[list[list[int]], torch.Tensor | None]:
     """Greedy (argmax) decoding of a batch; rows leave the batch when they emit an end token.
 
     Plain greedy, like the paper: no repetition penalty or other logits processors. Returns the
     new token ids of each row (end token excluded) and, if asked, the logits at the first generated
     position ``[B, V]``. ``on_bucket``, ``rows``: see :func:`bucketed_prefill`. ``settled(tokens)``,
     if given, says a row's tokens so far already decide what the caller wants from it (the prompt
-    screen: a refusal phrase has appeared): the row leaves the batch with the tokens it has.
+    screen: a refusal phrase has appeared): the row leaves the batch with the tokens it has. ``on_done(n)``,
+    if given, hears of every ``n`` rows that finish (progress bars that move with the rows, not the batches).
     """
     b = pb.input_ids.shape[0]
     cache, logits = bucketed_prefill(model, pb, on_bucket=on_bucket, rows=rows)
@@ -380,7 +381,10 @@ def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[i
             break
         if done.any():
             keep = (~done).nonzero().squeeze(-1).cpu()
+            if on_done is not None:
+                on_done(len(alive) - keep.numel())
             if keep.numel() == 0:
+                alive = alive[:0]
                 break
             cache.batch_select_indices(keep)
             alive, mask, next_pos, nxt = alive[keep], mask[keep], next_pos[keep], nxt[keep]
@@ -390,4 +394,6 @@ def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[i
                         use_cache=True, logits_to_keep=1, **{kw: cache})
         next_pos = next_pos + 1
         logits = out.logits[:, -1, :].float()
+    if on_done is not None and len(alive):
+        on_done(len(alive))  # the rows that ran to the token limit
     return tokens, first

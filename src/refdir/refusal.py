@@ -61,7 +61,8 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 @torch.no_grad()
 def generate_batch(model, tokenizer, instructions: list[str], fmt: PromptFormat = PromptFormat(),
                    max_new_tokens: int = 64, first_logits: bool = False,
-                   on_bucket=None, rows=None, stop_at_refusal: bool = False) -> tuple[list[str], torch.Tensor | None]:
+                   on_bucket=None, rows=None, stop_at_refusal: bool = False,
+                   on_done=None) -> tuple[list[str], torch.Tensor | None]:
     """Greedy completions of one batch, and (if asked) the logits at the first generated position ``[B, V]``.
 
     The template's shared prefix runs once (``forward.split_prefix``); finished rows leave the batch.
@@ -74,7 +75,7 @@ def generate_batch(model, tokenizer, instructions: list[str], fmt: PromptFormat 
     pb = split_prefix(b, True, model, extra=max_new_tokens)
     settled = (lambda t: is_refusal(tokenizer.decode(t, skip_special_tokens=True))) if stop_at_refusal else None
     new, first = greedy_generate(model, pb, max_new_tokens, end_token_ids(model, tokenizer), first_logits, on_bucket,
-                                 rows, settled)
+                                 rows, settled, on_done)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new], first
 
 
@@ -89,11 +90,14 @@ def generate(model, tokenizer, instructions: list[str], fmt: PromptFormat = Prom
     """Greedy completions in the input order, batched by length with left padding."""
     order = length_order(tokenizer, instructions)
     out: list[str | None] = [None] * len(instructions)
-    for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+    bar = tqdm(total=len(order), desc=desc, disable=desc is None, leave=False)  # counts finished rows
+    for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        comps = generate_batch(model, tokenizer, [instructions[j] for j in idx], fmt, max_new_tokens)[0]
+        comps = generate_batch(model, tokenizer, [instructions[j] for j in idx], fmt, max_new_tokens,
+                               on_done=bar.update)[0]
         for j, c in zip(idx, comps):
             out[j] = c
+    bar.close()
     return out  # type: ignore[return-value]
 
 

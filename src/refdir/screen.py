@@ -85,11 +85,10 @@ def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorde
             for j in range(0, len(chunk), rows):
                 rec = recorder.bucket(row0 + i + j) if recorder is not None else None
                 cp, lg = generate_batch(model, tok, chunk[j:j + rows], fmt, n_new, first_logits=True,
-                                        stop_at_refusal=True,
-                                        on_bucket=rec)
+                                        stop_at_refusal=True, on_bucket=rec,
+                                        on_done=bar.update)  # the bar counts finished rows, not batches
                 logits.append(lg)
                 comps += cp
-                bar.update(len(cp))
             i += len(chunk)
             hits = sum(map(wanted, comps))
             if len(comps) >= need + 8 and hits >= target:

@@ -310,6 +310,8 @@ def select_direction(model, candidates: torch.Tensor, harmful_val: Batch, harmle
                     break
             if done:
                 break
+        bar.total = bar.n  # pruning stopped early: the work is done, not 16/105 with an hour to go
+        bar.refresh()
         bar.close()
 
     reasons = [["" for _ in range(n_layers)] for _ in range(n_post)]
