@@ -30,7 +30,10 @@ def _save_png(path: Path, data_uri: str) -> None:
 
 
 def heatmaps(selection: dict, post_tokens: list[str] | None = None) -> str:
-    """Layer × position heatmaps of bypass, induce and KL (grey where not scored)."""
+    """Layer × position heatmaps of bypass, induce and KL (grey where not scored).
+
+    Where pruning left a candidate's bypass unscored, the linear screen's first-order estimate fills the
+    cell, hatched and said so in the title: the figure reads like the paper's without claiming more."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -39,10 +42,20 @@ def heatmaps(selection: dict, post_tokens: list[str] | None = None) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.2))
     for ax, key, cmap in zip(axes, ("bypass", "induce", "kl"), ("RdBu_r", "RdBu_r", "viridis")):
         arr = np.array([[np.nan if v is None else v for v in row] for row in selection[key]], dtype=float)
+        est = None
+        if key == "bypass" and selection.get("screen"):
+            screen = np.array([[np.nan if v is None else v for v in row] for row in selection["screen"]], dtype=float)
+            est = np.isnan(arr) & ~np.isnan(screen)
+            arr = np.where(est, screen, arr)
         im = ax.imshow(arr, aspect="auto", cmap=cmap, interpolation="nearest")
         ax.set_facecolor("#ddd")
-        ax.set_title({"bypass": "bypass (refusal metric, ablated)", "induce": "induce (refusal metric, +r)",
-                      "kl": "KL on harmless (ablated)"}[key])
+        title = {"bypass": "bypass (refusal metric, ablated)", "induce": "induce (refusal metric, +r)",
+                 "kl": "KL on harmless (ablated)"}[key]
+        if est is not None and est.any():
+            ys, xs = np.nonzero(est)
+            ax.scatter(xs, ys, marker="x", s=10, c="k", linewidths=0.5)
+            title += f"\nx: linear-screen estimate ({int(est.sum())} cells)"
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("layer")
         ax.set_yticks(range(arr.shape[0]))
         ax.set_yticklabels([repr(t)[1:-1] for t in post_tokens] if post_tokens and len(post_tokens) == arr.shape[0]
@@ -200,8 +213,10 @@ def write_report(run_path: str | Path) -> Path:
         img = heatmaps(sel, post)
         _save_png(run / "heatmaps.png", img)
         parts.append(f"<h2>Direction selection</h2><img src='{img}'>")
-        parts.append("<p class=note>Candidate outcomes: " + html.escape(json.dumps(sel["counts"])) +
-                     f"; baseline: {html.escape(json.dumps(sel['baseline']))}</p>")
+        parts.append("<p>Candidate outcomes</p>" + _table(["outcome", "candidates"], [[k, v] for k, v in
+                                                                                  sorted(sel["counts"].items())])
+                     + "<p>Baselines (no intervention, validation prompts)</p>"
+                     + _table(["measure", "value"], [[k, v] for k, v in sel["baseline"].items()]))
     if ev:
         d = ev["direction"]
         parts.append("<h2>Chosen direction</h2>" + _table(
