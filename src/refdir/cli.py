@@ -13,12 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import canonical_json_object as template_kwargs_json  # torch-free, like every import here
 from .errors import RefdirError
-
-
-def template_kwargs_json(text):
-    from .config import canonical_json_object
-    return canonical_json_object(text)
 
 
 def _add_model_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
@@ -469,16 +465,21 @@ def cmd_compare_base(a) -> int:
     return 0
 
 
+def _analysis_setup(a):
+    """A run-folder analysis (cone, monitor): its optional --prompts, the checked output path, then the run."""
+    from .data import load_prompts
+    prompts = [p.instruction for p in load_prompts(a.prompts, a.field)] if a.prompts else None
+    out = Path(a.out)
+    _check_writable(out)
+    return (prompts, out) + _load_for_run(a)
+
+
 def cmd_cone(a) -> int:
     from .cone import evaluate_ranks, greedy_cone
-    from .data import load_prompts
     from .io import load_tensors, save_tensors, write_json
     from .report import write_report
 
-    harmful = [p.instruction for p in load_prompts(a.prompts, a.field)] if a.prompts else None
-    out = Path(a.out)
-    _check_writable(out)
-    run, data, rt, direction = _load_for_run(a)
+    harmful, out, run, data, rt, direction = _analysis_setup(a)
     if not (run / "candidates.safetensors").is_file():
         raise RefdirError(f"{run} has no candidates.safetensors: run `refdir extract --out {run}` first")
     cands = load_tensors(run / "candidates.safetensors")["directions"]
@@ -513,12 +514,12 @@ def cmd_audit(a) -> int:
     if not (run / "eval.json").is_file():
         if a.model is None:
             raise RefdirError(f"{run} has no evaluation yet: run `refdir run --out {run}` first or pass --model")
-        from .config import resolve
+        from dataclasses import fields
+
+        from .config import RunConfig, resolve
         from .pipeline import run_pipeline
-        given = {k: getattr(a, k) for k in ("model", "system", "template_kwargs", "dtype", "device", "device_map",
-                                             "max_memory", "revision", "load_in_4bit", "load_in_8bit",
-                                             "trust_remote_code")}
-        given["chat_template"] = a.chat_template
+        given = {f.name: getattr(a, f.name) for f in fields(RunConfig)  # the model and load flags, from the schema
+                 if f.metadata.get("group") in ("model", "load")}
         cfg = resolve(given, None, a.preset)
         run_pipeline(cfg, run, log=lambda m: print(f"[refdir] {m}", file=sys.stderr))
     base = argparse.Namespace(**{**vars(a), "run": str(run), "prompts": None, "field": "instruction"})
@@ -532,15 +533,11 @@ def cmd_audit(a) -> int:
 
 
 def cmd_monitor(a) -> int:
-    from .data import load_prompts
     from .io import write_json
     from .monitor import monitor_run
     from .report import write_report
 
-    prompts = [p.instruction for p in load_prompts(a.prompts, a.field)] if a.prompts else None
-    out = Path(a.out)
-    _check_writable(out)
-    run, data, rt, direction = _load_for_run(a)
+    prompts, out, run, data, rt, direction = _analysis_setup(a)
     suffix = json.loads((run / "suffix.json").read_text())["suffix"] if (run / "suffix.json").is_file() else None
     res = monitor_run(rt.model, rt.tokenizer, data, direction, rt.fmt, prompts, suffix, rt.batch.prompt_rows)
     write_json(out, res)

@@ -17,16 +17,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .activations import _StopForward
 from .adapter import get_adapter, hidden_arg
 from .evaluation import generate_judged, refusal_rate
 from .forward import last_logits_shared, split_prefix
 from .interventions import hooks, orthonormal_basis, subspace_ablation
 from .refusal import refusal_metric
 from .selection import _kl
-
-
-class _Stop(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -39,13 +36,13 @@ def per_prompt_activations(model, batch, layer: int, pos: int, batch_size: int =
 
         def pre(mod, args, kwargs):
             seen["x"] = hidden_arg(args, kwargs)[:, pos].double().cpu()
-            raise _Stop
+            raise _StopForward
         with hooks([ad.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)]):
             ids, mask = batch.input_ids[i:i + batch_size], batch.attention_mask[i:i + batch_size]
             try:
                 model(input_ids=ids.to(ad.device), attention_mask=mask.to(ad.device),
                       position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(ad.device), use_cache=False)
-            except _Stop:
+            except _StopForward:
                 pass
         out.append(seen["x"])
     return torch.cat(out)

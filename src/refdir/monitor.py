@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .activations import _StopForward
 from .adapter import get_adapter, hidden_arg
 from .analysis import tokenize_with_suffix
 from .interventions import hooks
@@ -22,10 +23,6 @@ from .refusal import position_ids
 from .templates import PromptFormat
 
 READS = ("direction", "last", "instruction_end", "instruction_mean")
-
-
-class _Stop(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -56,14 +53,14 @@ def projection_scores(model, tok, instructions: list[str], direction: torch.Tens
                 out["instruction_end"][rows, layer] = proj[torch.arange(proj.shape[0]), end]
                 out["instruction_mean"][rows, layer] = (proj * imask).sum(-1) / imask.sum(-1).clamp_min(1)
                 if layer == ad.n_layers - 1:
-                    raise _Stop
+                    raise _StopForward
             return pre
 
         handles = [layer.register_forward_pre_hook(make(j), with_kwargs=True) for j, layer in enumerate(ad.layers)]
         with hooks(handles):
             try:
                 model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-            except _Stop:
+            except _StopForward:
                 pass
     return out
 
