@@ -37,19 +37,31 @@ def per_prompt_activations(model, batch, layer: int, pos: int, batch_size: int =
         def pre(mod, args, kwargs):
             seen["x"] = hidden_arg(args, kwargs)[:, pos].double().cpu()
             raise _StopForward
+
         with hooks([ad.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)]):
-            ids, mask = batch.input_ids[i:i + batch_size], batch.attention_mask[i:i + batch_size]
+            ids, mask = batch.input_ids[i : i + batch_size], batch.attention_mask[i : i + batch_size]
             try:
-                model(input_ids=ids.to(ad.device), attention_mask=mask.to(ad.device),
-                      position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(ad.device), use_cache=False)
+                model(
+                    input_ids=ids.to(ad.device),
+                    attention_mask=mask.to(ad.device),
+                    position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(ad.device),
+                    use_cache=False,
+                )
             except _StopForward:
                 pass
         out.append(seen["x"])
     return torch.cat(out)
 
 
-def candidate_pool(model, candidates: torch.Tensor, harmful_train, harmless_train, layer: int, pos_index: int,
-                   n_components: int = 8) -> list[tuple[str, torch.Tensor]]:
+def candidate_pool(
+    model,
+    candidates: torch.Tensor,
+    harmful_train,
+    harmless_train,
+    layer: int,
+    pos_index: int,
+    n_components: int = 8,
+) -> list[tuple[str, torch.Tensor]]:
     """(name, vector) pairs: principal components of harmful-minus-harmless-mean activations at the direction's
     layer and position, then every other difference-of-means candidate."""
     n_post = candidates.shape[0]
@@ -62,8 +74,12 @@ def candidate_pool(model, candidates: torch.Tensor, harmful_train, harmless_trai
     diffs = diffs - (diffs @ r)[:, None] * r  # the direction itself is rank 1 already
     _, _, vt = torch.linalg.svd(diffs - diffs.mean(0), full_matrices=False)
     pool = [(f"pc{i + 1}@L{layer}", vt[i]) for i in range(min(n_components, vt.shape[0]))]
-    pool += [(f"dim@L{l},pos{p - n_post}", candidates[p, l].double()) for l in range(candidates.shape[1])
-             for p in range(n_post) if (p, l) != (pos_index, layer) and candidates[p, l].norm() > 1e-6]
+    pool += [
+        (f"dim@L{l},pos{p - n_post}", candidates[p, l].double())
+        for l in range(candidates.shape[1])
+        for p in range(n_post)
+        if (p, l) != (pos_index, layer) and candidates[p, l].norm() > 1e-6
+    ]
     return pool
 
 
@@ -74,8 +90,18 @@ def subspace_bypass(model, pb, basis: torch.Tensor, refusal_ids: torch.Tensor) -
         return float(refusal_metric(last_logits_shared(model, pb), refusal_ids).mean())
 
 
-def greedy_cone(model, candidates: torch.Tensor, direction, harmful_val, harmful_train, harmless_train,
-                refusal_ids: list[int], max_rank: int, pool_size: int = 24, progress: bool = True) -> list[dict]:
+def greedy_cone(
+    model,
+    candidates: torch.Tensor,
+    direction,
+    harmful_val,
+    harmful_train,
+    harmless_train,
+    refusal_ids: list[int],
+    max_rank: int,
+    pool_size: int = 24,
+    progress: bool = True,
+) -> list[dict]:
     """Rank-1..``max_rank`` bases, greedily by bypass; each entry: basis ``[k, d]``, the added vector's name,
     and the bypass score. The pool: the principal components, then the other candidates, the latter
     the ``pool_size`` least aligned with r̂ (each round scores every pool vector)."""
@@ -84,14 +110,21 @@ def greedy_cone(model, candidates: torch.Tensor, direction, harmful_val, harmful
     ids = torch.tensor(refusal_ids)
     pb = split_prefix(harmful_val, True, model)
     r = direction.vector.double() / direction.vector.double().norm()
-    ranks = [{"rank": 1, "basis": r[None], "added": "the run's direction", "bypass": subspace_bypass(model, pb, r[None], ids)}]
+    ranks = [
+        {
+            "rank": 1,
+            "basis": r[None],
+            "added": "the run's direction",
+            "bypass": subspace_bypass(model, pb, r[None], ids),
+        }
+    ]
     pool = candidate_pool(model, candidates, harmful_train, harmless_train, direction.layer, pos_index)
     pcs = [(n, v) for n, v in pool if n.startswith("pc")]
     dims = [(n, v) for n, v in pool if not n.startswith("pc")]
     # pre-rank the (many) other candidates by their rank-2 bypass with r̂, keep the best
     if len(dims) > pool_size:
         cos = torch.stack([torch.nn.functional.cosine_similarity(v, r, dim=0).abs() for _, v in dims])
-        dims = [dims[i] for i in torch.argsort(cos).tolist()[: pool_size]]  # the least aligned with r̂ first
+        dims = [dims[i] for i in torch.argsort(cos).tolist()[:pool_size]]  # the least aligned with r̂ first
     pool = pcs + dims
     bar = tqdm(total=max(0, max_rank - 1) * len(pool), desc="cone", disable=not progress, leave=False)
     for k in range(2, max_rank + 1):
@@ -116,21 +149,39 @@ def greedy_cone(model, candidates: torch.Tensor, direction, harmful_val, harmful
 
 
 @torch.no_grad()
-def evaluate_ranks(model, tok, ranks: list[dict], harmful: list[str], harmless: list[str], fmt,
-                   max_new_tokens: int, gen_rows: int) -> list[dict]:
+def evaluate_ranks(
+    model,
+    tok,
+    ranks: list[dict],
+    harmful: list[str],
+    harmless: list[str],
+    fmt,
+    max_new_tokens: int,
+    gen_rows: int,
+) -> list[dict]:
     """Refusal rate (greedy, substring judge) on ``harmful`` and first-token KL on ``harmless`` per rank."""
     from .templates import tokenize_prompts
+
     pb = split_prefix(tokenize_prompts(tok, harmless, fmt, get_adapter(model).device), True, model)
     base_logp = torch.log_softmax(last_logits_shared(model, pb).double(), -1)
     out = []
     for r in ranks:
         t = time.time()
         with subspace_ablation(model, r["basis"]):
-            items = generate_judged(model, tok, harmful, [None] * len(harmful), fmt, max_new_tokens, gen_rows,
-                                    f"rank {r['rank']}")
+            items = generate_judged(
+                model, tok, harmful, [None] * len(harmful), fmt, max_new_tokens, gen_rows, f"rank {r['rank']}"
+            )
             kl = float(_kl(base_logp, last_logits_shared(model, pb)).mean())
-        out.append({"rank": r["rank"], "refusal_rate": refusal_rate(items), "kl": round(kl, 6),
-                    "n": len(harmful), "n_kl": len(harmless), "bypass": round(r["bypass"], 6),
-                    "method": "run direction" if r["rank"] == 1 else f"greedy by bypass: + {r['added']}",
-                    "seconds": round(time.time() - t, 1)})
+        out.append(
+            {
+                "rank": r["rank"],
+                "refusal_rate": refusal_rate(items),
+                "kl": round(kl, 6),
+                "n": len(harmful),
+                "n_kl": len(harmless),
+                "bypass": round(r["bypass"], 6),
+                "method": "run direction" if r["rank"] == 1 else f"greedy by bypass: + {r['added']}",
+                "seconds": round(time.time() - t, 1),
+            }
+        )
     return out

@@ -44,9 +44,12 @@ def last_outputs(model, batch: Batch, layers: list[int], ctx=contextlib.nullcont
         def make(j):
             def hook(mod, args, o):
                 out[idx, j] = _first_tensor(o)[:, -1].double().cpu()
+
             return hook
+
         with hooks([ad.layers[l].register_forward_hook(make(j)) for j, l in enumerate(layers)]):
             yield
+
     with ctx():
         last_logits_shared(model, pb, on_bucket=record)
     return out
@@ -67,9 +70,16 @@ def _unit_mean(x: torch.Tensor) -> torch.Tensor:
     return m / m.norm().clamp_min(1e-30)
 
 
-def select_direction_cosmic(model, candidates: torch.Tensor, harmful_val: Batch, harmless_val: Batch,
-                            harmful_train: Batch, harmless_train: Batch, cfg: SelectionConfig = SelectionConfig(),
-                            progress: bool = True) -> SelectionResult:
+def select_direction_cosmic(
+    model,
+    candidates: torch.Tensor,
+    harmful_val: Batch,
+    harmless_val: Batch,
+    harmful_train: Batch,
+    harmless_train: Batch,
+    cfg: SelectionConfig = SelectionConfig(),
+    progress: bool = True,
+) -> SelectionResult:
     """Score candidates ``[n_post, L, d]`` by COSMIC's cosine criteria and choose one (see the module docstring).
 
     In the result, ``bypass`` holds the ``refusal`` cosine score, ``induce`` the ``steering`` one (both:
@@ -83,18 +93,28 @@ def select_direction_cosmic(model, candidates: torch.Tensor, harmful_val: Batch,
     norms = candidates.norm(dim=-1)
     nonzero = norms > 1e-6 * float(norms.max().clamp_min(1e-30))
     max_layer = int(n_layers * cfg.max_layer_frac)
-    todo = [(p, l) for l in range(n_layers) for p in range(n_post) if nonzero[p, l]
-            and (cfg.exhaustive or l < max_layer)]
+    todo = [
+        (p, l)
+        for l in range(n_layers)
+        for p in range(n_post)
+        if nonzero[p, l] and (cfg.exhaustive or l < max_layer)
+    ]
     for p, l in tqdm(todo, desc="select (cosmic)", disable=not progress, leave=False):
         r = candidates[p, l]
         abl = last_outputs(model, harmful_val, layers, lambda: directional_ablation(model, r))
         add = last_outputs(model, harmless_val, layers, lambda: activation_addition(model, r, l))
         refusal[p, l] = float(_unit_mean(abl) @ base_harmless)
         steering[p, l] = float(_unit_mean(add) @ base_harmful)
+
     # COSMIC's last-position rule: past the median peak layer of both scores at the other positions
     def median_peak(t: torch.Tensor) -> float:
-        peaks = [int(torch.nan_to_num(row, nan=-math.inf).argmax()) for row in t[:-1]] if n_post > 1 else [n_layers]
+        peaks = (
+            [int(torch.nan_to_num(row, nan=-math.inf).argmax()) for row in t[:-1]]
+            if n_post > 1
+            else [n_layers]
+        )
         return float(torch.tensor(peaks, dtype=torch.float64).median())
+
     cut_refusal, cut_steering = median_peak(refusal), median_peak(steering)
     scorer = _Scorer(model, harmful_val, harmless_val, None, cfg)
     reasons = [["" for _ in range(n_layers)] for _ in range(n_post)]
@@ -121,5 +141,12 @@ def select_direction_cosmic(model, candidates: torch.Tensor, harmful_val: Batch,
             reasons[p][l] = "chosen"
         else:
             reasons[p][l] = "kl"
-    return SelectionResult(refusal, steering, kl, nan(), reasons, best,
-                           {"selector": "cosmic", "evaluation_layers": layers, "peak_cut": [cut_refusal, cut_steering]})
+    return SelectionResult(
+        refusal,
+        steering,
+        kl,
+        nan(),
+        reasons,
+        best,
+        {"selector": "cosmic", "evaluation_layers": layers, "peak_cut": [cut_refusal, cut_steering]},
+    )

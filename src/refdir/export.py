@@ -36,9 +36,18 @@ from .errors import RefdirError
 from .interventions import _unit, orthogonalize_weights
 from .io import atomic_dir
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -48,24 +57,41 @@ def _vectors(direction, direction_src, rank: int, d_model: int) -> list[torch.Te
     if rank == 1:
         return [direction.vector]
     from .directions import load_subspace
+
     return list(load_subspace(direction_src, rank, d_model))
 
 
 def _meta(model, ad, direction, direction_src) -> dict:
-    return {"refdir": __version__, "source": str(direction_src), "source_model": getattr(model, "refdir_spec", None),
-            "layer": direction.layer, "pos": direction.pos, "direction_norm": float(direction.vector.norm()),
-            "exact": ad.linear_writes, "method": "weight orthogonalization (Arditi et al. 2024, Eq. 5)"}
+    return {
+        "refdir": __version__,
+        "source": str(direction_src),
+        "source_model": getattr(model, "refdir_spec", None),
+        "layer": direction.layer,
+        "pos": direction.pos,
+        "direction_norm": float(direction.vector.norm()),
+        "exact": ad.linear_writes,
+        "method": "weight orthogonalization (Arditi et al. 2024, Eq. 5)",
+    }
 
 
-def export_orthogonalized(model, tokenizer, direction_src: str | Path, out: str | Path,
-                          allow_approximate: bool = False, max_shard_size: str = "2GB", rank: int = 1) -> Path:
+def export_orthogonalized(
+    model,
+    tokenizer,
+    direction_src: str | Path,
+    out: str | Path,
+    allow_approximate: bool = False,
+    max_shard_size: str = "2GB",
+    rank: int = 1,
+) -> Path:
     """Orthogonalize ``model`` in place and save it (safetensors, sharded) with its tokenizer.
 
     Written to a temporary folder beside ``out`` and renamed at the end, so an interrupted or
     failed export (disk full) leaves nothing behind.
     """
     ad = get_adapter(model)
-    direction = load_direction(direction_src, expect_d_model=ad.d_model, expect_model=getattr(model, "refdir_spec", None))
+    direction = load_direction(
+        direction_src, expect_d_model=ad.d_model, expect_model=getattr(model, "refdir_spec", None)
+    )
     for v in _vectors(direction, direction_src, rank, ad.d_model):
         orthogonalize_weights(model, v, allow_approximate)
     out = Path(out)
@@ -73,7 +99,9 @@ def export_orthogonalized(model, tokenizer, direction_src: str | Path, out: str 
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
             tokenizer.save_pretrained(tmp)
-            (tmp / "refdir.json").write_text(json.dumps(_meta(model, ad, direction, direction_src), indent=1) + "\n")
+            (tmp / "refdir.json").write_text(
+                json.dumps(_meta(model, ad, direction, direction_src), indent=1) + "\n"
+            )
     except OSError as e:
         raise RefdirError(f"export to {out} failed: {e.strerror or e}; nothing was written") from None
     return out
@@ -97,8 +125,17 @@ def _read_header(path: Path) -> list[_Entry]:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
-    return [_Entry(path, k, v["dtype"], v["shape"], 8 + n + v["data_offsets"][0],
-                   v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()]
+    return [
+        _Entry(
+            path,
+            k,
+            v["dtype"],
+            v["shape"],
+            8 + n + v["data_offsets"][0],
+            v["data_offsets"][1] - v["data_offsets"][0],
+        )
+        for k, v in header.items()
+    ]
 
 
 def _read_tensor(e: _Entry) -> torch.Tensor:
@@ -144,24 +181,34 @@ class _ShardWriter:
 
 def _source_folder(spec: str, revision: str | None) -> Path:
     from .models import resolve_model_path
+
     path = resolve_model_path(spec)
     p = Path(path)
     if p.is_dir():
         return p
     try:  # a hub id: the snapshot's safetensors (needs the network once)
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                                               "*.txt", "*.jinja"]))
+
+        return Path(
+            snapshot_download(
+                path,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
     except Exception as e:
-        raise RefdirError(f"cannot fetch the full-precision source of '{spec}': {type(e).__name__}: "
-                          f"{str(e)[:200]}") from e
+        raise RefdirError(
+            f"cannot fetch the full-precision source of '{spec}': {type(e).__name__}: " f"{str(e)[:200]}"
+        ) from e
 
 
 def _source_entries(src: Path) -> list[_Entry]:
     files = sorted(src.glob("*.safetensors"))
     if not files:
-        raise RefdirError(f"{src} has no .safetensors weights: streaming export needs the full-precision source "
-                          "in safetensors (export a loaded model with --in-memory instead)")
+        raise RefdirError(
+            f"{src} has no .safetensors weights: streaming export needs the full-precision source "
+            "in safetensors (export a loaded model with --in-memory instead)"
+        )
     return [e for f in files for e in _read_header(f)]
 
 
@@ -191,17 +238,24 @@ def writer_plan(ad, names: list[str]) -> dict[str, int]:
         t = w.tensor
         if t.dim() in (2, 3) and lm is not None and ".experts." in w.name:
             kind = "bias" if w.attr.endswith("bias") else "weight"
-            cands = [v for (layer, leaf, k), v in per_expert.items() if layer == lm.group(1) and k == kind
-                     and any(word in leaf for word in ("down", "w2", "wo", "output"))]
+            cands = [
+                v
+                for (layer, leaf, k), v in per_expert.items()
+                if layer == lm.group(1)
+                and k == kind
+                and any(word in leaf for word in ("down", "w2", "wo", "output"))
+            ]
             if len(cands) == 1 and len(cands[0]) == t.shape[0]:
                 for n in cands[0]:
                     plan[n] = w.axis - 1  # the expert axis is split into tensors
                 continue
         unmapped.append(w.name)
     if unmapped:
-        raise RefdirError(f"cannot find the checkpoint tensors of {len(unmapped)} residual writer(s), e.g. {unmapped[0]}; "
-                          "this checkpoint's layout is converted on loading in a way refdir does not map: export the "
-                          "loaded model with --in-memory")
+        raise RefdirError(
+            f"cannot find the checkpoint tensors of {len(unmapped)} residual writer(s), e.g. {unmapped[0]}; "
+            "this checkpoint's layout is converted on loading in a way refdir does not map: export the "
+            "loaded model with --in-memory"
+        )
     return plan
 
 
@@ -212,6 +266,7 @@ def _plan_model(src: Path, trust_remote_code: bool, offload: Path):
 
     from .adapter import _find_layers, _layer_kind
     from .models import load_model
+
     config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -233,15 +288,30 @@ def _plan_model(src: Path, trust_remote_code: bool, offload: Path):
         seen.add(kind)
     dtype = next((p.dtype for p in skeleton.parameters() if p.is_floating_point()), torch.float32)
     from .models import _checkpoint_dtype
+
     dtype = _checkpoint_dtype(config) or dtype
-    model, _ = load_model(str(src), dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-                          offload_folder=str(offload))
+    model, _ = load_model(
+        str(src),
+        dtype=dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        offload_folder=str(offload),
+    )
     return model
 
 
-def export_streaming(spec: str, tokenizer_src: str | None, direction_src: str | Path, out: str | Path,
-                     allow_approximate: bool = False, revision: str | None = None, trust_remote_code: bool = False,
-                     max_shard_bytes: int = 2 << 30, log=lambda m: None, rank: int = 1) -> Path:
+def export_streaming(
+    spec: str,
+    tokenizer_src: str | None,
+    direction_src: str | Path,
+    out: str | Path,
+    allow_approximate: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    max_shard_bytes: int = 2 << 30,
+    log=lambda m: None,
+    rank: int = 1,
+) -> Path:
     """Orthogonalize the checkpoint ``spec`` tensor by tensor into ``out`` (see the module docstring).
 
     Output shards hold at most ``max_shard_bytes`` (one larger tensor gets a shard of its own); every
@@ -249,6 +319,7 @@ def export_streaming(spec: str, tokenizer_src: str | None, direction_src: str | 
     the source ties its embeddings (the unembedding keeps reading r̂). Atomic: all or nothing.
     """
     from .models import release_memory
+
     src = _source_folder(spec, revision)
     entries = _source_entries(src)
     out = Path(out)
@@ -257,11 +328,15 @@ def export_streaming(spec: str, tokenizer_src: str | None, direction_src: str | 
         model = _plan_model(src, trust_remote_code, offload)
         ad = get_adapter(model)
         if not ad.linear_writes and not allow_approximate:
-            raise RefdirError(f"{type(model).__name__} normalizes attention/MLP outputs before adding them to the residual "
-                              "stream, so weight orthogonalization cannot equal ablation; pass --allow-approximate to "
-                              "edit the projections anyway")
+            raise RefdirError(
+                f"{type(model).__name__} normalizes attention/MLP outputs before adding them to the residual "
+                "stream, so weight orthogonalization cannot equal ablation; pass --allow-approximate to "
+                "edit the projections anyway"
+            )
         direction = load_direction(direction_src, expect_d_model=ad.d_model, expect_model=spec)
-        units = [_unit(v, ad.d_model) for v in _vectors(direction, direction_src, rank, ad.d_model)]  # as in memory
+        units = [
+            _unit(v, ad.d_model) for v in _vectors(direction, direction_src, rank, ad.d_model)
+        ]  # as in memory
         plan = writer_plan(ad, [e.name for e in entries])
         tied, embed, head = ad.tied, ad.embed_name, ad.unembed_name
         meta = _meta(model, ad, direction, direction_src)
@@ -307,8 +382,9 @@ def export_streaming(spec: str, tokenizer_src: str | None, direction_src: str | 
                 w.close()
                 weight_map.update({n: fname for _, n in shard})
             total = sum(e.nbytes for e, _ in specs)
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n"
+            )
             _copy_side_files(src, tmp, tied)
             if tokenizer_src is not None and not (tmp / "tokenizer_config.json").exists():
                 _copy_side_files(Path(tokenizer_src), tmp, tied, only_tokenizer=True)
@@ -320,7 +396,11 @@ def export_streaming(spec: str, tokenizer_src: str | None, direction_src: str | 
 
 def _copy_side_files(src: Path, dst: Path, untie: bool, only_tokenizer: bool = False) -> None:
     for f in sorted(src.iterdir()):
-        if not f.is_file() or f.suffix == ".safetensors" or f.name in ("model.safetensors.index.json", "refdir.json"):
+        if (
+            not f.is_file()
+            or f.suffix == ".safetensors"
+            or f.name in ("model.safetensors.index.json", "refdir.json")
+        ):
             continue
         if only_tokenizer and "token" not in f.name and not f.name.endswith((".model", ".jinja")):
             continue

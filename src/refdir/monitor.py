@@ -26,22 +26,32 @@ READS = ("direction", "last", "instruction_end", "instruction_mean")
 
 
 @torch.no_grad()
-def projection_scores(model, tok, instructions: list[str], direction: torch.Tensor, pos: int = -1,
-                      fmt: PromptFormat = PromptFormat(), suffixes: list[str] | None = None,
-                      batch_size: int = 32) -> dict[str, torch.Tensor]:
+def projection_scores(
+    model,
+    tok,
+    instructions: list[str],
+    direction: torch.Tensor,
+    pos: int = -1,
+    fmt: PromptFormat = PromptFormat(),
+    suffixes: list[str] | None = None,
+    batch_size: int = 32,
+) -> dict[str, torch.Tensor]:
     """``{read: [N, L]}``: resid_pre · r̂ at every layer, read at the direction's position ``pos`` (from the
     end), the last token, the instruction's last token and the mean over the instruction's tokens."""
     ad = get_adapter(model)
     unit = (direction.double() / direction.double().norm()).float()
     out = {r: torch.zeros(len(instructions), ad.n_layers) for r in READS}
     for i in range(0, len(instructions), batch_size):
-        sb = tokenize_with_suffix(tok, instructions[i:i + batch_size], suffixes[i:i + batch_size] if suffixes else None,
-                                  fmt)
+        sb = tokenize_with_suffix(
+            tok, instructions[i : i + batch_size], suffixes[i : i + batch_size] if suffixes else None, fmt
+        )
         dev = ad.device
         ids, mask = sb.input_ids.to(dev), sb.attention_mask.to(dev)
         imask = sb.instr_mask.float()  # [B, T]
         t = ids.shape[1]
-        end = (torch.arange(t)[None].expand_as(imask) * sb.instr_mask).max(-1).values  # [B] last instruction token
+        end = (
+            (torch.arange(t)[None].expand_as(imask) * sb.instr_mask).max(-1).values
+        )  # [B] last instruction token
         rows = slice(i, i + ids.shape[0])
 
         def make(layer: int):
@@ -54,9 +64,12 @@ def projection_scores(model, tok, instructions: list[str], direction: torch.Tens
                 out["instruction_mean"][rows, layer] = (proj * imask).sum(-1) / imask.sum(-1).clamp_min(1)
                 if layer == ad.n_layers - 1:
                     raise _StopForward
+
             return pre
 
-        handles = [layer.register_forward_pre_hook(make(j), with_kwargs=True) for j, layer in enumerate(ad.layers)]
+        handles = [
+            layer.register_forward_pre_hook(make(j), with_kwargs=True) for j, layer in enumerate(ad.layers)
+        ]
         with hooks(handles):
             try:
                 model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
@@ -90,42 +103,83 @@ def youden_threshold(pos: torch.Tensor, neg: torch.Tensor) -> tuple[float, float
     return best
 
 
-def monitor_run(model, tok, data: dict, direction, fmt: PromptFormat, prompts: list[str] | None = None,
-                suffix: str | None = None, batch_size: int = 32) -> dict:
+def monitor_run(
+    model,
+    tok,
+    data: dict,
+    direction,
+    fmt: PromptFormat,
+    prompts: list[str] | None = None,
+    suffix: str | None = None,
+    batch_size: int = 32,
+) -> dict:
     """Calibrate on the run's training prompts, sweep layers x reads on its evaluation prompts, score
     ``prompts`` at the direction's layer and position, and check GCG-suffixed harmful prompts when a suffix
     is given. Every number says on how many prompts it rests."""
+
     def scores(split, suffixed=False):
         ins = [x["instruction"] for x in data[split]]
-        return projection_scores(model, tok, ins, direction.vector, direction.pos, fmt,
-                                 [suffix] * len(ins) if suffixed else None, batch_size)
+        return projection_scores(
+            model,
+            tok,
+            ins,
+            direction.vector,
+            direction.pos,
+            fmt,
+            [suffix] * len(ins) if suffixed else None,
+            batch_size,
+        )
+
     layer = direction.layer
     tr_h, tr_l = scores("harmful_train"), scores("harmless_train")
     ev_h, ev_l = scores("eval_harmful"), scores("eval_harmless")
     thresholds = {r: youden_threshold(tr_h[r][:, layer], tr_l[r][:, layer]) for r in READS}
     n_layers = ev_h["last"].shape[1]
-    sweep = {r: {"auroc": [round(auroc(ev_h[r][:, l], ev_l[r][:, l]), 4) for l in range(n_layers)],
-                 "tpr_at_1pct_fpr": [round(tpr_at_fpr(ev_h[r][:, l], ev_l[r][:, l]), 4) for l in range(n_layers)]}
-             for r in READS}
+    sweep = {
+        r: {
+            "auroc": [round(auroc(ev_h[r][:, l], ev_l[r][:, l]), 4) for l in range(n_layers)],
+            "tpr_at_1pct_fpr": [round(tpr_at_fpr(ev_h[r][:, l], ev_l[r][:, l]), 4) for l in range(n_layers)],
+        }
+        for r in READS
+    }
     t = thresholds["direction"][0]
-    out = {"layer": layer, "position": direction.pos, "read": "direction", "threshold": round(t, 6),
-           "threshold_rule": "Youden's J (max TPR - FPR) on the run's harmful vs harmless training prompts",
-           "n_calibration": {"harmful": len(data["harmful_train"]), "harmless": len(data["harmless_train"])},
-           "evaluation": {r: {"auroc": sweep[r]["auroc"][layer], "tpr_at_1pct_fpr": sweep[r]["tpr_at_1pct_fpr"][layer],
-                              "threshold": round(thresholds[r][0], 6),
-                              "flagged_harmful": round(float((ev_h[r][:, layer] > thresholds[r][0]).double().mean()), 4),
-                              "flagged_harmless": round(float((ev_l[r][:, layer] > thresholds[r][0]).double().mean()), 4)}
-                          for r in READS},
-           "n_evaluation": {"harmful": len(data["eval_harmful"]), "harmless": len(data["eval_harmless"])},
-           "sweep": sweep, "items": []}
+    out = {
+        "layer": layer,
+        "position": direction.pos,
+        "read": "direction",
+        "threshold": round(t, 6),
+        "threshold_rule": "Youden's J (max TPR - FPR) on the run's harmful vs harmless training prompts",
+        "n_calibration": {"harmful": len(data["harmful_train"]), "harmless": len(data["harmless_train"])},
+        "evaluation": {
+            r: {
+                "auroc": sweep[r]["auroc"][layer],
+                "tpr_at_1pct_fpr": sweep[r]["tpr_at_1pct_fpr"][layer],
+                "threshold": round(thresholds[r][0], 6),
+                "flagged_harmful": round(float((ev_h[r][:, layer] > thresholds[r][0]).double().mean()), 4),
+                "flagged_harmless": round(float((ev_l[r][:, layer] > thresholds[r][0]).double().mean()), 4),
+            }
+            for r in READS
+        },
+        "n_evaluation": {"harmful": len(data["eval_harmful"]), "harmless": len(data["eval_harmless"])},
+        "sweep": sweep,
+        "items": [],
+    }
     if prompts:
         s = projection_scores(model, tok, prompts, direction.vector, direction.pos, fmt, None, batch_size)
-        out["items"] = [{"prompt": p, "score": round(float(v), 6), "flagged": bool(v > t)}
-                        for p, v in zip(prompts, s["direction"][:, layer])]
+        out["items"] = [
+            {"prompt": p, "score": round(float(v), 6), "flagged": bool(v > t)}
+            for p, v in zip(prompts, s["direction"][:, layer])
+        ]
     if suffix:
         sx = scores("eval_harmful", suffixed=True)
-        out["suffix"] = {"n": len(data["eval_harmful"]), "flagged": {
-            r: {"plain": out["evaluation"][r]["flagged_harmful"],
-                "with_gcg_suffix": round(float((sx[r][:, layer] > thresholds[r][0]).double().mean()), 4)}
-            for r in READS}}
+        out["suffix"] = {
+            "n": len(data["eval_harmful"]),
+            "flagged": {
+                r: {
+                    "plain": out["evaluation"][r]["flagged_harmful"],
+                    "with_gcg_suffix": round(float((sx[r][:, layer] > thresholds[r][0]).double().mean()), 4),
+                }
+                for r in READS
+            },
+        }
     return out

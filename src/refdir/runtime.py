@@ -49,8 +49,11 @@ class Runtime:
     @property
     def load_info(self) -> dict:
         """How the model was loaded (device, device map, dtype, revision, quantization), for run metadata."""
-        return getattr(self.model, "refdir_load", {"device": str(self.device),
-                                                    "dtype": str(self.dtype).replace("torch.", "")})
+        return getattr(
+            self.model,
+            "refdir_load",
+            {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")},
+        )
 
     def encode(self, instructions: list[str]) -> Batch:
         """Chat-format, tokenize and left-pad instructions onto the model's input device."""
@@ -60,10 +63,17 @@ class Runtime:
         return replace(self, fmt=fmt)
 
     @classmethod
-    def load(cls, spec: str, fmt: PromptFormat = PromptFormat(), batch: BatchPolicy | None = None,
-             tune: bool = True, **load_options) -> "Runtime":
+    def load(
+        cls,
+        spec: str,
+        fmt: PromptFormat = PromptFormat(),
+        batch: BatchPolicy | None = None,
+        tune: bool = True,
+        **load_options,
+    ) -> "Runtime":
         """Load a model (:func:`refdir.models.load_model` options) and settle its batch policy."""
         from .models import load_model
+
         model, tok = load_model(spec, **load_options)
         rt = cls(model, tok, fmt, batch or BatchPolicy())
         if tune and batch is None:
@@ -73,6 +83,7 @@ class Runtime:
 
 def _cache_file():
     from .models import cache_dir
+
     return cache_dir() / "batch_policy.json"
 
 
@@ -80,7 +91,9 @@ def _policy_key(rt: Runtime) -> str:
     dev = rt.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     info = rt.load_info
-    return "|".join(map(str, (rt.spec, name, info.get("dtype"), info.get("quantization"), info.get("device_map"))))
+    return "|".join(
+        map(str, (rt.spec, name, info.get("dtype"), info.get("quantization"), info.get("device_map")))
+    )
 
 
 def autotune(rt: Runtime, max_rows: int = 1024, cache: bool = True) -> BatchPolicy:
@@ -101,6 +114,7 @@ def autotune(rt: Runtime, max_rows: int = 1024, cache: bool = True) -> BatchPoli
     policy = BatchPolicy(prompt_rows=fwd, gen_rows=gen, select_rows=fwd, source="autotuned")
     if cache:
         from .io import write_json
+
         known[key] = policy.to_json()
         try:
             write_json(f, known)
@@ -130,6 +144,7 @@ def _grow(rate, max_rows: int) -> int:
 
 def _probe_prompts(n: int) -> list[str]:
     from .data import load_builtin
+
     pool = [p.instruction for p in load_builtin("harmless")]
     return (pool * (n // len(pool) + 1))[:n]
 
@@ -142,6 +157,7 @@ def _sync(dev: torch.device) -> None:
 @torch.no_grad()
 def _decode_rate(rt: Runtime, n: int, steps: int = 8) -> float:
     from .forward import greedy_generate, split_prefix
+
     pb = split_prefix(rt.encode(_probe_prompts(n)), True, rt.model, extra=steps)
     _sync(rt.device)
     t = time.perf_counter()
@@ -153,6 +169,7 @@ def _decode_rate(rt: Runtime, n: int, steps: int = 8) -> float:
 @torch.no_grad()
 def _forward_rate(rt: Runtime, n: int) -> float:
     from .forward import last_logits_shared, split_prefix
+
     b = rt.encode(_probe_prompts(n))
     pb = split_prefix(b, True, rt.model)
     _sync(rt.device)
