@@ -210,9 +210,10 @@ def test_monitor_command(tiny_run, tiny_folder, tmp_path):
 def test_cone_command_and_rank_in_evaluate_and_export(tiny_run, tiny_folder, tmp_path):
     out = tmp_path / "cone.json"
     assert main(["cone", "--run", str(tiny_run), "--model", str(tiny_folder), "--max-rank", "2",
-                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+                 "--max-new-tokens", "4", "--refine", "--refine-steps", "3", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [r["rank"] for r in res["ranks"]] == [1, 2] and "Refusal cone" in (tiny_run / "report.html").read_text()
+    assert "gradient refinement, 3 steps" in res["ranks"][1]["method"]
     ev = tmp_path / "ev.json"
     assert main(["evaluate", "--model", str(tiny_folder), "--direction", str(tiny_run), "--rank", "2", "--prompts",
                  "builtin:harmful", "--n", "4", "--max-new-tokens", "4", "--intervention", "ablate",

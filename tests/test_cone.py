@@ -53,14 +53,19 @@ def test_orthogonalizing_each_basis_vector_equals_subspace_ablation():
     assert (last_logits(m2, b.input_ids, b.attention_mask) - want).abs().max() < 1e-4
 
 
-def test_greedy_cone_grows_an_orthonormal_basis_from_the_run_direction():
+def _cone_setup():
+    """A tiny model, its harmful/harmless batches, difference-of-means candidates and a direction among them."""
     from refdir.activations import mean_activations
-    from refdir.cone import evaluate_ranks, greedy_cone
     from refdir.directions import candidate_directions
     model, tok = tiny_model("llama")
     hb, lb = tokenize_prompts(tok, HARM), tokenize_prompts(tok, PROMPTS)
     cands = candidate_directions(mean_activations(model, hb), mean_activations(model, lb))
-    d = Direction(cands[-1, 1], 1, -1)
+    return model, tok, hb, lb, cands, Direction(cands[-1, 1], 1, -1)
+
+
+def test_greedy_cone_grows_an_orthonormal_basis_from_the_run_direction():
+    from refdir.cone import evaluate_ranks, greedy_cone
+    model, tok, hb, lb, cands, d = _cone_setup()
     ranks = greedy_cone(model, cands, d, hb, hb, lb, [5, 6], max_rank=3, pool_size=6, progress=False)
     assert [r["rank"] for r in ranks] == [1, 2, 3]
     basis = ranks[-1]["basis"]
@@ -73,3 +78,34 @@ def test_greedy_cone_grows_an_orthonormal_basis_from_the_run_direction():
     rows = evaluate_ranks(model, tok, ranks, HARM, PROMPTS, PromptFormat(), 4, 8)
     assert [r["n"] for r in rows] == [4, 4, 4] and all(0 <= r["refusal_rate"] <= 1 for r in rows)
     assert rows[0]["method"] == "run direction"
+
+
+def test_gradient_refinement_lowers_its_objective_and_stays_orthogonal():
+    from refdir.cone import refine_direction
+    model, tok = tiny_model("qwen2")
+    hb, lb = tokenize_prompts(tok, HARM), tokenize_prompts(tok, PROMPTS)
+    basis = orthonormal_basis(_vecs(1, seed=7))
+    init = _vecs(1, seed=8)[0]
+    for p in list(model.parameters())[:3]:
+        p.requires_grad_(True)  # as from_pretrained leaves them
+    before = [p.requires_grad for p in model.parameters()]
+    v, hist = refine_direction(model, basis, init, hb, lb, [5, 6], max_steps=25, lr=0.05, rows=4, time_budget=60)
+    assert len(hist) == 25
+    assert min(hist[-5:]) < hist[0]  # the loss goes down
+    assert abs(float(v.norm()) - 1) < 1e-9 and float((basis @ v).abs().max()) < 1e-9  # unit, orthogonal
+    assert [p.requires_grad for p in model.parameters()] == before  # left as they were
+    assert all(p.grad is None for p in model.parameters())  # and no weight gradient was computed
+    _, none = refine_direction(model, basis, init, hb, lb, [5, 6], max_steps=25, time_budget=0)
+    assert none == []  # the time budget is respected
+
+
+def test_greedy_cone_with_refinement_keeps_the_better_vector():
+    from refdir.cone import greedy_cone
+    model, tok, hb, lb, cands, d = _cone_setup()
+    plain = greedy_cone(model, cands, d, hb, hb, lb, [5, 6], max_rank=2, pool_size=6, progress=False)
+    refine = {"harmful": hb, "harmless": lb, "max_steps": 15, "lr": 0.05, "rows": 4, "kl_weight": 0.0}
+    ref = greedy_cone(model, cands, d, hb, hb, lb, [5, 6], max_rank=2, pool_size=6, progress=False, refine=refine)
+    assert ref[1]["bypass"] <= plain[1]["bypass"] + 1e-6
+    assert "gradient refinement" in ref[1]["added"]
+    b = ref[1]["basis"]
+    assert torch.allclose(b @ b.T, torch.eye(2, dtype=b.dtype), atol=1e-8)

@@ -160,10 +160,38 @@ CASES = [
     ("cone on another model's run", lambda t, m, r: ["cone", "--run", _prompts_only_run(t, "other/model"),
                                                      "--model", str(m), "--out", str(t / "c.json")],
      "computed on model"),
+    ("capabilities: unknown task", lambda t, m, r: _caps(t, m, "--tasks", "no_such_task"), "unknown task"),
+    ("capabilities: data dir missing a benchmark's files",
+     lambda t, m, r: _caps(t, m, "--tasks", "arc_challenge,gsm8k", "--data-dir", _bench_dir(t)), "lacks gsm8k's files"),
+    ("capabilities: lm-eval not installed", lambda t, m, r: _no_lm_eval(_caps(t, m, "--tasks", "mmlu")),
+     "pip install 'refdir[capabilities]'"),
+    ("capabilities: direction from another model",
+     lambda t, m, r: _caps(t, m, "--tasks", "arc_challenge", "--data-dir", _bench_dir(t), "--direction",
+                           _direction(t, torch.randn(64), "other/model")), "computed on model"),
     ("export into a non-empty folder", lambda t, m, r: ["export", "--model", str(m), "--direction",
                                                         _direction(t, torch.randn(64)), "--out", str(_nonempty(t))],
      "--force"),
 ]
+
+
+def _caps(t: Path, m, *extra) -> list[str]:
+    return ["capabilities", "--model", str(m), "--out", str(t / "caps.json"), *extra]
+
+
+def _bench_dir(t: Path) -> str:
+    """A data dir holding ARC-Challenge only (one made-up item per split)."""
+    d = t / "bench" / "arc_challenge"
+    d.mkdir(parents=True)
+    item = {"id": "q", "question": {"stem": "Which?", "choices": [{"text": "a", "label": "A"},
+                                                                  {"text": "b", "label": "B"}]}, "answerKey": "A"}
+    for split in ("Test", "Train", "Dev"):
+        (d / f"ARC-Challenge-{split}.jsonl").write_text(json.dumps(item) + "\n")
+    return str(d.parent)
+
+
+def _no_lm_eval(argv):
+    sys.modules["lm_eval"] = None  # as if not installed (restored by the test)
+    return argv
 
 
 def _no_bnb(argv):
@@ -233,6 +261,11 @@ def test_bad_input(case, argv, fragment, tmp_path, tiny_folder, capsys, monkeypa
     import refdir.pipeline
     monkeypatch.setattr(refdir.pipeline, "prepare_prompts", refdir.pipeline.prepare_prompts)
     monkeypatch.setitem(sys.modules, "bitsandbytes", sys.modules.get("bitsandbytes"))
+    try:  # imported first, so that the "not installed" case's None is undone (when it is installed)
+        import lm_eval  # noqa: F401
+        monkeypatch.setitem(sys.modules, "lm_eval", sys.modules["lm_eval"])
+    except ImportError:
+        pass
     args = argv(tmp_path, tiny_folder, None)
     before = _snapshot(tmp_path)
     with pytest.raises(SystemExit) if case in ("non-positive sizes", "unknown intervention") else _nullctx() as exc:

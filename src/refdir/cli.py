@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
     co.add_argument("--max-rank", type=_positive, default=4)
     co.add_argument("--max-new-tokens", type=_positive, default=64)
+    co.add_argument("--refine", action="store_true", help="refine each added vector by gradient (Wollschläger "
+                    "et al.'s ablation + retain losses on the training prompts; kept if it lowers validation bypass)")
+    co.add_argument("--refine-time-budget", type=float, default=300.0, help="seconds of refinement per rank")
+    co.add_argument("--refine-steps", type=_positive, default=200, help="at most this many steps per rank")
     co.add_argument("--out", required=True, help="output .json (also RUN/cone.json and RUN/cone.safetensors)")
 
     au = sub.add_parser("audit", help="one page on how brittle the model's refusal is (audit.html + audit.json)")
@@ -156,6 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--prompts", default=None, help="prompts to score (builtin:harmful, a .json/.jsonl/.csv/.txt file)")
     mo.add_argument("--field", default="instruction", help="JSON key / CSV column holding the instruction")
     mo.add_argument("--out", required=True, help="output .json (also written to RUN/monitor.json for the report)")
+
+    cp = sub.add_parser("capabilities", help="capability benchmarks (lm-eval): baseline vs orthogonalized, "
+                                             "paired deltas with 95%% intervals")
+    _add_model_args(cp)
+    cp.add_argument("--direction", default=None, help="run folder or direction file (omit to evaluate the model "
+                    "alone, e.g. an exported checkpoint)")
+    cp.add_argument("--tasks", required=True, help="harness task names, comma-separated, or 'paper' "
+                    "(mmlu,arc_challenge,gsm8k,truthfulqa_mc2,winogrande,hellaswag)")
+    cp.add_argument("--data-dir", default=None, help="local copies of the paper's benchmarks in their original "
+                    "formats (the layout of shared/benchmarks/); default: the harness's hub datasets")
+    cp.add_argument("--limit", type=_positive, default=None, help="items per task (MMLU: over its subjects)")
+    cp.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own")
+    cp.add_argument("--max-gen-toks", type=_positive, default=None, help="cap of generative tasks (GSM8K)")
+    cp.add_argument("--batch-size", type=_positive, default=None, help="rows per forward pass")
+    cp.add_argument("--out", required=True, help="output .json")
+
+    jb = sub.add_parser("jailbreaks", help="paper Table 2: refusal and judge-scored compliance under direct request, "
+                                           "random / GCG suffix, -r and orthogonalized weights")
+    _add_model_args(jb, from_run=True)
+    jb.add_argument("--run", required=True, help="a finished run folder (suffix.json adds the GCG row)")
+    jb.add_argument("--judge", default=None, help="second judge (default: the run's own, if it has one)")
+    jb.add_argument("--out", default=None, help="output .json (default: RUN/jailbreaks.json)")
 
     sub.add_parser("models", help="list the offline model aliases and whether their packages are installed")
     return ap
@@ -256,6 +282,10 @@ def print_summary(s: dict) -> None:
     print(f"orthogonalized vs ablation: max |dlogit| = {s['ortho_max_logit_diff']:.2e}")
     if s.get("judge_refusal"):
         print("second judge, refusal rate: " + ", ".join(f"{k} {v:.3f}" for k, v in s["judge_refusal"].items()))
+    for task, c in (s.get("capabilities") or {}).items():
+        lo, hi = c["delta_ci95"]
+        print(f"capability {task:16} n={c['n']:<5} baseline {100 * c['baseline']:5.1f}  orthogonalized "
+              f"{100 * c['orthogonalized']:5.1f}  delta {100 * c['delta']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
 
 
 def cmd_evaluate(a) -> int:
@@ -485,8 +515,12 @@ def cmd_cone(a) -> int:
     cands = load_tensors(run / "candidates.safetensors")["directions"]
     ins = lambda split: rt.encode([x["instruction"] for x in data[split]])  # noqa: E731
     t = time.time()
+    refine = None
+    if getattr(a, "refine", False):  # gradients on the training prompts, acceptance on the validation ones
+        refine = {"harmful": ins("harmful_train"), "harmless": ins("harmless_train"),
+                  "time_budget": a.refine_time_budget, "max_steps": a.refine_steps}
     ranks = greedy_cone(rt.model, cands, direction, ins("harmful_val"), ins("harmful_train"), ins("harmless_train"),
-                        data["refusal_tokens"]["token_ids"], a.max_rank)
+                        data["refusal_tokens"]["token_ids"], a.max_rank, refine=refine)
     harmful = harmful or [x["instruction"] for x in data["eval_harmful"]]
     harmless = [x["instruction"] for x in data["eval_harmless"]]
     rows = evaluate_ranks(rt.model, rt.tokenizer, ranks, harmful, harmless, rt.fmt, a.max_new_tokens,
@@ -550,6 +584,62 @@ def cmd_monitor(a) -> int:
     return 0
 
 
+def cmd_capabilities(a) -> int:
+    """Everything that can fail is checked before the model loads; the output is written once, at the end."""
+    from .capabilities import plan_tasks, print_table
+    from .directions import load_direction
+    from .io import write_json
+    from .runtime import BatchPolicy, Runtime
+
+    out = Path(a.out)
+    _check_writable(out)
+    if a.direction:
+        load_direction(a.direction)  # readable, before any model loads
+    with plan_tasks(a.tasks, a.data_dir, a.limit, a.num_fewshot, a.max_gen_toks) as plan:
+        batch = BatchPolicy(prompt_rows=a.batch_size, source="user") if a.batch_size else None
+        rt = Runtime.load(a.model, batch=batch, **load_options(a))
+        direction = None
+        if a.direction:
+            direction = load_direction(a.direction, expect_d_model=rt.adapter.d_model, expect_model=rt.spec)
+        from .capabilities import evaluate_capabilities
+        res = evaluate_capabilities(rt, direction, plan, log=lambda m: print(f"[refdir] {m}", file=sys.stderr))
+    write_json(out, res)
+    print_table(res)
+    print(f"capabilities written to {out}")
+    return 0
+
+
+def cmd_jailbreaks(a) -> int:
+    from .io import write_json, write_jsonl
+    from .jailbreaks import jailbreak_table
+    from .report import write_report
+
+    run = Path(a.run)
+    out = Path(a.out) if a.out else run / "jailbreaks.json"
+    _check_writable(out)
+    if not (run / "eval.json").is_file():
+        raise RefdirError(f"{run} has no evaluation yet: run `refdir run --out {run}` first")
+    run, data, rt, direction = _load_for_run(a)
+    opts = {k: load_options(a)[k] for k in ("device", "dtype", "trust_remote_code")}
+    res, rows = jailbreak_table(rt, run, data, a.judge, opts, log=lambda m: print(f"[refdir] {m}", file=sys.stderr))
+    write_jsonl(run / "jailbreak_completions.jsonl", rows)
+    write_json(out, res)
+    if out.resolve() != (run / "jailbreaks.json").resolve():
+        write_json(run / "jailbreaks.json", res)
+    write_report(run)
+    judges = res["judges"]
+    print(f"{'condition':26} {'n':>4} " + " ".join(f"{'refusal ' + j[:12]:>22} {'compliance':>10}" for j in judges))
+    for r in res["rows"]:
+        cells = " ".join(f"{_rate(r['refusal'].get(j)):>22} {_rate(r['compliance'].get(j)):>10}" for j in judges)
+        print(f"{r['condition']:26} {r['n']:>4} {cells}")
+    print(f"jailbreak table written to {out}")
+    return 0
+
+
+def _rate(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def cmd_models(a) -> int:
     from .models import DEFAULT_MODEL, OFFLINE_MODELS, offline_parts
     for alias, m in OFFLINE_MODELS.items():
@@ -575,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return {"run": cmd_run, "extract": cmd_run, "select": cmd_select, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models,
-                "judge": cmd_judge, "monitor": cmd_monitor, "cone": cmd_cone, "audit": cmd_audit, "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
+                "judge": cmd_judge, "capabilities": cmd_capabilities, "jailbreaks": cmd_jailbreaks, "monitor": cmd_monitor, "cone": cmd_cone, "audit": cmd_audit, "suffix": cmd_suffix, "analyze-suffix": cmd_analyze_suffix, "compare-base": cmd_compare_base}[a.cmd](a)
     except RefdirError as e:
         if a.debug:
             raise

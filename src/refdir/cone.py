@@ -83,6 +83,23 @@ def candidate_pool(
     return pool
 
 
+def _refined(model, entry: dict, basis: torch.Tensor, pb, ids: torch.Tensor, refine: dict) -> dict:
+    """The greedy rank's new vector refined by gradient (``refine``: :func:`refine_direction`'s options and
+    the ``harmful``/``harmless`` batches); kept only when it lowers the bypass score on the full validation
+    set (the greedy choice otherwise), and the entry says which."""
+    t = time.time()
+    opts = {k: v for k, v in refine.items() if k not in ("harmful", "harmless", "refusal_ids")}
+    v, hist = refine_direction(model, basis, entry["basis"][-1], refine["harmful"], refine["harmless"],
+                               ids.tolist(), **opts)
+    trial = torch.cat([basis, v[None]])
+    b = subspace_bypass(model, pb, trial, ids)
+    how = f"gradient refinement, {len(hist)} steps in {time.time() - t:.0f} s"
+    if b < entry["bypass"]:
+        return {**entry, "basis": orthonormal_basis(trial), "bypass": b, "added": f"{entry['added']} + {how}",
+                "refine_loss": [hist[0], hist[-1]] if hist else None}
+    return {**entry, "added": f"{entry['added']} ({how} did not lower bypass: {b:.3f})"}
+
+
 @torch.no_grad()
 def subspace_bypass(model, pb, basis: torch.Tensor, refusal_ids: torch.Tensor) -> float:
     """Mean refusal metric on the prompts of ``pb`` with ``span(basis)`` ablated."""
@@ -101,6 +118,7 @@ def greedy_cone(
     max_rank: int,
     pool_size: int = 24,
     progress: bool = True,
+    refine: dict | None = None,
 ) -> list[dict]:
     """Rank-1..``max_rank`` bases, greedily by bypass; each entry: basis ``[k, d]``, the added vector's name,
     and the bypass score. The pool: the principal components, then the other candidates, the latter
@@ -142,10 +160,91 @@ def greedy_cone(
             bar.update(1)
         if best is None:
             break
-        ranks.append({"rank": k, "basis": orthonormal_basis(best[2]), "added": best[1], "bypass": best[0]})
+        entry = {"rank": k, "basis": orthonormal_basis(best[2]), "added": best[1], "bypass": best[0]}
+        if refine is not None:
+            entry = _refined(model, entry, basis, pb, ids, refine)
+        ranks.append(entry)
         pool = [(n, v) for n, v in pool if n != best[1]]
     bar.close()
     return ranks
+
+
+def _last_logits_grad(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at the last position ``[B, V]``, with autograd (no prefix cache: gradients)."""
+    ad = get_adapter(model)
+    out = model(
+        input_ids=input_ids.to(ad.device),
+        attention_mask=attention_mask.to(ad.device),
+        position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(ad.device),
+        use_cache=False,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+def refine_direction(
+    model,
+    basis: torch.Tensor,
+    init: torch.Tensor,
+    harmful,
+    harmless,
+    refusal_ids: list[int],
+    time_budget: float = 300.0,
+    max_steps: int = 200,
+    lr: float = 0.02,
+    kl_weight: float = 1.0,
+    rows: int = 8,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[float]]:
+    """Gradient refinement of the cone's next vector (Wollschläger et al.'s ablation and retain losses).
+
+    Optimizes a unit vector v orthogonal to ``basis`` ``[k, d]`` so that ablating span(basis, v) minimizes
+    the refusal log-odds on ``harmful`` prompts (their *ablation* loss, with refdir's refusal tokens in place
+    of target completions) plus ``kl_weight`` x the first-token KL from the baseline on ``harmless`` ones
+    (their *retain* loss). Their addition loss is left out: a cone vector need not induce refusal alone.
+    Adam on a free vector, projected onto the complement of ``basis`` and normalized every step; mini-batches
+    of ``rows`` prompts per side; stops at ``max_steps`` or ``time_budget`` seconds. Returns v ``[d]``
+    (float64) and the loss per step."""
+    ad = get_adapter(model)
+    ids = torch.tensor(refusal_ids)
+    basis = basis.double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        base_logp = torch.log_softmax(
+            _last_logits_grad(model, harmless.input_ids, harmless.attention_mask).double(), -1
+        )
+    w = (init.double() - basis.T @ (basis @ init.double())).clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr * float(w.detach().norm()))
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)  # only v learns: no weight gradients
+    history: list[float] = []
+    t0 = time.time()
+    try:
+        for _ in range(max_steps):
+            if time.time() - t0 > time_budget:
+                break
+            hi = torch.randperm(harmful.input_ids.shape[0], generator=g)[:rows]
+            li = torch.randperm(harmless.input_ids.shape[0], generator=g)[:rows]
+            v = w - basis.T @ (basis @ w)
+            trial = torch.cat([basis, (v / v.norm())[None]])
+            with subspace_ablation(model, trial):
+                bypass = refusal_metric(_last_logits_grad(model, harmful.input_ids[hi], harmful.attention_mask[hi]),
+                                        ids).mean()
+                kl = _kl(base_logp[li], _last_logits_grad(model, harmless.input_ids[li],
+                                                          harmless.attention_mask[li])).mean()
+            loss = bypass.double() + kl_weight * kl.double()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append(float(loss))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        v = w.detach() - basis.T @ (basis @ w.detach())
+    del ad
+    return v / v.norm(), history
 
 
 @torch.no_grad()

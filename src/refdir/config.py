@@ -129,6 +129,19 @@ class RunConfig:
                                 "ablation on logits")
     judge: str | None = _s(None, "second judge: 'self' (the model says whether each reply is a refusal), "
                            "'self+evasive' or a safety classifier hub id/folder", "--judge")
+    # capability benchmarks (lm-evaluation-harness): baseline vs orthogonalized on the same items
+    capabilities: str | None = _s(None, "capability benchmarks after the evaluation: harness task names "
+                                  "(mmlu,arc_challenge,...) or 'paper' (the paper's six); needs "
+                                  "refdir[capabilities]", "--capabilities", metavar="TASKS")
+    capabilities_data_dir: str | None = _s(None, "local copies of the paper's benchmarks (the layout of "
+                                           "shared/benchmarks/) instead of the hub", "--capabilities-data-dir",
+                                           metavar="DIR")
+    capabilities_limit: int | None = _s(None, "items per task (MMLU: spread over its subjects)",
+                                        "--capabilities-limit", type=_positive)
+    capabilities_fewshot: int | None = _s(None, "few-shot examples (default: each task's own)",
+                                          "--capabilities-fewshot", type=int)
+    capabilities_max_gen_toks: int | None = _s(None, "token cap of generative tasks (GSM8K; harness default 256)",
+                                               "--capabilities-max-gen-toks", type=_positive)
     # batch sizes: None lets the runtime decide (CPU defaults, autotuned on accelerators)
     batch_size: int | None = _s(None, "prompts per forward pass (default: 32 on the CPU, autotuned on "
                                 "accelerators)", "--batch-size", type=_positive)

@@ -157,6 +157,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     """
     t_start = time.time()
     check_run_folder(Path(out), cfg.model)
+    caps = _CapabilityStage(cfg, log) if cfg.capabilities else None  # tasks and files checked before loading
     if runtime is None:
         runtime = (Runtime.load(cfg.model, cfg.fmt, cfg.batch_policy(), **cfg.load_options()) if model is None
                    else Runtime(model, tok, cfg.fmt, cfg.batch_policy() or BatchPolicy()))
@@ -281,6 +282,10 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     if stop_after == "select":
         return direction.meta()
 
+    # 4a. capability benchmarks, baseline half: before the evaluation edits the weights
+    if caps is not None:
+        caps.baseline(run, rt, direction, base_key, must_reuse)
+
     # 4. evaluation
     key4 = _hash({"direction": run.artifact_hash("direction.safetensors"), "prompts": run.artifact_hash("prompts.json"),
                   "max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": cfg.judge,
@@ -294,6 +299,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         write_json(run.file("eval.json"), ev)
         run.done("evaluate", key4, time.time() - t)
     ev = json.loads(run.file("eval.json").read_text())
+    # 4b. capability benchmarks, orthogonalized half: the evaluation left the weights orthogonalized
+    if caps is not None:
+        caps.finish(run, rt, direction)
 
     # 5. report
     from .report import write_report
@@ -302,6 +310,61 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     summary["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
     write_json(run.file("summary.json"), summary)
     return summary
+
+
+class _CapabilityStage:
+    """Capability benchmarks in two halves around the evaluation, which orthogonalizes the weights in place:
+    the baseline pass before it (``capabilities_baseline.json``), the orthogonalized pass after it, on the
+    same items (``capabilities.json``). No second copy of the model; either half resumes."""
+
+    BASELINE, RESULT = "capabilities_baseline.json", "capabilities.json"
+
+    def __init__(self, cfg: RunConfig, log):
+        from .capabilities import plan_tasks
+
+        self.log, self.key = log, None
+        self._stack = contextlib.ExitStack()
+        self.plan = self._stack.enter_context(plan_tasks(
+            cfg.capabilities, cfg.capabilities_data_dir, cfg.capabilities_limit, cfg.capabilities_fewshot,
+            cfg.capabilities_max_gen_toks))
+
+    def baseline(self, run: RunFolder, rt: Runtime, direction: Direction, base_key: dict, must_reuse) -> None:
+        from .capabilities import _harness, run_condition, scores_to_json
+
+        self.key = _hash({"direction": run.artifact_hash("direction.safetensors"), "tasks": self.plan.key(),
+                          "harness": _harness().__version__, **base_key})
+        if run.reuse("capabilities", self.key, (self.RESULT,), must_reuse, self.log):
+            self.done = True
+            return
+        self.done = False
+        f = run.file(self.BASELINE)
+        if f.is_file() and json.loads(f.read_text()).get("key") == self.key:
+            self.log("capabilities: baseline pass reused")
+            return
+        if getattr(rt.model, "_refdir_orthogonalized", False):
+            raise RefdirError("the capability baseline needs the model's own weights, but they are orthogonalized")
+        self.log(f"capabilities: baseline pass ({', '.join(self.plan.names)})")
+        t = time.time()
+        scores = run_condition(rt, self.plan, self.log)
+        write_json(f, {"key": self.key, "seconds": round(time.time() - t, 1), "scores": scores_to_json(scores)})
+
+    def finish(self, run: RunFolder, rt: Runtime, direction: Direction) -> None:
+        from .capabilities import harness_batches, result_json, run_condition, scores_from_json
+
+        try:
+            if self.done:
+                return
+            if not getattr(rt.model, "_refdir_orthogonalized", False):  # the evaluation was reused
+                orthogonalize_weights(rt.model, direction.vector, allow_approximate=True)
+            self.log("capabilities: orthogonalized pass on the same items")
+            t = time.time()
+            base = scores_from_json(json.loads(run.file(self.BASELINE).read_text())["scores"])
+            treated = run_condition(rt, self.plan, self.log)
+            res = result_json(rt.spec, direction, self.plan, base, treated, harness_batches(rt))
+            write_json(run.file(self.RESULT), res)
+            run.done("capabilities", self.key, time.time() - t)
+        finally:
+            self._stack.close()
 
 
 def evaluate_direction(rt: Runtime, direction: Direction, data: dict, cfg: RunConfig,
@@ -415,6 +478,8 @@ def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | N
 def summarize(run_path: Path) -> dict:
     """The headline numbers of a finished run (printed as a table by the CLI)."""
     ev = json.loads((run_path / "eval.json").read_text())
+    caps_file = run_path / _CapabilityStage.RESULT
+    caps = json.loads(caps_file.read_text())["results"] if caps_file.is_file() else []
     d = ev["direction"]
     r = ev["refusal"]
     klce = ev["kl_ce_harmless"]
@@ -429,4 +494,7 @@ def summarize(run_path: Path) -> dict:
         "kl_harmless_first": {c: round(v["kl_first"], 4) for c, v in klce.items()},
         "ortho_max_logit_diff": ev["ortho_check"]["max_abs_logit_diff_vs_ablation"],
         "judge_refusal": {k: round(v["refusal_rate"], 3) for k, v in ((ev.get("judge") or {}).get("conditions") or {}).items()},
+        "capabilities": {r["task"]: {"n": r["n"], "baseline": round(r["baseline"], 4),
+                                     "orthogonalized": round(r["orthogonalized"], 4), "delta": round(r["delta"], 4),
+                                     "delta_ci95": [round(x, 4) for x in r["delta_ci95"]]} for r in caps},
     }

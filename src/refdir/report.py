@@ -171,6 +171,37 @@ def _monitor_section(mon: dict) -> str:
             + f"<p class=note>Best AUROC over all layers: {best[1]:.3f} ({html.escape(best[0])}).</p>")
 
 
+def capabilities_section(caps: dict) -> str:
+    """The paper's Table 3 layout: orthogonalized score, then baseline (paired Δ ± 95% CI), in points."""
+    from .capabilities import table_rows
+
+    st = caps["settings"]
+    minutes = {r["task"]: (r.get("baseline_seconds", 0) + r.get("orthogonalized_seconds", 0)) / 60
+               for r in caps["results"]}
+    rows = [[t, r["metric"], n, o, b, f"{minutes[t]:.1f}"]
+            for (t, n, o, b), r in zip(table_rows(caps), caps["results"])]
+    return ("<h2>Capability benchmarks</h2><p>lm-evaluation-harness "
+            f"({html.escape(str(st.get('harness')))}), no chat template, few-shot "
+            f"{st.get('num_fewshot') if st.get('num_fewshot') is not None else 'per task'}, limit "
+            f"{st.get('limit') or 'none'}; data {html.escape(str(st.get('data_dir') or 'the harness hub datasets'))}. "
+            "Both conditions on the same items: Δ is the paired mean difference, its interval "
+            "±1.96 sd(Δ)/√n. The paper (Table 6) finds |Δ| ≲ 2 points except TruthfulQA (−1 to −6).</p>"
+            + _table(["task", "metric", "n", "orthogonalized", "baseline (Δ ± 95% CI)", "minutes (both)"], rows))
+
+
+def jailbreaks_section(jb: dict) -> str:
+    """The paper's Table 2 layout: one row per attack, refusal and compliance by every judge."""
+    judges = jb["judges"]
+    heads = ["condition", "n"] + [f"{h} ({j})" for j in judges for h in ("refusal", "compliance")]
+    rows = [[r["condition"], r["n"]] + [r[k].get(j) for j in judges for k in ("refusal", "compliance")]
+            for r in jb["rows"]]
+    notes = "".join(f"<li>{html.escape(r['condition'])}: {html.escape(r['note'])}</li>" for r in jb["rows"]
+                    if r.get("note"))
+    return (f"<h2>Jailbreaks (paper Table 2)</h2><p>The same {jb['n_prompts']} harmful evaluation prompts, greedy, "
+            f"{jb['max_new_tokens']} new tokens; compliance is the fraction each judge scores as answered.</p>"
+            + _table(heads, rows) + (f"<ul class=note>{notes}</ul>" if notes else ""))
+
+
 def _table(headers: list[str], rows: list[list]) -> str:
     def cell(v):
         if v is None:
@@ -269,12 +300,12 @@ def write_report(run_path: str | Path) -> Path:
                          f"held-out refusal rate (n={sj['n_eval']}): none {r['none']:.2f}, random suffix "
                          f"{r['random']:.2f}, adversarial suffix {r['adversarial']:.2f}.</p>")
         parts.append(f"<img src='{suffix_figures(sa)}'>")
-    cone = load("cone.json")
-    if cone:
-        parts.append(cone_section(cone))
-    mon = load("monitor.json")
-    if mon:
-        parts.append(_monitor_section(mon))
+    # the optional analyses, each from its artifact when the run folder has it
+    for name, section in (("jailbreaks.json", jailbreaks_section), ("capabilities.json", capabilities_section),
+                          ("cone.json", cone_section), ("monitor.json", _monitor_section)):
+        art = load(name)
+        if art:
+            parts.append(section(art))
     page = f"<!doctype html><html><head><meta charset=utf-8><title>refdir report</title><style>{CSS}</style></head>" \
            f"<body>{''.join(parts)}</body></html>"
     out = run / "report.html"

@@ -1,0 +1,244 @@
+"""Capability benchmarks through lm-evaluation-harness on tiny models and a few-item local data dir."""
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from refdir.capabilities import mean_stderr, paired_delta, parse_tasks, write_local_tasks
+from refdir.cli import main
+from refdir.directions import Direction
+
+pytest.importorskip("lm_eval")
+
+TASKS = "arc_challenge,truthfulqa_mc2,winogrande,mmlu"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A few made-up items per benchmark in the original files' formats (the layout of shared/benchmarks/)."""
+    d = tmp_path_factory.mktemp("bench")
+
+    def jsonl(rel, rows):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    arc = [
+        {
+            "id": f"q{i}",
+            "question": {
+                "stem": f"Which number is {i}?",
+                "choices": [
+                    {"text": str(i), "label": "A"},
+                    {"text": str(i + 1), "label": "B"},
+                    {"text": str(i + 2), "label": "C"},
+                ],
+            },
+            "answerKey": "ABC"[i % 3],
+        }
+        for i in range(5)
+    ]
+    for split in ("Test", "Train", "Dev"):
+        jsonl(f"arc_challenge/ARC-Challenge-{split}.jsonl", arc)
+    jsonl(
+        "truthfulqa/truthfulqa_mc_v0.hf.jsonl",
+        [
+            {
+                "question": f"What colour is item {i}?",
+                "mc1_targets": {"choices": ["Blue.", "Red.", "Green."], "labels": [1, 0, 0]},
+                "mc2_targets": {
+                    "choices": ["Blue.", "It is blue.", "Red.", "Green."],
+                    "labels": [1, 1, 0, 0],
+                },
+            }
+            for i in range(4)
+        ],
+    )
+    wino = [
+        {
+            "qID": f"w{i}",
+            "sentence": f"Sarah helped Maria because _ was kind {i}.",
+            "option1": "Sarah",
+            "option2": "Maria",
+            "answer": str(1 + i % 2),
+        }
+        for i in range(4)
+    ]
+    jsonl("winogrande/dev.jsonl", wino)
+    jsonl("winogrande/train_l.jsonl", wino)
+    for split in ("test", "dev"):
+        (d / f"mmlu/data/{split}").mkdir(parents=True, exist_ok=True)
+        for subject in ("anatomy", "astronomy"):
+            with open(d / f"mmlu/data/{split}/{subject}_{split}.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                for i in range(3):
+                    w.writerow([f"Question {i} about {subject}?", "one", "two", "None", "four", "ABCD"[i]])
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_direction(tiny_folder, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dir")
+    r = 4 * torch.randn(64, generator=torch.Generator().manual_seed(3))
+    Direction(r, 1, -1, "").save(d / "direction")
+    return d
+
+
+def test_paired_delta_matches_a_hand_computation():
+    b, t = [0, 0, 1, 1], [1, 0, 1, 1]  # differences 1, 0, 0, 0: mean 0.25, sd 0.5, se 0.25
+    p = paired_delta(b, t)
+    assert p["delta"] == pytest.approx(0.25)
+    assert p["delta_stderr"] == pytest.approx(0.25)
+    assert p["delta_ci95"] == pytest.approx([0.25 - 1.959964 * 0.25, 0.25 + 1.959964 * 0.25])
+    assert mean_stderr([1, 0, 1, 1, 0]) == pytest.approx(math.sqrt(0.3 / 5))  # sample sd² 0.3
+    # agreeing conditions: the paired interval is far narrower than the unpaired one
+    b = [1, 0] * 50
+    t = b[:-2] + [0, 0]
+    paired = paired_delta(b, t)["delta_stderr"]
+    assert paired < 0.25 * math.hypot(mean_stderr(b), mean_stderr(t))
+    with pytest.raises(ValueError):
+        paired_delta([1, 0], [1])
+
+
+def test_parse_tasks_expands_paper():
+    assert parse_tasks("paper") == [
+        "mmlu",
+        "arc_challenge",
+        "gsm8k",
+        "truthfulqa_mc2",
+        "winogrande",
+        "hellaswag",
+    ]
+    assert parse_tasks("mmlu, gsm8k,mmlu") == ["mmlu", "gsm8k"]
+
+
+def test_local_task_yamls_reuse_the_harness_definitions(data_dir, tmp_path):
+    names = write_local_tasks(data_dir, tmp_path, ["arc_challenge", "mmlu"])
+    assert names == {"arc_challenge": "refdir_arc_challenge", "mmlu": "refdir_mmlu"}
+    arc = (tmp_path / "refdir_arc_challenge.yaml").read_text()
+    assert "lm_eval/tasks/arc/arc_challenge.yaml" in arc and str(data_dir.resolve()) in arc
+    assert sorted(p.name for p in tmp_path.glob("refdir_mmlu_*.yaml")) == [
+        "refdir_mmlu_anatomy.yaml",
+        "refdir_mmlu_astronomy.yaml",
+    ]
+
+
+def test_both_conditions_and_the_exported_checkpoint_agree(tiny_folder, tiny_direction, data_dir, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--tasks", TASKS, "--data-dir", str(data_dir), "--limit", "4"]
+    assert (
+        main(
+            [
+                "capabilities",
+                "--model",
+                str(tiny_folder),
+                "--direction",
+                str(tiny_direction),
+                *common,
+                "--out",
+                str(a),
+            ]
+        )
+        == 0
+    )
+    res = json.loads(a.read_text())
+    rows = {r["task"]: r for r in res["results"]}
+    assert set(rows) == {"arc_challenge", "truthfulqa_mc2", "winogrande", "mmlu"}
+    assert [rows[t]["n"] for t in ("arc_challenge", "truthfulqa_mc2", "winogrande", "mmlu")] == [4, 4, 4, 4]
+    for r in rows.values():  # the summary numbers are the per-item numbers
+        items = res["per_item"][r["task"]]
+        assert r["baseline"] == pytest.approx(sum(items["baseline"]) / r["n"])
+        assert r["delta"] == pytest.approx(r["orthogonalized"] - r["baseline"])
+        assert r["delta_ci95"][0] <= r["delta"] <= r["delta_ci95"][1]
+    mc2 = res["per_item"]["truthfulqa_mc2"]
+    # the edit is real (the tiny model's mc2 mass is ~1e-9: compare relatively)
+    assert (
+        max(abs(x - y) / max(abs(x), abs(y)) for x, y in zip(mc2["baseline"], mc2["orthogonalized"])) > 1e-2
+    )
+
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(tiny_folder),
+                "--direction",
+                str(tiny_direction),
+                "--out",
+                str(tmp_path / "exp"),
+            ]
+        )
+        == 0
+    )
+    assert main(["capabilities", "--model", str(tmp_path / "exp"), *common, "--out", str(b)]) == 0
+    exported = json.loads(b.read_text())
+    assert exported["direction"] is None and "orthogonalized" not in exported["results"][0]
+    for task, items in res[
+        "per_item"
+    ].items():  # the in-place edit scores what the exported checkpoint scores
+        assert exported["per_item"][task]["baseline"] == pytest.approx(
+            items["orthogonalized"], rel=1e-4
+        ), task
+
+
+def _fails(capsys, argv, out, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(
+    tiny_folder, tiny_direction, data_dir, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "o.json"
+    base = ["capabilities", "--model", str(tiny_folder), "--out", str(out)]
+    _fails(capsys, base + ["--tasks", "no_such_task_xyz"], out, "unknown task 'no_such_task_xyz'")
+    _fails(capsys, base + ["--tasks", "gsm8k", "--data-dir", str(data_dir)], out, "lacks gsm8k's files")
+    _fails(
+        capsys, base + ["--tasks", "arc_challenge", "--data-dir", str(tmp_path / "nope")], out, "not a folder"
+    )
+    other = tmp_path / "other"
+    Direction(torch.randn(32), 1, -1, "").save(other / "direction")
+    _fails(
+        capsys,
+        base + ["--tasks", "arc_challenge", "--data-dir", str(data_dir), "--direction", str(other)],
+        out,
+        "d_model is 64",
+    )
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed
+    _fails(capsys, base + ["--tasks", "arc_challenge"], out, "pip install 'refdir[capabilities]'")
+
+
+def test_run_stage_reports_table_3_and_resumes(tiny_folder, data_dir, tmp_path, capsys):
+    from test_cli import LOOSE
+
+    out = tmp_path / "run"
+    argv = [
+        "run",
+        "--model",
+        str(tiny_folder),
+        "--out",
+        str(out),
+        *LOOSE,
+        "--capabilities",
+        "arc_challenge,winogrande",
+        "--capabilities-data-dir",
+        str(data_dir),
+        "--capabilities-limit",
+        "3",
+    ]
+    assert main(argv) == 0
+    res = json.loads((out / "capabilities.json").read_text())
+    assert [r["task"] for r in res["results"]] == ["arc_challenge", "winogrande"]
+    assert all(r["n"] == 3 and "delta_ci95" in r for r in res["results"])
+    base = json.loads((out / "capabilities_baseline.json").read_text())["scores"]
+    assert base["arc_challenge"]["items"] == res["per_item"]["arc_challenge"]["baseline"]
+    html = (out / "report.html").read_text()
+    assert "Capability benchmarks" in html and "arc_challenge" in html
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "capabilities: reused" in capsys.readouterr().err
