@@ -20,18 +20,27 @@ import tempfile
 import time
 from pathlib import Path
 
+# a file with a main guard: vLLM starts its engine core with multiprocessing's spawn
 VLLM_SCRIPT = r"""
 import json, sys, time
-args = json.loads(sys.argv[1])
-from vllm import LLM, SamplingParams
-t = time.time()
-llm = LLM(model=args["folder"], dtype="float32", max_model_len=2048, enforce_eager=True, seed=0)
-load = time.time() - t
-t = time.time()
-outs = llm.generate(args["texts"], SamplingParams(temperature=0.0, max_tokens=args["tokens"]))
-gen = time.time() - t
-json.dump({"load_s": load, "gen_s": gen, "ids": [list(o.outputs[0].token_ids) for o in outs]},
-          open(args["out"], "w"))
+
+
+def main():
+    args = json.loads(open(sys.argv[1]).read())
+    from vllm import LLM, SamplingParams
+    t = time.time()
+    llm = LLM(model=args["folder"], dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
+              gpu_memory_utilization=0.3)  # on the CPU backend: the share of RAM for the KV cache
+    load = time.time() - t
+    t = time.time()
+    outs = llm.generate(args["texts"], SamplingParams(temperature=0.0, max_tokens=args["tokens"]))
+    gen = time.time() - t
+    json.dump({"load_s": load, "gen_s": gen, "ids": [list(o.outputs[0].token_ids) for o in outs]},
+              open(args["out"], "w"))
+
+
+if __name__ == "__main__":
+    main()
 """
 
 
@@ -62,9 +71,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "vllm.json"
         args = {"folder": str(folder), "texts": texts, "tokens": a.tokens, "out": str(out)}
-        p = subprocess.run([a.vllm_python, "-c", VLLM_SCRIPT, json.dumps(args)], capture_output=True, text=True)
+        (Path(tmp) / "run_vllm.py").write_text(VLLM_SCRIPT)
+        (Path(tmp) / "args.json").write_text(json.dumps(args))
+        p = subprocess.run([a.vllm_python, str(Path(tmp) / "run_vllm.py"), str(Path(tmp) / "args.json")],
+                           capture_output=True, text=True)
         if p.returncode != 0:
-            err = [line for line in p.stderr.strip().splitlines() if line.strip()] or ["?"]
+            lines = [line for line in p.stderr.strip().splitlines() if line.strip()] or ["?"]
+            causes = [x for x in lines if "Error:" in x and "Engine core initialization failed" not in x]
+            err = causes or lines  # the root cause, not the engine's "see above"
             print(f"vllm failed (exit {p.returncode}): {err[-1][:300]}")
             print(f"vllm_ok=false refdir_tok_s={n_ours / ours_s:.1f}")
             return

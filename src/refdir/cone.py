@@ -237,7 +237,7 @@ def refine_direction(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            history.append(float(loss))
+            history.append(float(loss.detach()))
     finally:
         for p in frozen:
             p.requires_grad_(True)
