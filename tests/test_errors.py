@@ -347,7 +347,9 @@ def render_table() -> str:
         model.save_pretrained(t / "tinyq")
         tok.save_pretrained(t / "tinyq")
         import refdir.pipeline
-        screen, bnb = refdir.pipeline.prepare_prompts, sys.modules.get("bitsandbytes")
+        with contextlib.suppress(ImportError):
+            import lm_eval  # noqa: F401  (so that the "not installed" case can be undone)
+        screen, bnb, lme = refdir.pipeline.prepare_prompts, sys.modules.get("bitsandbytes"), sys.modules.get("lm_eval")
         for case, argv, _ in CASES:
             work = t / case.replace(" ", "_").replace("/", "_")
             work.mkdir()
@@ -359,6 +361,8 @@ def render_table() -> str:
                 sys.modules.pop("bitsandbytes", None)
             else:
                 sys.modules["bitsandbytes"] = bnb
+            if lme is not None:
+                sys.modules["lm_eval"] = lme
             line = err.getvalue().strip().splitlines()[-1].replace(str(work), "…").replace(str(t), "…")
             rows.append(f"| {case} | `{line.replace('|', '/')}` |")
     return "\n".join(rows)

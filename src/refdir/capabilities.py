@@ -412,7 +412,7 @@ def plan_tasks(
         if unknown:
             raise RefdirError(
                 f"unknown task '{unknown[0]}': not a task or group of lm-eval {lm_eval.__version__} "
-                "(`lm-eval ls tasks` lists them)"
+                "('lm-eval ls tasks' lists them)"
             )
         yield TaskPlan(
             mapping,
