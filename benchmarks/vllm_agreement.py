@@ -73,8 +73,11 @@ def main() -> None:
         args = {"folder": str(folder), "texts": texts, "tokens": a.tokens, "out": str(out)}
         (Path(tmp) / "run_vllm.py").write_text(VLLM_SCRIPT)
         (Path(tmp) / "args.json").write_text(json.dumps(args))
-        p = subprocess.run([a.vllm_python, str(Path(tmp) / "run_vllm.py"), str(Path(tmp) / "args.json")],
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [a.vllm_python, str(Path(tmp) / "run_vllm.py"), str(Path(tmp) / "args.json")],
+            capture_output=True,
+            text=True,
+        )
         if p.returncode != 0:
             lines = [line for line in p.stderr.strip().splitlines() if line.strip()] or ["?"]
             causes = [x for x in lines if "Error:" in x and "Engine core initialization failed" not in x]
@@ -90,9 +93,14 @@ def main() -> None:
         k = next((i for i, (p_, q) in enumerate(zip(x, y)) if p_ != q), min(len(x), len(y)))
         same += x == y
         prefix.append(k / max(len(x), len(y), 1))
-    print(f"vllm: load {v['load_s']:.1f} s, {n_v} tokens in {v['gen_s']:.1f} s = {n_v / v['gen_s']:.1f} tok/s")
-    print(f"vllm_ok=true identical_rows={same}/{len(ours)} mean_agreeing_prefix={sum(prefix) / len(prefix):.3f} "
-          f"refdir_tok_s={n_ours / ours_s:.1f} vllm_tok_s={n_v / v['gen_s']:.1f}")
+    print(
+        f"vllm: load {v['load_s']:.1f} s, {n_v} tokens in {v['gen_s']:.1f} s = {n_v / v['gen_s']:.1f} tok/s"
+    )
+    print(
+        f"vllm_ok=true identical_rows={same}/{len(ours)} "
+        f"mean_agreeing_prefix={sum(prefix) / len(prefix):.3f} "
+        f"refdir_tok_s={n_ours / ours_s:.1f} vllm_tok_s={n_v / v['gen_s']:.1f}"
+    )
 
 
 if __name__ == "__main__":

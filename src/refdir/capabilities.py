@@ -559,7 +559,8 @@ def table_rows(res: dict) -> list[tuple[str, str, str, str]]:
             )
         else:
             rows.append(
-                (r["task"], str(r["n"]), "-", f"{100 * r['baseline']:.1f} ± {196 * r['baseline_stderr']:.1f}")
+                (r["task"], str(r["n"]), "-",
+                 f"{100 * r['baseline']:.1f} ± {196 * r['baseline_stderr']:.1f}")
                 # one condition: its own 95% interval
             )
     return rows

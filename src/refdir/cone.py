@@ -89,14 +89,20 @@ def _refined(model, entry: dict, basis: torch.Tensor, pb, ids: torch.Tensor, ref
     set (the greedy choice otherwise), and the entry says which."""
     t = time.time()
     opts = {k: v for k, v in refine.items() if k not in ("harmful", "harmless", "refusal_ids")}
-    v, hist = refine_direction(model, basis, entry["basis"][-1], refine["harmful"], refine["harmless"],
-                               ids.tolist(), **opts)
+    v, hist = refine_direction(
+        model, basis, entry["basis"][-1], refine["harmful"], refine["harmless"], ids.tolist(), **opts
+    )
     trial = torch.cat([basis, v[None]])
     b = subspace_bypass(model, pb, trial, ids)
     how = f"gradient refinement, {len(hist)} steps in {time.time() - t:.0f} s"
     if b < entry["bypass"]:
-        return {**entry, "basis": orthonormal_basis(trial), "bypass": b, "added": f"{entry['added']} + {how}",
-                "refine_loss": [hist[0], hist[-1]] if hist else None}
+        return {
+            **entry,
+            "basis": orthonormal_basis(trial),
+            "bypass": b,
+            "added": f"{entry['added']} + {how}",
+            "refine_loss": [hist[0], hist[-1]] if hist else None,
+        }
     return {**entry, "added": f"{entry['added']} ({how} did not lower bypass: {b:.3f})"}
 
 
@@ -205,7 +211,6 @@ def refine_direction(
     Adam on a free vector, projected onto the complement of ``basis`` and normalized every step; mini-batches
     of ``rows`` prompts per side; stops at ``max_steps`` or ``time_budget`` seconds. Returns v ``[d]``
     (float64) and the loss per step."""
-    ad = get_adapter(model)
     ids = torch.tensor(refusal_ids)
     basis = basis.double()
     g = torch.Generator().manual_seed(seed)
@@ -229,10 +234,13 @@ def refine_direction(
             v = w - basis.T @ (basis @ w)
             trial = torch.cat([basis, (v / v.norm())[None]])
             with subspace_ablation(model, trial):
-                bypass = refusal_metric(_last_logits_grad(model, harmful.input_ids[hi], harmful.attention_mask[hi]),
-                                        ids).mean()
-                kl = _kl(base_logp[li], _last_logits_grad(model, harmless.input_ids[li],
-                                                          harmless.attention_mask[li])).mean()
+                bypass = refusal_metric(
+                    _last_logits_grad(model, harmful.input_ids[hi], harmful.attention_mask[hi]), ids
+                ).mean()
+                kl = _kl(
+                    base_logp[li],
+                    _last_logits_grad(model, harmless.input_ids[li], harmless.attention_mask[li]),
+                ).mean()
             loss = bypass.double() + kl_weight * kl.double()
             opt.zero_grad()
             loss.backward()
@@ -243,7 +251,6 @@ def refine_direction(
             p.requires_grad_(True)
     with torch.no_grad():
         v = w.detach() - basis.T @ (basis @ w.detach())
-    del ad
     return v / v.norm(), history
 
 

@@ -26,7 +26,16 @@ from .adapter import get_adapter
 from .config import RunConfig
 from .directions import Direction, candidate_directions, direction_from_candidates, load_direction
 from .errors import RefdirError
-from .evaluation import GenJob, condition, condition_factory, generate_conditions, generate_judged, kl_and_ce, per_category, refusal_rate
+from .evaluation import (
+    GenJob,
+    condition,
+    condition_factory,
+    generate_conditions,
+    generate_judged,
+    kl_and_ce,
+    per_category,
+    refusal_rate,
+)
 from .interventions import orthogonalize_weights
 from .io import load_tensors, save_tensors, write_json, write_jsonl
 from .judges import second_judge
@@ -39,7 +48,9 @@ from .selection import SelectionConfig, paper_scores, require_choice, select_dir
 from .templates import PromptFormat, format_prompt, post_instruction_tokens, template_kwargs_json
 
 RUN_FORMAT = 1
-SCREEN_MEANS = "screen_means.safetensors"  # the training prompts' mean activations, recorded by the prompt screen
+SCREEN_MEANS = (
+    "screen_means.safetensors"  # the training prompts' mean activations, recorded by the prompt screen
+)
 
 
 def _date_free(text: str) -> str:
@@ -82,15 +93,21 @@ class RunFolder:
 
     def fresh(self, stage: str, key: str, *artifacts: str) -> bool:
         """True when ``stage`` completed with the same inputs and its artifacts are all present."""
-        return self.stages.get(stage, {}).get("key") == key and all((self.path / a).exists() for a in artifacts)
+        return self.stages.get(stage, {}).get("key") == key and all(
+            (self.path / a).exists() for a in artifacts
+        )
 
-    def reuse(self, stage: str, key: str, artifacts: tuple[str, ...], must_reuse: tuple[str, ...], log) -> bool:
+    def reuse(
+        self, stage: str, key: str, artifacts: tuple[str, ...], must_reuse: tuple[str, ...], log
+    ) -> bool:
         """True (and logged) when the stage can be reused; an error when it must be but cannot."""
         if self.fresh(stage, key, *artifacts):
             log(f"{stage}: reused")
             return True
         if stage in must_reuse:
-            raise RefdirError(f"{self.path}: the {stage} stage is missing or out of date; rerun `refdir extract`")
+            raise RefdirError(
+                f"{self.path}: the {stage} stage is missing or out of date; rerun `refdir extract`"
+            )
         return False
 
     def done(self, stage: str, key: str, seconds: float) -> None:
@@ -114,8 +131,9 @@ def check_run_folder(path: Path, model: str) -> None:
         return
     old = _read_meta(cfg_file)
     if old.get("model") not in (None, model):
-        raise RefdirError(f"run folder {path} holds a run of model '{old['model']}', not '{model}'; "
-                          "choose another --out")
+        raise RefdirError(
+            f"run folder {path} holds a run of model '{old['model']}', not '{model}'; " "choose another --out"
+        )
 
 
 def _read_meta(path: Path) -> dict:
@@ -128,10 +146,14 @@ def _read_meta(path: Path) -> dict:
         raise RefdirError(f"{path} is not refdir run metadata; choose another --out")
     fmt = data.get("format", 1)
     if not isinstance(fmt, int) or isinstance(fmt, bool):
-        raise RefdirError(f"{path} has an invalid format field; delete the run folder or choose another --out")
+        raise RefdirError(
+            f"{path} has an invalid format field; delete the run folder or choose another --out"
+        )
     if fmt > RUN_FORMAT:
-        raise RefdirError(f"{path.parent} was written by a newer refdir (format {fmt}); upgrade refdir or "
-                          "choose another --out")
+        raise RefdirError(
+            f"{path.parent} was written by a newer refdir (format {fmt}); upgrade refdir or "
+            "choose another --out"
+        )
     return data
 
 
@@ -147,8 +169,16 @@ def _instructions(items: list[dict]) -> list[str]:
 # The pipeline
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=print, stop_after: str | None = None,
-                 must_reuse: tuple[str, ...] = (), runtime: Runtime | None = None) -> dict:
+def run_pipeline(
+    cfg: RunConfig,
+    out: str | Path,
+    model=None,
+    tok=None,
+    log=print,
+    stop_after: str | None = None,
+    must_reuse: tuple[str, ...] = (),
+    runtime: Runtime | None = None,
+) -> dict:
     """Run (or resume) every stage; returns the summary dict written to ``summary.json``.
 
     The stages share one :class:`~refdir.runtime.Runtime` (``runtime``, or built from ``model``/``tok``,
@@ -159,8 +189,11 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     check_run_folder(Path(out), cfg.model)
     caps = _CapabilityStage(cfg, log) if cfg.capabilities else None  # tasks and files checked before loading
     if runtime is None:
-        runtime = (Runtime.load(cfg.model, cfg.fmt, cfg.batch_policy(), **cfg.load_options()) if model is None
-                   else Runtime(model, tok, cfg.fmt, cfg.batch_policy() or BatchPolicy()))
+        runtime = (
+            Runtime.load(cfg.model, cfg.fmt, cfg.batch_policy(), **cfg.load_options())
+            if model is None
+            else Runtime(model, tok, cfg.fmt, cfg.batch_policy() or BatchPolicy())
+        )
     rt = runtime.with_format(cfg.fmt)
     model, tok = rt.model, rt.tokenizer
     spec = rt.spec or cfg.model
@@ -170,8 +203,13 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
     run = RunFolder(out)
     # the resolved dtype (auto -> float32 on the CPU keys like an explicit float32); placement does not change
     # what a stage computes beyond float rounding, quantization and revision do
-    base_key = {"model": spec, "refdir": __version__, "dtype": load.get("dtype"), "system": cfg.system,
-                "chat_template": cfg.chat_template}
+    base_key = {
+        "model": spec,
+        "refdir": __version__,
+        "dtype": load.get("dtype"),
+        "system": cfg.system,
+        "chat_template": cfg.chat_template,
+    }
     base_key.update({k: load[k] for k in ("quantization", "revision") if load.get(k)})
     if cfg.template_kwargs:
         base_key["template_kwargs"] = cfg.template_kwargs
@@ -181,10 +219,24 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         base_key["rendered_prompt"] = rendered
 
     # 1. prompts
-    key1 = _hash({**base_key, "data": [cfg.harmful, cfg.harmless, cfg.eval_harmful, cfg.eval_harmless, cfg.prompt_field,
-                                       cfg.ce_text],
-                  "sizes": [cfg.n_train, cfg.n_val, cfg.n_eval], "seed": cfg.seed, "filter": cfg.filter,
-                  "refusal_tokens": cfg.refusal_tokens, "min_refusal_rate": cfg.min_refusal_rate})
+    key1 = _hash(
+        {
+            **base_key,
+            "data": [
+                cfg.harmful,
+                cfg.harmless,
+                cfg.eval_harmful,
+                cfg.eval_harmless,
+                cfg.prompt_field,
+                cfg.ce_text,
+            ],
+            "sizes": [cfg.n_train, cfg.n_val, cfg.n_eval],
+            "seed": cfg.seed,
+            "filter": cfg.filter,
+            "refusal_tokens": cfg.refusal_tokens,
+            "min_refusal_rate": cfg.min_refusal_rate,
+        }
+    )
     t = time.time()
     if not run.reuse("prompts", key1, ("prompts.json",), must_reuse, log):
         log("prompts: splitting, filtering and deriving refusal tokens")
@@ -197,13 +249,25 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         mh, ml = recorder.mean(rows["harmful"]), recorder.mean(rows["harmless"])
         del recorder
         if mh is not None and ml is not None:
-            save_tensors(run.file(SCREEN_MEANS), {"mean_harmful": mh, "mean_harmless": ml},
-                         metadata={"model": spec, "n_post": str(n_post)})
+            save_tensors(
+                run.file(SCREEN_MEANS),
+                {"mean_harmful": mh, "mean_harmless": ml},
+                metadata={"model": spec, "n_post": str(n_post)},
+            )
         write_json(run.file("prompts.json"), prompts)
         run.done("prompts", key1, time.time() - t)
-    write_json(run.file("config.json"), {"format": RUN_FORMAT, "refdir": __version__, **cfg.to_json(),
-                                         "model_spec": spec, "load": load, "batch_policy": rt.batch.to_json(),
-                                         "architecture": get_adapter(model).describe()})
+    write_json(
+        run.file("config.json"),
+        {
+            "format": RUN_FORMAT,
+            "refdir": __version__,
+            **cfg.to_json(),
+            "model_spec": spec,
+            "load": load,
+            "batch_policy": rt.batch.to_json(),
+            "architecture": get_adapter(model).describe(),
+        },
+    )
     data = json.loads(run.file("prompts.json").read_text())
     ref_ids = data["refusal_tokens"]["token_ids"]
     if stop_after == "prompts":
@@ -211,12 +275,19 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
 
     # 2. activations and candidates
     screened = run.file(SCREEN_MEANS)
-    key2 = _hash({"prompts": run.artifact_hash("prompts.json"), **base_key,
-                  "screen_means": run.artifact_hash(SCREEN_MEANS) if screened.exists() else None})
+    key2 = _hash(
+        {
+            "prompts": run.artifact_hash("prompts.json"),
+            **base_key,
+            "screen_means": run.artifact_hash(SCREEN_MEANS) if screened.exists() else None,
+        }
+    )
     t = time.time()
     if not run.reuse("extract", key2, ("candidates.safetensors",), must_reuse, log):
         log("extract: mean activations at every layer and post-instruction position")
-        hb, lb = rt.encode(_instructions(data["harmful_train"])), rt.encode(_instructions(data["harmless_train"]))
+        hb, lb = rt.encode(_instructions(data["harmful_train"])), rt.encode(
+            _instructions(data["harmless_train"])
+        )
         n_post = min(hb.n_post, lb.n_post)
         means = load_tensors(screened) if screened.exists() else {}
         source = "the prompt screen's forward passes (screen_means.safetensors)"
@@ -227,15 +298,26 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
             source = "a separate extraction pass"
             mh = mean_activations(model, hb, n_post, rt.batch.prompt_rows, desc="extract harmful")
             ml = mean_activations(model, lb, n_post, rt.batch.prompt_rows, desc="extract harmless")
-        save_tensors(run.file("candidates.safetensors"),
-                     {"directions": candidate_directions(mh, ml), "mean_harmful": mh, "mean_harmless": ml},
-                     metadata={"model": spec})
-        write_json(run.file("candidates.json"), {
-            "model": spec, "shape": [n_post, mh.shape[1], mh.shape[2]], "axes": ["position", "layer", "d_model"],
-            "positions": list(range(-n_post, 0)), "post_instruction_tokens": data["prompt_format"]["post_instruction_tokens"],
-            "n_harmful": len(data["harmful_train"]), "n_harmless": len(data["harmless_train"]),
-            "activation": "resid_pre (input of each decoder layer)", "accumulation": "float64 mean",
-            "recorded_by": source})
+        save_tensors(
+            run.file("candidates.safetensors"),
+            {"directions": candidate_directions(mh, ml), "mean_harmful": mh, "mean_harmless": ml},
+            metadata={"model": spec},
+        )
+        write_json(
+            run.file("candidates.json"),
+            {
+                "model": spec,
+                "shape": [n_post, mh.shape[1], mh.shape[2]],
+                "axes": ["position", "layer", "d_model"],
+                "positions": list(range(-n_post, 0)),
+                "post_instruction_tokens": data["prompt_format"]["post_instruction_tokens"],
+                "n_harmful": len(data["harmful_train"]),
+                "n_harmless": len(data["harmless_train"]),
+                "activation": "resid_pre (input of each decoder layer)",
+                "accumulation": "float64 mean",
+                "recorded_by": source,
+            },
+        )
         run.done("extract", key2, time.time() - t)
     candidates = load_tensors(run.file("candidates.safetensors"))["directions"]
     if stop_after == "extract":
@@ -243,19 +325,39 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
 
     # 3. selection
     # rows per pass change float rounding only; the default selector keeps older run folders' keys
-    sel_key = {k: v for k, v in cfg.selection.to_json().items()
-               if k != "batch_rows" and not (k == "selector" and v == "paper")}
-    key3 = _hash({"candidates": run.artifact_hash("candidates.safetensors"), "sel": sel_key,
-                  "prompts": run.artifact_hash("prompts.json"), **base_key})
+    sel_key = {
+        k: v
+        for k, v in cfg.selection.to_json().items()
+        if k != "batch_rows" and not (k == "selector" and v == "paper")
+    }
+    key3 = _hash(
+        {
+            "candidates": run.artifact_hash("candidates.safetensors"),
+            "sel": sel_key,
+            "prompts": run.artifact_hash("prompts.json"),
+            **base_key,
+        }
+    )
     t = time.time()
-    if not run.reuse("select", key3, ("selection.json", "direction.safetensors",), must_reuse, log):
+    if not run.reuse(
+        "select",
+        key3,
+        (
+            "selection.json",
+            "direction.safetensors",
+        ),
+        must_reuse,
+        log,
+    ):
         log(f"select: scoring {candidates.shape[0] * candidates.shape[1]} candidate directions")
         hv, lv = rt.encode(_instructions(data["harmful_val"])), rt.encode(_instructions(data["harmless_val"]))
         sel_cfg = dataclasses.replace(cfg.selection, batch_rows=rt.batch.select_rows)
         if sel_cfg.induce_threshold is None:  # auto: the calibrated refusal threshold of this model
             sel_cfg = SelectionConfig(**{**sel_cfg.to_json(), "induce_threshold": data["metric_threshold"]})
         if sel_cfg.selector == "cosmic":
-            htr, ltr = rt.encode(_instructions(data["harmful_train"])), rt.encode(_instructions(data["harmless_train"]))
+            htr, ltr = rt.encode(_instructions(data["harmful_train"])), rt.encode(
+                _instructions(data["harmless_train"])
+            )
             res = select_direction_cosmic(model, candidates, hv, lv, htr, ltr, sel_cfg)
         else:
             res = select_direction(model, candidates, hv, lv, ref_ids, sel_cfg)
@@ -264,18 +366,31 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         sel["config"] = sel_cfg.to_json()
         write_json(run.file("selection.json"), sel)
         p, l = require_choice(res)
-        if sel_cfg.selector == "cosmic":  # and the paper's scores of the same candidate, to compare the selectors
+        if (
+            sel_cfg.selector == "cosmic"
+        ):  # and the paper's scores of the same candidate, to compare the selectors
             paper = paper_scores(model, candidates, p, l, hv, lv, ref_ids, sel_cfg)
-            scores = {"cosmic_refusal": float(res.bypass[p, l]), "cosmic_steering": float(res.induce[p, l]),
-                      "kl": float(res.kl[p, l]), **paper}
+            scores = {
+                "cosmic_refusal": float(res.bypass[p, l]),
+                "cosmic_steering": float(res.induce[p, l]),
+                "kl": float(res.kl[p, l]),
+                **paper,
+            }
         else:
-            scores = {"bypass": float(res.bypass[p, l]), "induce": float(res.induce[p, l]),
-                      "kl": float(res.kl[p, l]), **res.baseline}
+            scores = {
+                "bypass": float(res.bypass[p, l]),
+                "induce": float(res.induce[p, l]),
+                "kl": float(res.kl[p, l]),
+                **res.baseline,
+            }
         d = direction_from_candidates(candidates, p, l, spec, scores)
-        d.extra = {"token": data["prompt_format"]["post_instruction_tokens"][p],
-                   "refusal_tokens": data["refusal_tokens"]["tokens"], "seed": cfg.seed,
-                   "sizes": {"n_train": cfg.n_train, "n_val": cfg.n_val, "n_eval": cfg.n_eval},
-                   "prompt_format": data["prompt_format"]}
+        d.extra = {
+            "token": data["prompt_format"]["post_instruction_tokens"][p],
+            "refusal_tokens": data["refusal_tokens"]["tokens"],
+            "seed": cfg.seed,
+            "sizes": {"n_train": cfg.n_train, "n_val": cfg.n_val, "n_eval": cfg.n_eval},
+            "prompt_format": data["prompt_format"],
+        }
         d.save(run.file("direction"))
         run.done("select", key3, time.time() - t)
     direction = load_direction(run.path, expect_d_model=candidates.shape[-1])
@@ -287,11 +402,27 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
         caps.baseline(run, rt, direction, base_key, must_reuse)
 
     # 4. evaluation
-    key4 = _hash({"direction": run.artifact_hash("direction.safetensors"), "prompts": run.artifact_hash("prompts.json"),
-                  "max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": cfg.judge,
-                  **base_key})
+    key4 = _hash(
+        {
+            "direction": run.artifact_hash("direction.safetensors"),
+            "prompts": run.artifact_hash("prompts.json"),
+            "max_new_tokens": cfg.max_new_tokens,
+            "ortho": cfg.regenerate_ortho,
+            "judge": cfg.judge,
+            **base_key,
+        }
+    )
     t = time.time()
-    if not run.reuse("evaluate", key4, ("eval.json", "completions.jsonl",), must_reuse, log):
+    if not run.reuse(
+        "evaluate",
+        key4,
+        (
+            "eval.json",
+            "completions.jsonl",
+        ),
+        must_reuse,
+        log,
+    ):
         log("evaluate: generating completions under each condition")
         ev, rows = evaluate_direction(rt, direction, data, cfg, log)
         ev["seconds"] = round(time.time() - t, 2)
@@ -305,6 +436,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, model=None, tok=None, log=prin
 
     # 5. report
     from .report import write_report
+
     write_report(run.path)
     summary = summarize(run.path)
     summary["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
@@ -324,15 +456,27 @@ class _CapabilityStage:
 
         self.log, self.key = log, None
         self._stack = contextlib.ExitStack()
-        self.plan = self._stack.enter_context(plan_tasks(
-            cfg.capabilities, cfg.capabilities_data_dir, cfg.capabilities_limit, cfg.capabilities_fewshot,
-            cfg.capabilities_max_gen_toks))
+        self.plan = self._stack.enter_context(
+            plan_tasks(
+                cfg.capabilities,
+                cfg.capabilities_data_dir,
+                cfg.capabilities_limit,
+                cfg.capabilities_fewshot,
+                cfg.capabilities_max_gen_toks,
+            )
+        )
 
     def baseline(self, run: RunFolder, rt: Runtime, direction: Direction, base_key: dict, must_reuse) -> None:
         from .capabilities import _harness, run_condition, scores_to_json
 
-        self.key = _hash({"direction": run.artifact_hash("direction.safetensors"), "tasks": self.plan.key(),
-                          "harness": _harness().__version__, **base_key})
+        self.key = _hash(
+            {
+                "direction": run.artifact_hash("direction.safetensors"),
+                "tasks": self.plan.key(),
+                "harness": _harness().__version__,
+                **base_key,
+            }
+        )
         if run.reuse("capabilities", self.key, (self.RESULT,), must_reuse, self.log):
             self.done = True
             return
@@ -342,11 +486,15 @@ class _CapabilityStage:
             self.log("capabilities: baseline pass reused")
             return
         if getattr(rt.model, "_refdir_orthogonalized", False):
-            raise RefdirError("the capability baseline needs the model's own weights, but they are orthogonalized")
+            raise RefdirError(
+                "the capability baseline needs the model's own weights, but they are orthogonalized"
+            )
         self.log(f"capabilities: baseline pass ({', '.join(self.plan.names)})")
         t = time.time()
         scores = run_condition(rt, self.plan, self.log)
-        write_json(f, {"key": self.key, "seconds": round(time.time() - t, 1), "scores": scores_to_json(scores)})
+        write_json(
+            f, {"key": self.key, "seconds": round(time.time() - t, 1), "scores": scores_to_json(scores)}
+        )
 
     def finish(self, run: RunFolder, rt: Runtime, direction: Direction) -> None:
         from .capabilities import harness_batches, result_json, run_condition, scores_from_json
@@ -367,8 +515,9 @@ class _CapabilityStage:
             self._stack.close()
 
 
-def evaluate_direction(rt: Runtime, direction: Direction, data: dict, cfg: RunConfig,
-                       log=lambda message: None) -> tuple[dict, list[dict]]:
+def evaluate_direction(
+    rt: Runtime, direction: Direction, data: dict, cfg: RunConfig, log=lambda message: None
+) -> tuple[dict, list[dict]]:
     """Refusal rates per condition, KL/CE on harmless prompts, and orthogonalization ≡ ablation.
 
     The model's weights are orthogonalized in place at the end (keeping a second copy would
@@ -383,25 +532,48 @@ def evaluate_direction(rt: Runtime, direction: Direction, data: dict, cfg: RunCo
     rows: list[dict] = []
 
     def record(cond: str, split: str, items):
-        results.setdefault(split, {})[cond] = {"refusal_rate": refusal_rate(items), "n": len(items),
-                                               "per_category": per_category(items)}
-        rows.extend({"split": split, "condition": cond, "prompt": j.prompt, "category": j.category,
-                     "refused": j.refused, "completion": j.completion} for j in items)
+        results.setdefault(split, {})[cond] = {
+            "refusal_rate": refusal_rate(items),
+            "n": len(items),
+            "per_category": per_category(items),
+        }
+        rows.extend(
+            {
+                "split": split,
+                "condition": cond,
+                "prompt": j.prompt,
+                "category": j.category,
+                "refused": j.refused,
+                "completion": j.completion,
+            }
+            for j in items
+        )
         return items
 
     # all five conditions in shared batches, a refusing condition next to an answering one (rows that
     # refuse leave the batch after a dozen tokens; the answers keep it wide)
-    jobs = [GenJob("harmful/baseline", "baseline", hp, hcat), GenJob("harmful/ablation", "ablation", hp, hcat),
-            GenJob("harmless/actadd+", "actadd+", lp, lcat), GenJob("harmful/actadd-", "actadd-", hp, hcat),
-            GenJob("harmless/baseline", "baseline", lp, lcat)]
+    jobs = [
+        GenJob("harmful/baseline", "baseline", hp, hcat),
+        GenJob("harmful/ablation", "ablation", hp, hcat),
+        GenJob("harmless/actadd+", "actadd+", lp, lcat),
+        GenJob("harmful/actadd-", "actadd-", hp, hcat),
+        GenJob("harmless/baseline", "baseline", lp, lcat),
+    ]
     judged = generate_conditions(model, tok, jobs, direction, fmt, n_new, gbs)
-    for split, cond in (("harmful", "baseline"), ("harmful", "ablation"), ("harmful", "actadd-"),
-                        ("harmless", "baseline"), ("harmless", "actadd+")):
+    for split, cond in (
+        ("harmful", "baseline"),
+        ("harmful", "ablation"),
+        ("harmful", "actadd-"),
+        ("harmless", "baseline"),
+        ("harmless", "actadd+"),
+    ):
         record(cond, split, judged[f"{split}/{cond}"])
 
     if cfg.judge:
         log(f"evaluate: second judge ({cfg.judge})")
-    judge = second_judge(model, tok, rows, cfg.judge, fmt, load_options=_judge_load(cfg)) if cfg.judge else None
+    judge = (
+        second_judge(model, tok, rows, cfg.judge, fmt, load_options=_judge_load(cfg)) if cfg.judge else None
+    )
     log("evaluate: KL and cross-entropy on harmless prompts and text")
 
     # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
@@ -423,27 +595,46 @@ def evaluate_direction(rt: Runtime, direction: Direction, data: dict, cfg: RunCo
     release_memory()  # untying the unembedding allocates a vocab x d copy: not on top of freed buffers
     orthogonalize_weights(model, direction.vector, allow_approximate=True)
     lo = last_logits(model, b.input_ids, b.attention_mask)
-    ortho_check = {"max_abs_logit_diff_vs_ablation": float((la - lo).abs().max()), "n_prompts": b.input_ids.shape[0],
-                   "exact_by_construction": exact}
+    ortho_check = {
+        "max_abs_logit_diff_vs_ablation": float((la - lo).abs().max()),
+        "n_prompts": b.input_ids.shape[0],
+        "exact_by_construction": exact,
+    }
     if cfg.regenerate_ortho:
         record("ortho", "harmful", generate_judged(model, tok, hp, hcat, fmt, n_new, gbs, "harmful/ortho"))
         # the baseline is gone from memory: CE of the baseline completions under the orthogonalized weights
-        ce = kl_and_ce(model, tok, lp, base_comps, fmt, {"baseline": contextlib.nullcontext}, 16, bs)["baseline"]
-        klce["ortho"] = {**klce["ablation"], "ce": ce["ce"], "ce_tokens": ce["ce_tokens"],
-                         "kl_from": "ablation (logit-equivalent; the baseline weights are gone)"}
+        ce = kl_and_ce(model, tok, lp, base_comps, fmt, {"baseline": contextlib.nullcontext}, 16, bs)[
+            "baseline"
+        ]
+        klce["ortho"] = {
+            **klce["ablation"],
+            "ce": ce["ce"],
+            "ce_tokens": ce["ce_tokens"],
+            "kl_from": "ablation (logit-equivalent; the baseline weights are gone)",
+        }
         if pairs:
-            ce_t = kl_and_ce(model, tok, pair_ins, pair_resp, fmt, {"baseline": contextlib.nullcontext}, 64,
-                             bs)["baseline"]
+            ce_t = kl_and_ce(
+                model, tok, pair_ins, pair_resp, fmt, {"baseline": contextlib.nullcontext}, 64, bs
+            )["baseline"]
             text["ortho"] = {**text["ablation"], "ce": ce_t["ce"], "kl_from": "ablation (logit-equivalent)"}
     else:  # ortho ≡ ablation: its completions and scores are those of ablation (checked on logits above)
-        results["harmful"]["ortho"] = {**results["harmful"]["ablation"], "from": "ablation (logit-equivalent)"}
+        results["harmful"]["ortho"] = {
+            **results["harmful"]["ablation"],
+            "from": "ablation (logit-equivalent)",
+        }
         klce["ortho"] = {**klce["ablation"], "from": "ablation (logit-equivalent)"}
         if text:
             text["ortho"] = {**text["ablation"], "from": "ablation (logit-equivalent)"}
-    ev = {"direction": direction.meta(), "refusal": results, "kl_ce_harmless": klce, "ce_harmless_text": text,
-          "ortho_check": ortho_check,
-          "judge": judge,
-          "max_new_tokens": n_new, "refusal_phrases": list(REFUSAL_PHRASES)}
+    ev = {
+        "direction": direction.meta(),
+        "refusal": results,
+        "kl_ce_harmless": klce,
+        "ce_harmless_text": text,
+        "ortho_check": ortho_check,
+        "judge": judge,
+        "max_new_tokens": n_new,
+        "refusal_phrases": list(REFUSAL_PHRASES),
+    }
     return ev, rows
 
 
@@ -452,20 +643,31 @@ def _judge_load(cfg: RunConfig) -> dict:
     return {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
 
 
-def judge_run(run_path: Path, judge_spec: str, model, tok, fmt: PromptFormat | None = None,
-              only: list[str] | None = None, load_options: dict | None = None) -> dict:
+def judge_run(
+    run_path: Path,
+    judge_spec: str,
+    model,
+    tok,
+    fmt: PromptFormat | None = None,
+    only: list[str] | None = None,
+    load_options: dict | None = None,
+) -> dict:
     """Add (or replace) the second judge of a finished run from its stored completions: no regeneration.
 
     The chat judge reads its prompt in ``fmt`` (default: the run's own prompt format). Rewrites
     eval.json, the report and summary.json; returns the judge's results."""
     from .io import read_jsonl
     from .report import write_report
+
     ev_file, comp_file = run_path / "eval.json", run_path / "completions.jsonl"
     if not ev_file.is_file() or not comp_file.is_file():
         raise RefdirError(f"{run_path} has no evaluation yet: run `refdir run --out {run_path}` first")
     cfg = _read_meta(run_path / "config.json")
-    fmt = fmt or PromptFormat(system=cfg.get("system"), chat_template=cfg.get("chat_template"),
-                              template_kwargs=template_kwargs_json(cfg.get("template_kwargs")))
+    fmt = fmt or PromptFormat(
+        system=cfg.get("system"),
+        chat_template=cfg.get("chat_template"),
+        template_kwargs=template_kwargs_json(cfg.get("template_kwargs")),
+    )
     ev = json.loads(ev_file.read_text())
     ev["judge"] = second_judge(model, tok, read_jsonl(comp_file), judge_spec, fmt, only, load_options)
     write_json(ev_file, ev)
@@ -485,7 +687,9 @@ def summarize(run_path: Path) -> dict:
     klce = ev["kl_ce_harmless"]
     return {
         "model": json.loads((run_path / "config.json").read_text()).get("model_spec"),
-        "layer": d["layer"], "pos": d["pos"], "norm": round(d["norm"], 3),
+        "layer": d["layer"],
+        "pos": d["pos"],
+        "norm": round(d["norm"], 3),
         "kl_selection": round(d["scores"].get("kl", float("nan")), 4),
         "harmful_refusal": {c: round(v["refusal_rate"], 3) for c, v in r["harmful"].items()},
         "harmless_refusal": {c: round(v["refusal_rate"], 3) for c, v in r["harmless"].items()},
@@ -493,8 +697,18 @@ def summarize(run_path: Path) -> dict:
         "ce_harmless_text": {c: round(v["ce"], 4) for c, v in (ev.get("ce_harmless_text") or {}).items()},
         "kl_harmless_first": {c: round(v["kl_first"], 4) for c, v in klce.items()},
         "ortho_max_logit_diff": ev["ortho_check"]["max_abs_logit_diff_vs_ablation"],
-        "judge_refusal": {k: round(v["refusal_rate"], 3) for k, v in ((ev.get("judge") or {}).get("conditions") or {}).items()},
-        "capabilities": {r["task"]: {"n": r["n"], "baseline": round(r["baseline"], 4),
-                                     "orthogonalized": round(r["orthogonalized"], 4), "delta": round(r["delta"], 4),
-                                     "delta_ci95": [round(x, 4) for x in r["delta_ci95"]]} for r in caps},
+        "judge_refusal": {
+            k: round(v["refusal_rate"], 3)
+            for k, v in ((ev.get("judge") or {}).get("conditions") or {}).items()
+        },
+        "capabilities": {
+            r["task"]: {
+                "n": r["n"],
+                "baseline": round(r["baseline"], 4),
+                "orthogonalized": round(r["orthogonalized"], 4),
+                "delta": round(r["delta"], 4),
+                "delta_ci95": [round(x, 4) for x in r["delta_ci95"]],
+            }
+            for r in caps
+        },
     }
