@@ -85,7 +85,7 @@ def build_audit(run: str | Path) -> dict:
         "ce_harmless_text": {c: text[c]["ce"] for c in ("baseline", "ablation")} if text else None,
         "n": len(prompts.get("eval_harmless", [])) or None,
     }
-    caps = _load(run, "capabilities.json")
+    caps, jb = _load(run, "capabilities.json"), _load(run, "jailbreaks.json")
     cone, mon = _load(run, "cone.json"), _load(run, "monitor.json")
     dims = None
     if cone:
@@ -119,6 +119,9 @@ def build_audit(run: str | Path) -> dict:
         "removal": removals,
         "cost": cost,
         "capabilities": caps.get("results") if caps else None,
+        "jailbreaks": (
+            {k: jb[k] for k in ("n_prompts", "max_new_tokens", "judges", "rows")} if jb else None
+        ),
         "cone": dims,
         "monitor": (
             None
@@ -155,6 +158,26 @@ def _rows(headers, rows) -> str:
         for r in rows
     )
     return f"<table><tr>{th}</tr>{tr}</table>"
+
+
+def _jailbreak_section(jb: dict | None) -> str:
+    """The paper's Table 2 analogue: refusal and compliance by every judge, one row per attack."""
+    if not jb:
+        return "<p class=note>Jailbreak table: not measured (refdir jailbreaks).</p>"
+    judges = jb["judges"]
+    head = ["attack", "n"] + [f"refusal ({j})" for j in judges] + [f"compliance ({j})" for j in judges]
+    rows = [
+        [r["condition"], r["n"]]
+        + [r["refusal"].get(j) for j in judges]
+        + [r["compliance"].get(j) for j in judges]
+        for r in jb["rows"]
+    ]
+    return (
+        "<h2>Attacks side by side (paper Table 2)</h2>"
+        + _rows(head, rows)
+        + f"<p class=note>{jb['n_prompts']} harmful evaluation prompts, greedy, {jb['max_new_tokens']} new "
+        "tokens.</p>"
+    )
 
 
 def render_audit(a: dict) -> str:
@@ -223,6 +246,7 @@ def render_audit(a: dict) -> str:
         )
     else:
         parts.append("<p class=note>Capability benchmarks: not measured in this run.</p>")
+    parts.append(_jailbreak_section(a["jailbreaks"]))
     parts.append("<h2>How many dimensions refusal needs</h2>")
     parts.append(
         _rows(

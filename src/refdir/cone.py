@@ -22,7 +22,7 @@ from .adapter import get_adapter, hidden_arg
 from .evaluation import generate_judged, refusal_rate
 from .forward import last_logits_shared, split_prefix
 from .interventions import hooks, orthonormal_basis, subspace_ablation
-from .refusal import refusal_metric
+from .refusal import last_logits, last_logits_with_grad, refusal_metric
 from .selection import _kl
 
 
@@ -175,19 +175,6 @@ def greedy_cone(
     return ranks
 
 
-def _last_logits_grad(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at the last position ``[B, V]``, with autograd (no prefix cache: gradients)."""
-    ad = get_adapter(model)
-    out = model(
-        input_ids=input_ids.to(ad.device),
-        attention_mask=attention_mask.to(ad.device),
-        position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(ad.device),
-        use_cache=False,
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1]
-
-
 def refine_direction(
     model,
     basis: torch.Tensor,
@@ -214,10 +201,8 @@ def refine_direction(
     ids = torch.tensor(refusal_ids)
     basis = basis.double()
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        base_logp = torch.log_softmax(
-            _last_logits_grad(model, harmless.input_ids, harmless.attention_mask).double(), -1
-        )
+    base = last_logits(model, harmless.input_ids, harmless.attention_mask)  # [N, V], no grad: the target
+    base_logp = torch.log_softmax(base.double(), -1)
     w = (init.double() - basis.T @ (basis @ init.double())).clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr * float(w.detach().norm()))
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -235,11 +220,11 @@ def refine_direction(
             trial = torch.cat([basis, (v / v.norm())[None]])
             with subspace_ablation(model, trial):
                 bypass = refusal_metric(
-                    _last_logits_grad(model, harmful.input_ids[hi], harmful.attention_mask[hi]), ids
+                    last_logits_with_grad(model, harmful.input_ids[hi], harmful.attention_mask[hi]), ids
                 ).mean()
                 kl = _kl(
                     base_logp[li],
-                    _last_logits_grad(model, harmless.input_ids[li], harmless.attention_mask[li]),
+                    last_logits_with_grad(model, harmless.input_ids[li], harmless.attention_mask[li]),
                 ).mean()
             loss = bypass.double() + kl_weight * kl.double()
             opt.zero_grad()

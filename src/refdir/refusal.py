@@ -48,14 +48,18 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-@torch.no_grad()
-def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits at the last position only ``[B, V]``: the unembedding of other positions is wasted work."""
+def last_logits_with_grad(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits at the last position only ``[B, V]``: the unembedding of other positions is wasted work.
+
+    Differentiable (gradient-based refinement needs it); :func:`last_logits` is the no-grad form."""
     dev = input_device(model)
     input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                 use_cache=False, logits_to_keep=1)
     return out.logits[:, -1, :].float()
+
+
+last_logits = torch.no_grad()(last_logits_with_grad)
 
 
 @torch.no_grad()
