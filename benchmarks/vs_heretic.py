@@ -10,7 +10,9 @@ One process tree on one machine, one stage after the other:
    resolves to refdir's dequantized cache folder), offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1), on
    local prompt files cut from refdir's training pools (harmful_train.json / harmless_train.json, minus the
    judge's prompts). Its best trial with KL <= 0.1 (fewest refusals, then lowest KL; the lowest-KL trial
-   if none qualifies) is merged and saved as an ordinary HF folder.
+   if none qualifies) is merged and saved as an ordinary HF folder. heretic's settings are its defaults
+   except: device_map cpu and float32 on the CPU, batch_size 128 (``--heretic-batch-size``; 0 runs its
+   probe), seed 42, export_strategy merge, the local prompt files (``--heretic-set`` overrides any).
 2. ``refdir run`` with defaults (plus ``--refdir-args``; ``--induce-threshold=-1e9`` for the 0.5B, whose
    induce filter removes every candidate), then ``refdir export`` of the orthogonalized checkpoint.
 3. One judge for both checkpoints, in this process with refdir's own code: the 100 JailbreakBench prompts,
@@ -54,7 +56,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-# ~236 s per heretic trial on the 0.5B on a 2-core CPU: 8 trials + setup + refdir + judge fit ~60 minutes
+# ~236 s per heretic trial on the 0.5B on a 2-core CPU; its setup (prefix check on 200 prompts, baseline
+# evaluation) costs ~3 trials more (measured on a tiny model): ~45 min + refdir ~10 + judge ~5 = ~60 min
 DEFAULT_TRIALS = 8
 # `refdir run` extras per model: the 0.5B's induce filter removes every candidate at the default threshold
 REFDIR_EXTRA = {DEFAULT_MODEL: "--induce-threshold=-1e9"}
