@@ -113,7 +113,8 @@ def main() -> None:
         print(json.dumps(r)[:400], flush=True)
         rows.append(r)
     every = [json.loads(f.read_text()) for f in sorted((ROOT / "results").glob("*.json"))]
-    every = [r for r in every if "ok" in r]  # run summaries; beyond-/capabilities-/vs_heretic- are other tables
+    # run summaries only: beyond-/capabilities-/vs_heretic- files hold other tables
+    every = [r for r in every if "ok" in r]
     md = table(every)
     jt = judge_table(every)
     if jt:

@@ -391,8 +391,11 @@ def first_token_logprobs(rt, prompts: list[str]):
 
 
 def kl_first(ref, cur) -> float:
-    """Mean over prompts of KL(original || edited) at the first token: the direction both tools report."""
-    return float((ref.exp() * (ref - cur)).sum(-1).mean())
+    """Mean over prompts of KL(original || edited) at the first token: the direction both tools report
+    (refdir's own per-row KL; log-softmax of log-probs is the identity)."""
+    from refdir.selection import _kl
+
+    return float(_kl(ref, cur).double().mean())
 
 
 def judge(a, models: dict[str, str], original: str, harmful: list, harmless: list, driver: Path,
