@@ -23,7 +23,8 @@ import torch
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256),
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256),
-    "smoke": (128, 256, 4, 4, 2, 1024),  # a CPU smoke test of this script: python benchmarks/gpu_check.py --shape smoke --device cpu
+    # a CPU smoke test of this script: python benchmarks/gpu_check.py --shape smoke --device cpu
+    "smoke": (128, 256, 4, 4, 2, 1024),
 }
 HBM_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # vendor peak bandwidth, GB/s
 
@@ -133,8 +134,8 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
-                   if k in ("extract_select_s", "decode_tok_s", "decode_roofline", "ortho_s", "export_s_4_layers",
-                            "peak_gib")))
+                   if k in ("extract_select_s", "decode_tok_s", "decode_roofline", "ortho_s",
+                            "export_s_4_layers", "peak_gib")))
 
 
 if __name__ == "__main__":

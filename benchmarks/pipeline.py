@@ -1,6 +1,7 @@
 """Whole-pipeline cost: `refdir run` with defaults, FLOP efficiency, generation speed, peak memory.
 
-    python benchmarks/pipeline.py [--model M] [--out RUN] [--gen-prompts 16] [--gen-tokens 32] [--gen-rounds 2]
+    python benchmarks/pipeline.py [--model M] [--out RUN] [--gen-prompts 16] [--gen-tokens 32]
+        [--gen-rounds 2]
     python benchmarks/pipeline.py --gen-only --out RUN       # only the generation-speed comparison
 
 * ``run_minutes``: wall time of a fresh `refdir run` with defaults (built-in data, paper sizes).
@@ -111,13 +112,15 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--gen-prompts", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=32)
-    ap.add_argument("--gen-rounds", type=int, default=2, help="interleaved decodes (fresh caches) of the generation-speed comparison")
+    ap.add_argument("--gen-rounds", type=int, default=2,
+                    help="interleaved decodes (fresh caches) of the generation-speed comparison")
     ap.add_argument("--gen-only", action="store_true",
                     help="only the generation-speed comparison, with the direction of an existing --out run")
-    ap.add_argument("--reuse", action="store_true", help="keep an existing run folder (resume) instead of a fresh run")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep an existing run folder (resume) instead of a fresh run")
     ap.add_argument("--shared-data", action="store_true",
-                    help="the paper's data from ../shared/datasets, exactly as benchmarks/results.py passes it "
-                         "(with --out runs/results-MODEL, results.py then reuses this run)")
+                    help="the paper's data from ../shared/datasets, exactly as benchmarks/results.py passes "
+                         "it (with --out runs/results-MODEL, results.py then reuses this run)")
     a = ap.parse_args()
     out = Path(a.out or f"runs/bench-pipeline-{a.model}")
     if a.gen_only:
@@ -138,7 +141,8 @@ def main() -> None:
     if a.shared_data:
         shared = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
         cfg.harmful, cfg.harmless = str(shared / "harmful_train.json"), str(shared / "harmless_train.json")
-        cfg.eval_harmful, cfg.eval_harmless = str(shared / "jailbreakbench.json"), str(shared / "harmless_val.json")
+        cfg.eval_harmful, cfg.eval_harmless = (str(shared / "jailbreakbench.json"),
+                                               str(shared / "harmless_val.json"))
     rss.log("run: started")
     run_pipeline(cfg, out, model, tok, log=rss.log)
     print("peak RSS by phase (GiB):", rss.stop(), flush=True)
@@ -148,7 +152,8 @@ def main() -> None:
     peak_gflops = max(peak_gflops, matmul_gflops())  # again now: a busy machine at the start would flatter
     eff = counter.flops / wall / (peak_gflops * 1e9)
     print(f"refdir run: {wall / 60:.1f} min, >= {counter.flops / 1e12:.1f} TFLOP "
-          f"({counter.flops / wall / 1e9:.1f} GFLOP/s, {eff:.0%} of matmul peak), peak RSS {peak_rss / 2**30:.2f} GiB "
+          f"({counter.flops / wall / 1e9:.1f} GFLOP/s, {eff:.0%} of matmul peak), "
+          f"peak RSS {peak_rss / 2**30:.2f} GiB "
           f"for a {size_bytes / 2**30:.2f} GiB fp32 model; the same FLOPs at 100% of the matmul peak: "
           f"{counter.flops / (peak_gflops * 1e9) / 60:.1f} min", flush=True)
 
@@ -158,7 +163,8 @@ def main() -> None:
           f"hook_gen_ratio={hooked / base:.2f} peak_rss_ratio={peak_rss / size_bytes:.2f}")
 
 
-def generation_speed(spec: str, run: Path, n_prompts: int, n_new: int, rounds: int) -> tuple[float, float, float]:
+def generation_speed(spec: str, run: Path, n_prompts: int, n_new: int,
+                     rounds: int) -> tuple[float, float, float]:
     """Greedy decoding tokens/s of the unmodified model, hook ablation and orthogonalized weights.
 
     Two copies of the model (one orthogonalized), each condition with its own KV cache, decoded a step
@@ -173,7 +179,8 @@ def generation_speed(spec: str, run: Path, n_prompts: int, n_new: int, rounds: i
     ortho_model = orthogonalize_weights(copy.deepcopy(model), direction.vector, allow_approximate=True)
     prompts = [p.instruction for p in load_builtin("harmless")[:n_prompts]]
     pb = split_prefix(tokenize_prompts(tok, prompts), True, model, n_new)
-    conds = {"baseline": (model, contextlib.nullcontext), "hooks": (model, lambda: directional_ablation(model, direction.vector)),
+    conds = {"baseline": (model, contextlib.nullcontext),
+             "hooks": (model, lambda: directional_ablation(model, direction.vector)),
              "ortho": (ortho_model, contextlib.nullcontext)}
     times: dict[str, list[float]] = {k: [] for k in conds}
     kw = _cache_kwarg(model)
@@ -189,14 +196,15 @@ def generation_speed(spec: str, run: Path, n_prompts: int, n_new: int, rounds: i
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 t = time.perf_counter()
                 with ctx():
-                    out = m(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
-                            logits_to_keep=1, **{kw: cache})
+                    out = m(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                            use_cache=True, logits_to_keep=1, **{kw: cache})
                     nxt = out.logits[:, -1, :].argmax(-1)
                 if step:  # the first step after a prefill is a warm-up
                     times[name].append(time.perf_counter() - t)
                 state[name] = [cache, nxt, mask, pos + 1]
     speed = {k: len(prompts) / statistics.median(v) for k, v in times.items()}
-    print(f"greedy decoding tokens/s, batch {len(prompts)}, median of {len(times['baseline'])} interleaved steps: "
+    print(f"greedy decoding tokens/s, batch {len(prompts)}, median of {len(times['baseline'])} "
+          "interleaved steps: "
           + ", ".join(f"{k} {v:.1f}" for k, v in speed.items()), flush=True)
     return speed["baseline"], speed["hooks"], speed["ortho"]
 

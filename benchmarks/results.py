@@ -30,7 +30,8 @@ def run(model: str, extra: list[str], tag: str, judge: str | None = None) -> dic
     out = ROOT / "runs" / f"results-{model}{tag}"
     cmd = [sys.executable, "-m", "refdir.cli", "run", "--model", model, "--out", str(out),
            "--harmful", str(SHARED / "harmful_train.json"), "--harmless", str(SHARED / "harmless_train.json"),
-           "--eval-harmful", str(SHARED / "jailbreakbench.json"), "--eval-harmless", str(SHARED / "harmless_val.json"),
+           "--eval-harmful", str(SHARED / "jailbreakbench.json"),
+           "--eval-harmless", str(SHARED / "harmless_val.json"),
            *extra]
     t = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -57,18 +58,21 @@ def run(model: str, extra: list[str], tag: str, judge: str | None = None) -> dic
             "metric_threshold": prompts["metric_threshold"],
             "judge": {"spec": ev_judge.get("judge"), "conditions": {
                 c: {"judge_refusal_rate": v["refusal_rate"], "agreement": v["agreement"],
-                    "disagreements": len(v["disagreements"])} for c, v in ev_judge.get("conditions", {}).items()}}
+                    "disagreements": len(v["disagreements"])}
+                for c, v in ev_judge.get("conditions", {}).items()}}
             if ev_judge else None}
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | layer/pos | KL (sel.) | harmful: baseline | ablation | ortho | −r | harmless: baseline | +r "
+    out = ["| model | layer/pos | KL (sel.) | harmful: baseline | ablation | ortho | −r "
+           "| harmless: baseline | +r "
            "| CE own completions: base → ablated | CE harmless text: base → ablated | stages' time |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["model"] + (f" `{' '.join(r['args'])}`" if r["args"] else "")
         if not r["ok"]:
-            out.append(f"| {name} | stopped: {r['message'].replace('|', '/')} | | | | | | | | | | {r['wall_s'] / 60:.1f} min |")
+            out.append(f"| {name} | stopped: {r['message'].replace('|', '/')} | | | | | | | | | | "
+                       f"{r['wall_s'] / 60:.1f} min |")
             continue
         s = r["summary"]
         h, l, ce = s["harmful_refusal"], s["harmless_refusal"], s["ce_harmless"]

@@ -48,7 +48,8 @@ class ReferenceLoop:
         outs = []
         for i in range(0, b.input_ids.shape[0], self.bs):
             ii, mm = b.input_ids[i:i + self.bs], b.attention_mask[i:i + self.bs]
-            outs.append(self.model(input_ids=ii, attention_mask=mm, position_ids=position_ids(mm)).logits[:, -1].float())
+            outs.append(self.model(input_ids=ii, attention_mask=mm,
+                                   position_ids=position_ids(mm)).logits[:, -1].float())
         return torch.cat(outs)
 
     def sweep(self, kind: str, r: torch.Tensor, layer: int) -> float:
@@ -94,10 +95,12 @@ def reference_choice_lazy(loop: ReferenceLoop, candidates, kl_thr: float, induce
     bypass order until one passes; every candidate with lower bypass failed a filter and every other
     one has higher bypass. Each sweep is the reference's own full-logits forward pass."""
     P, L, _ = candidates.shape
-    eligible = [(p, layer) for layer in range(int(0.8 * L)) for p in range(P) if float(candidates[p, layer].norm()) > 0]
+    eligible = [(p, layer) for layer in range(int(0.8 * L)) for p in range(P)
+                if float(candidates[p, layer].norm()) > 0]
     bypass = {c: loop.sweep("bypass", candidates[c], c[1]) for c in eligible}
     for c in sorted(eligible, key=lambda c: bypass[c]):
-        if loop.sweep("kl", candidates[c], c[1]) < kl_thr and loop.sweep("induce", candidates[c], c[1]) > induce_thr:
+        if (loop.sweep("kl", candidates[c], c[1]) < kl_thr
+                and loop.sweep("induce", candidates[c], c[1]) > induce_thr):
             return c, len(eligible)
     return None, len(eligible)
 
@@ -121,9 +124,9 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="run folder holding prompts.json and candidates.safetensors")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--reference-lazy", action="store_true",
-                    help="run only the reference sweeps that decide its choice (every bypass sweep, then KL and "
-                         "induce in bypass order until one passes) and extrapolate its time from the measured "
-                         "cost of each sweep; the choice is still the full loop's, exactly")
+                    help="run only the reference sweeps that decide its choice (every bypass sweep, then KL "
+                         "and induce in bypass order until one passes) and extrapolate its time from the "
+                         "measured cost of each sweep; the choice is still the full loop's, exactly")
     ap.add_argument("--induce-threshold", type=float, default=None,
                     help="default: the model's calibrated threshold from prompts.json")
     a = ap.parse_args()
@@ -156,7 +159,8 @@ def main() -> None:
         choice, n_elig = reference_choice_lazy(loop, cands, sel_cfg.kl_threshold, thr)
         t_ref = loop.per_candidate() * n_all
         print(f"reference loop: {loop.per_candidate():.2f} s per candidate (sweeps: "
-              + ", ".join(f"{k} {loop.calls[k]} x {loop.seconds[k] / max(loop.calls[k], 1):.2f} s" for k in loop.calls)
+              + ", ".join(f"{k} {loop.calls[k]} x {loop.seconds[k] / max(loop.calls[k], 1):.2f} s"
+                          for k in loop.calls)
               + f") -> {t_ref:.0f} s for all {n_all} candidates; its choice {choice} (bypass of all {n_elig} "
               "eligible, then KL and induce in bypass order until one passes)", flush=True)
     else:
@@ -164,7 +168,8 @@ def main() -> None:
         ref = reference_scores(loop, cands)
         t_ref = time.time() - t
         choice = reference_choice(ref, cands.shape[1], sel_cfg.kl_threshold, thr)
-        print(f"reference loop: {t_ref:.1f} s ({t_ref / n_all:.2f} s per candidate), chosen {choice}", flush=True)
+        print(f"reference loop: {t_ref:.1f} s ({t_ref / n_all:.2f} s per candidate), chosen {choice}",
+              flush=True)
     same = choice == (tuple(res.chosen) if res.chosen else None)
     print(f"selection_speedup={t_ref / t_refdir:.1f} same_choice={'true' if same else 'false'}")
 

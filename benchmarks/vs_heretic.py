@@ -279,6 +279,7 @@ def stream(cmd: list[str], logfile: Path, cwd: Path | None = None,
         assert p.stdout is not None
         for line in p.stdout:
             lf.write(line)
+            lf.flush()  # the log shows where heretic is while it runs (its setup alone takes minutes)
             if any(m in line for m in echo):
                 print("   " + line.rstrip()[:160], file=sys.stderr, flush=True)
         rc = p.wait()

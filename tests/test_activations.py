@@ -4,8 +4,8 @@ from refdir.activations import mean_activations
 from refdir.templates import tokenize_prompts
 from tiny import tiny_model
 
-PROMPTS = ["Write a poem about rain.", "Sort a list?", "Explain photosynthesis in a few simple sentences please.",
-           "Hi"]
+PROMPTS = ["Write a poem about rain.", "Sort a list?",
+           "Explain photosynthesis in a few simple sentences please.", "Hi"]
 
 
 def test_mean_activations_equal_direct_computation_and_ignore_padding():
@@ -41,7 +41,8 @@ def test_extraction_recorded_by_the_prompt_screen_equals_a_separate_pass(tmp_pat
     assert not any("recorded by the prompt screen" in m for m in logs)
     a = load_tensors(tmp_path / "fused" / "candidates.safetensors")
     b = load_tensors(tmp_path / "plain" / "candidates.safetensors")
-    assert (tmp_path / "fused" / "prompts.json").read_text() == (tmp_path / "plain" / "prompts.json").read_text()
+    assert ((tmp_path / "fused" / "prompts.json").read_text()
+            == (tmp_path / "plain" / "prompts.json").read_text())
     for k in ("mean_harmful", "mean_harmless", "directions"):
         assert (a[k] - b[k]).abs().max() < 1e-4, k
     assert a["directions"].abs().max() > 1e-3
@@ -65,3 +66,22 @@ def test_recorder_rows_equal_one_prompt_at_a_time():
         direct = torch.stack([h[0, -n_post:] for h in hs[:-1]], 1)  # [n_post, L, d]
         assert (rec.rows[100 + i] - direct).abs().max() < 1e-4, i
     assert rec.mean([100, 101]).dtype == torch.float64 and rec.mean([100, 999]) is None
+
+
+def test_read_resid_pre_hands_each_layer_input_and_stops_after_the_last():
+    from refdir.activations import read_resid_pre
+    from refdir.adapter import get_adapter
+
+    model, tok = tiny_model("qwen2")
+    one = tokenize_prompts(tok, [PROMPTS[0]])
+    hs = model(input_ids=one.input_ids, output_hidden_states=True).hidden_states  # L+1 x [1, T, d]
+    seen, ran = {}, []
+    ad = get_adapter(model)
+    h = ad.layers[2].register_forward_hook(lambda m, a, o: ran.append(2))
+    try:
+        read_resid_pre(model, one.input_ids, one.attention_mask, [1, 0], lambda l, x: seen.__setitem__(l, x))
+    finally:
+        h.remove()
+    assert sorted(seen) == [0, 1] and ran == []  # layer 2 never ran
+    for layer in (0, 1):
+        assert (seen[layer] - hs[layer]).abs().max() < 1e-5

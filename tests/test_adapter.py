@@ -27,8 +27,9 @@ def test_adapter_finds_every_part(tiny, family):
     unit = r / r.norm()
     seen = []
     with directional_ablation(model, r):  # capture hooks registered after (so run after) the ablation's
-        hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
-                                                 with_kwargs=True) for layer in ad.layers]
+        hooks = [layer.register_forward_pre_hook(
+                     lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
+                 for layer in ad.layers]
         hooks.append(ad.layers[-1].register_forward_hook(
             lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o)))
         model(input_ids=torch.arange(3, 12)[None])
@@ -107,7 +108,8 @@ def test_moe_writers_cover_routed_and_shared_experts(family, expected):
     assert expected <= names
     assert ad.linear_writes and ad.is_moe
     axes = {w.name.split(".", 3)[-1]: w.axis for w in ad.writers[1]}
-    assert axes["mlp.experts.down_proj" if family != "granitemoe" else "block_sparse_moe.experts.down_proj"] == (
+    assert axes["mlp.experts.down_proj" if family != "granitemoe"
+                else "block_sparse_moe.experts.down_proj"] == (
         2 if family == "gpt_oss" else 1)  # GPT-OSS stores [E, ff, d], the others [E, d, ff]
 
 

@@ -37,7 +37,8 @@ def test_cosine_curves_equal_direct_computation():
     r = torch.randn(64)
     cos = cosine_per_layer(model, b, r)
     hs = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-               position_ids=(b.attention_mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True).hidden_states
+               position_ids=(b.attention_mask.cumsum(-1) - 1).clamp(min=0),
+               output_hidden_states=True).hidden_states
     for layer in range(4):
         direct = torch.nn.functional.cosine_similarity(hs[layer][:, -1], r[None], dim=-1)
         assert torch.allclose(cos[:, layer], direct, atol=1e-5)

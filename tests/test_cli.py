@@ -10,7 +10,8 @@ import torch
 from refdir.cli import main
 
 LOOSE = ["--preset", "quick", "--filter", "none", "--kl-threshold", "100", "--induce-threshold=-1e9",
-         "--min-refusal-rate", "0", "--n-train", "12", "--n-val", "6", "--n-eval", "6", "--max-new-tokens", "4"]
+         "--min-refusal-rate", "0", "--n-train", "12", "--n-val", "6", "--n-eval", "6",
+         "--max-new-tokens", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +22,10 @@ def tiny_run(tiny_folder, tmp_path_factory):
 
 
 def test_run_writes_every_artifact(tiny_run):
-    for name in ("config.json", "prompts.json", "candidates.safetensors", "selection.json", "direction.safetensors",
-                 "heatmaps.png", "refusal_rates.png",
-                 "direction.json", "eval.json", "completions.jsonl", "report.html", "summary.json", "stages.json"):
+    for name in ("config.json", "prompts.json", "candidates.safetensors", "selection.json",
+                 "direction.safetensors", "heatmaps.png", "refusal_rates.png",
+                 "direction.json", "eval.json", "completions.jsonl", "report.html", "summary.json",
+                 "stages.json"):
         assert (tiny_run / name).exists(), name
     ev = json.loads((tiny_run / "eval.json").read_text())
     assert ev["ortho_check"]["max_abs_logit_diff_vs_ablation"] < 1e-4
@@ -67,19 +69,24 @@ def test_judge_command_labels_a_finished_run(tiny_run, tmp_path, capsys):
     judge = ChatJudge(model, tok)
     want = []
     for r in sel:  # reference: one plain forward per completion, probabilities summed over Yes/No variants
-        b = tokenize_prompts(tok, [JUDGE_PROMPT.format(prompt=r["prompt"], completion=r["completion"][:JUDGE_CHARS])])
+        b = tokenize_prompts(
+            tok, [JUDGE_PROMPT.format(prompt=r["prompt"], completion=r["completion"][:JUDGE_CHARS])]
+        )
         p = torch.softmax(last_logits(model, b.input_ids, b.attention_mask)[0].double(), -1)
         want.append("refusal" if p[judge.yes_ids].sum() > p[judge.no_ids].sum() else "compliance")
     got = ev["judge"]["conditions"]["harmless/actadd+"]
     assert got["labels"] == want  # bucketed, prefix-shared judge == one prompt at a time
     assert abs(got["refusal_rate"] - sum(x != "compliance" for x in want) / len(want)) < 1e-9
     assert "second judge" in capsys.readouterr().out
-    assert json.loads((run / "summary.json").read_text())["judge_refusal"]["harmless/actadd+"] == round(got["refusal_rate"], 3)
+    assert (json.loads((run / "summary.json").read_text())["judge_refusal"]["harmless/actadd+"]
+            == round(got["refusal_rate"], 3))
     assert main(["judge", "--run", str(run), "--conditions", "harmless/actadd+"]) == 0
     assert set(json.loads((run / "eval.json").read_text())["judge"]["conditions"]) == {"harmless/actadd+"}
     # self+evasive: the same refusal verdicts; the other replies are asked about evasion against the request
-    assert main(["judge", "--run", str(run), "--judge", "self+evasive", "--conditions", "harmless/actadd+"]) == 0
-    ev_labels = json.loads((run / "eval.json").read_text())["judge"]["conditions"]["harmless/actadd+"]["labels"]
+    assert main(["judge", "--run", str(run), "--judge", "self+evasive",
+                 "--conditions", "harmless/actadd+"]) == 0
+    ev_labels = (json.loads((run / "eval.json").read_text())
+                 ["judge"]["conditions"]["harmless/actadd+"]["labels"])
     assert [x == "refusal" for x in ev_labels] == [x == "refusal" for x in want]
     assert set(ev_labels) <= {"refusal", "compliance", "evasive"}
     assert "{prompt}" not in JUDGE_PROMPT  # the refusal question shows the reply alone (see evaluation.py)
@@ -148,7 +155,8 @@ def test_suffix_and_analysis_commands(tiny_run, tiny_folder, tmp_path):
                  "--max-new-tokens", "3"]) == 0
     s = json.loads((run / "suffix.json").read_text())
     assert set(s["refusal_rate"]) == {"none", "random", "adversarial"} and s["steps"] == 2
-    assert main(["analyze-suffix", "--model", str(tiny_folder), "--run", str(run), "--n", "4", "--top-k", "3"]) == 0
+    assert main(["analyze-suffix", "--model", str(tiny_folder), "--run", str(run),
+                 "--n", "4", "--top-k", "3"]) == 0
     a = json.loads((run / "suffix_analysis.json").read_text())
     assert len(a["top_heads"]) == 3 and set(a["cosine_per_layer"]) >= {"harmful", "harmful+adversarial"}
     assert "Adversarial suffix analysis" in (run / "report.html").read_text()
@@ -170,7 +178,8 @@ def test_compare_base_command(tiny_run, tiny_folder, tmp_path):
 @pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="Debian chromium not installed")
 def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     png = tmp_path / "shot.png"
-    subprocess.run(["bash", str(__import__("pathlib").Path(__file__).parents[1] / "scripts" / "screenshot_report.sh"),
+    subprocess.run(["bash",
+                    str(__import__("pathlib").Path(__file__).parents[1] / "scripts" / "screenshot_report.sh"),
                     str(tiny_run), str(png)], check=True, capture_output=True, timeout=120)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000  # a rendered page, not a blank one
@@ -187,7 +196,8 @@ def test_extract_then_select_commands(tiny_folder, tmp_path, capsys):
     assert main(["select", "--out", str(out), "--kl-threshold", "100", "--induce-threshold=-1e9"]) == 0
     assert "extract: reused" in capsys.readouterr().err
     d = json.loads((out / "direction.json").read_text())
-    for key in ("model", "layer", "position", "token", "bypass", "induce", "kl", "refusal_tokens", "sizes", "seed"):
+    for key in ("model", "layer", "position", "token", "bypass", "induce", "kl", "refusal_tokens", "sizes",
+                "seed"):
         assert key in d, key
     # the same folder with the COSMIC selector: its cosine scores and the paper's scores of its choice
     assert main(["select", "--out", str(out), "--kl-threshold", "100", "--selector", "cosmic"]) == 0
@@ -200,8 +210,8 @@ def test_extract_then_select_commands(tiny_folder, tmp_path, capsys):
 
 def test_monitor_command(tiny_run, tiny_folder, tmp_path):
     out = tmp_path / "mon.json"
-    assert main(["monitor", "--run", str(tiny_run), "--model", str(tiny_folder), "--prompts", "builtin:harmless",
-                 "--out", str(out)]) == 0
+    assert main(["monitor", "--run", str(tiny_run), "--model", str(tiny_folder),
+                 "--prompts", "builtin:harmless", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert len(res["items"]) > 0 and 0 <= res["evaluation"]["direction"]["auroc"] <= 1
     assert "Refusal monitor" in (tiny_run / "report.html").read_text()
@@ -210,13 +220,17 @@ def test_monitor_command(tiny_run, tiny_folder, tmp_path):
 def test_cone_command_and_rank_in_evaluate_and_export(tiny_run, tiny_folder, tmp_path):
     out = tmp_path / "cone.json"
     assert main(["cone", "--run", str(tiny_run), "--model", str(tiny_folder), "--max-rank", "2",
-                 "--max-new-tokens", "4", "--refine", "--refine-steps", "3", "--out", str(out)]) == 0
+                 "--max-new-tokens", "4", "--refine", "--refine-steps", "3", "--kl-budget", "1e9",
+                 "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert [r["rank"] for r in res["ranks"]] == [1, 2] and "Refusal cone" in (tiny_run / "report.html").read_text()
-    assert "gradient refinement, 3 steps" in res["ranks"][1]["method"]
+    assert ([r["rank"] for r in res["ranks"]] == [1, 2]
+            and "Refusal cone" in (tiny_run / "report.html").read_text())
+    method = res["ranks"][1]["method"]
+    assert "gradient refinement, 3 steps" in method and "KL <= 1e+09" in method
     ev = tmp_path / "ev.json"
-    assert main(["evaluate", "--model", str(tiny_folder), "--direction", str(tiny_run), "--rank", "2", "--prompts",
-                 "builtin:harmful", "--n", "4", "--max-new-tokens", "4", "--intervention", "ablate",
+    assert main(["evaluate", "--model", str(tiny_folder), "--direction", str(tiny_run), "--rank", "2",
+                 "--prompts", "builtin:harmful", "--n", "4", "--max-new-tokens", "4",
+                 "--intervention", "ablate",
                  "--out", str(ev)]) == 0
     assert json.loads(ev.read_text())["rank"] == 2
     assert main(["export", "--model", str(tiny_folder), "--direction", str(tiny_run), "--rank", "2",

@@ -1,4 +1,5 @@
-"""Refusal cones: subspace ablation is exact, rank 1 is the run's direction, a greedy basis stays orthonormal."""
+"""Refusal cones: subspace ablation is exact, rank 1 is the run's direction, a greedy basis stays
+orthonormal."""
 
 import copy
 
@@ -131,3 +132,25 @@ def test_greedy_cone_with_refinement_keeps_the_better_vector():
     assert "gradient refinement" in ref[1]["added"]
     b = ref[1]["basis"]
     assert torch.allclose(b @ b.T, torch.eye(2, dtype=b.dtype), atol=1e-8)
+
+
+def test_kl_budget_keeps_each_added_vector_within_it():
+    from refdir.cone import _SubspaceKL, greedy_cone
+
+    model, tok, hb, lb, cands, d = _cone_setup()
+    args = (model, cands, d, hb, hb, lb, [5, 6])
+    plain = greedy_cone(*args, max_rank=2, pool_size=6, progress=False)
+    kl_of = _SubspaceKL(model, lb)
+    k1, k2 = kl_of(plain[0]["basis"]), kl_of(plain[1]["basis"])
+    loose = greedy_cone(*args, max_rank=2, pool_size=6, progress=False, kl_budget=1e9, harmless_val=lb)
+    assert loose[1]["added"] == plain[1]["added"] and loose[1]["kl_checked"] == 1  # no limit: same choice
+    assert abs(loose[1]["kl"] - k2) < 1e-9 and abs(loose[0]["kl"] - k1) < 1e-9
+    budget = (k2 - k1) / 2  # the unconstrained choice no longer fits
+    tight = greedy_cone(*args, max_rank=2, pool_size=6, progress=False, kl_budget=budget, harmless_val=lb)
+    e = tight[1]
+    assert e["added"] != plain[1]["added"] and e["bypass"] >= plain[1]["bypass"] - 1e-9
+    assert abs(kl_of(e["basis"]) - e["kl"]) < 1e-9  # the recorded KL is that basis's
+    assert e["kl"] <= k1 + budget + 1e-12 or e.get("over_kl_budget")
+    from refdir.cone import _method
+
+    assert "KL <=" in _method(e)

@@ -62,7 +62,8 @@ def test_splits_are_seeded_disjoint_and_checked():
 
 
 texts = st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1,
-                         max_size=30).filter(lambda s: s.strip()), min_size=1, max_size=8, unique_by=str.strip)
+                         max_size=30).filter(lambda s: s.strip()),
+                 min_size=1, max_size=8, unique_by=str.strip)
 
 
 @settings(max_examples=60, deadline=None)

@@ -72,7 +72,8 @@ def _run_folder_of_other_model(tmp: Path) -> str:
 
 
 def _prompts_only_run(tmp: Path, direction_model: str | None = None) -> str:
-    """A run folder with prompts.json and, if ``direction_model`` is given, a direction computed on that model."""
+    """A run folder with prompts.json and, if ``direction_model`` is given, a direction computed on that
+    model."""
     d = tmp / "ponly"
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text(json.dumps({"format": 1, "model": "x"}))

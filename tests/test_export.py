@@ -30,11 +30,13 @@ def _state(path):
     return m, {k: v.clone() for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("phi3", False), ("qwen2_moe", False),
-                                        ("mixtral", False), ("gpt_oss", False), ("deepseek_v3", False)])
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("phi3", False),
+                                        ("qwen2_moe", False), ("mixtral", False), ("gpt_oss", False),
+                                        ("deepseek_v3", False)])
 def test_streaming_export_equals_the_in_memory_edit(tmp_path, family, tie):
     model, tok, r = _setup(tmp_path, family, tie)
-    export_streaming(str(tmp_path / "src"), None, tmp_path / "dir", tmp_path / "stream", max_shard_bytes=40_000)
+    export_streaming(str(tmp_path / "src"), None, tmp_path / "dir", tmp_path / "stream",
+                     max_shard_bytes=40_000)
     assert len(list((tmp_path / "stream").glob("*.safetensors"))) > 1  # really sharded
     export_orthogonalized(copy.deepcopy(model), tok, tmp_path / "dir", tmp_path / "mem")
     streamed, a = _state(tmp_path / "stream")

@@ -33,7 +33,8 @@ def test_split_prefix_shares_the_template_head():
     model, tok = tiny_model("qwen2")
     b = tokenize_prompts(tok, PROMPTS)
     pb = split_prefix(b)
-    assert pb.n_prefix >= 8  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert pb.n_prefix >= 8
     for i in range(len(PROMPTS)):
         full = b.input_ids[i][b.attention_mask[i].bool()]
         rest = pb.input_ids[i][pb.attention_mask[i, pb.n_prefix:].bool()]
@@ -88,12 +89,13 @@ def test_kl_and_ce_equal_a_direct_computation():
     from refdir.evaluation import kl_and_ce
     from refdir.templates import PromptFormat, _add_special, format_prompt
     model, tok = tiny_model("qwen2")
-    comps = ["Sure, here is a poem about rain", "", "Photosynthesis is how plants make food from light", "1. Sleep"]
+    comps = ["Sure, here is a poem about rain", "", "Photosynthesis is how plants make food from light",
+             "1. Sleep"]
     r = torch.randn(64, generator=torch.Generator().manual_seed(5))
     n = 6
     got = kl_and_ce(model, tok, PROMPTS, comps, PromptFormat(),
-                    {"baseline": torch.no_grad, "ablation": lambda: directional_ablation(model, r)}, n_tokens=n,
-                    batch_size=3)
+                    {"baseline": torch.no_grad, "ablation": lambda: directional_ablation(model, r)},
+                    n_tokens=n, batch_size=3)
     kl_first, kl_mean, ce, ce_n = [], [], 0.0, 0
     for p, c in zip(PROMPTS, comps):
         text = format_prompt(tok, p, PromptFormat())
@@ -107,7 +109,8 @@ def test_kl_and_ce_equal_a_direct_computation():
         kl = (lb[sl].exp() * (lb[sl] - la[sl])).sum(-1)
         kl_first.append(float(kl[0]))
         kl_mean.append(float(kl.mean()))
-        ce += float(-la[sl][torch.arange(len(cid)), torch.tensor(cid, dtype=torch.long)].sum()) if cid else 0.0
+        ce += (float(-la[sl][torch.arange(len(cid)), torch.tensor(cid, dtype=torch.long)].sum())
+               if cid else 0.0)
         ce_n += len(cid)
     a = got["ablation"]
     assert abs(a["kl_first"] - sum(kl_first) / 4) < 1e-5 and abs(a["kl_mean"] - sum(kl_mean) / 4) < 1e-5
@@ -157,7 +160,8 @@ def test_bucketed_prefill_equals_one_padded_pass(tiny, family):
 
 
 def test_actadd_teacher_forcing_from_its_layer_equals_the_full_pass(tiny, family):
-    """kl_and_ce runs activation addition only from its layer on the baseline's residual stream: same numbers."""
+    """kl_and_ce runs activation addition only from its layer on the baseline's residual stream: same
+    numbers."""
     from refdir.evaluation import ActAddFactory, kl_and_ce
     from refdir.templates import PromptFormat
     model, tok = tiny_model(family)
@@ -165,8 +169,8 @@ def test_actadd_teacher_forcing_from_its_layer_equals_the_full_pass(tiny, family
     v = 3 * torch.randn(64, generator=torch.Generator().manual_seed(7))
     fast = ActAddFactory(model, v, 1, -1.0)
     slow = lambda: activation_addition(model, v, 1, -1.0)  # noqa: E731
-    got = kl_and_ce(model, tok, PROMPTS, comps, PromptFormat(), {"baseline": torch.no_grad, "fast": fast, "slow": slow},
-                    n_tokens=5, batch_size=3)
+    got = kl_and_ce(model, tok, PROMPTS, comps, PromptFormat(),
+                    {"baseline": torch.no_grad, "fast": fast, "slow": slow}, n_tokens=5, batch_size=3)
     assert got["slow"]["kl_mean"] > 1e-3
     for key in ("kl_first", "kl_mean", "ce"):
         assert abs(got["fast"][key] - got["slow"][key]) < 1e-5, (key, got)
@@ -197,13 +201,15 @@ def test_conditions_sharing_batches_equal_one_condition_at_a_time(tiny, family):
 
 
 def test_settled_rows_leave_with_what_they_have():
-    """A row whose verdict is settled (the screen: a refusal phrase appeared) stops; the others go on unchanged."""
+    """A row whose verdict is settled (the screen: a refusal phrase appeared) stops; the others go on
+    unchanged."""
     model, tok = tiny_model("qwen2")
     b = tokenize_prompts(tok, PROMPTS)
     ends = end_token_ids(model, tok)
     ref, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends)
     stop = ref[0][2]
-    got, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends, settled=lambda t: t[-1] == stop)
+    got, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends,
+                             settled=lambda t: t[-1] == stop)
     want = [r[: r.index(stop) + 1] if stop in r else r for r in ref]
     assert got == want and got != ref
 

@@ -29,7 +29,8 @@ def _block_inputs_and_final(model, ids, mask):
     seen = []
     hs = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
                                           with_kwargs=True) for layer in ad.layers]
-    hs.append(ad.layers[-1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o)))
+    hs.append(ad.layers[-1].register_forward_hook(
+        lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o)))
     try:
         model(input_ids=ids, attention_mask=mask)
     finally:
@@ -39,7 +40,8 @@ def _block_inputs_and_final(model, ids, mask):
 
 
 @no_cuda
-@pytest.mark.parametrize("device,msg", [("cuda", "CUDA is not available"), ("cuda:3", "CUDA is not available"),
+@pytest.mark.parametrize("device,msg", [("cuda", "CUDA is not available"),
+                                        ("cuda:3", "CUDA is not available"),
                                         ("tpu", "unknown device"), ("cpu:1", "unknown device")])
 def test_bad_devices_are_one_line_errors(device, msg):
     with pytest.raises(RefdirError, match=msg):
@@ -53,7 +55,8 @@ def test_auto_dtype():
     assert resolve_dtype("auto", "cpu", Cfg(torch.bfloat16)) == torch.float32  # ~8x faster on this CPU
     assert resolve_dtype("auto", "cuda", Cfg(torch.bfloat16)) == torch.bfloat16
     assert resolve_dtype("auto", "cuda", Cfg(torch.float16)) == torch.float16
-    assert resolve_dtype("auto", "cuda", Cfg(torch.float16, "gemma3_text")) == torch.bfloat16  # fp16 overflows
+    # fp16 overflows
+    assert resolve_dtype("auto", "cuda", Cfg(torch.float16, "gemma3_text")) == torch.bfloat16
     assert resolve_dtype("auto", "cuda", Cfg(torch.float32)) == torch.bfloat16
     assert resolve_dtype("float16", "cpu", Cfg(torch.float32)) == torch.float16
     with pytest.raises(RefdirError, match="unknown dtype"):

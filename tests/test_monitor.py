@@ -46,10 +46,12 @@ def test_a_difference_of_means_direction_separates_its_prompts():
     ml = mean_activations(model, tokenize_prompts(tok, SAFE))
     d = Direction((mh - ml)[-1, layer].float(), layer, -1)
     data = {k: [{"instruction": p} for p in v] for k, v in
-            (("harmful_train", HARM), ("harmless_train", SAFE), ("eval_harmful", HARM), ("eval_harmless", SAFE))}
+            (("harmful_train", HARM), ("harmless_train", SAFE), ("eval_harmful", HARM),
+             ("eval_harmless", SAFE))}
     res = monitor_run(model, tok, data, d, PromptFormat(), prompts=HARM[:2] + SAFE[:2], suffix="zq zq zq")
     e = res["evaluation"]["direction"]
-    assert e["auroc"] >= 0.8 and res["n_evaluation"] == {"harmful": 6, "harmless": 6}  # random tiny model: 0.86, chance 0.5
+    # random tiny model: 0.86, chance 0.5
+    assert e["auroc"] >= 0.8 and res["n_evaluation"] == {"harmful": 6, "harmless": 6}
     assert [i["flagged"] for i in res["items"]] == [i["score"] > res["threshold"] for i in res["items"]]
     assert set(res["suffix"]["flagged"]) == {"direction", "last", "instruction_end", "instruction_mean"}
     assert len(res["sweep"]["last"]["auroc"]) == 4

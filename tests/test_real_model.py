@@ -29,7 +29,8 @@ def quick_run(tmp_path_factory):
     # Measured: on this model +r at coefficient 1 raises the harmless refusal log-odds from about -4.4 to
     # -2.5 at best, below its calibrated refusal threshold (about -0.6), so with default filters selection
     # stops ("every candidate filtered by induce"; see README). Disable the induce filter to test the rest.
-    assert main(["run", "--model", MODEL, "--preset", "quick", "--out", str(out), "--induce-threshold=-1e9"]) == 0
+    assert main(["run", "--model", MODEL, "--preset", "quick", "--out", str(out),
+                 "--induce-threshold=-1e9"]) == 0
     return out
 
 
@@ -37,7 +38,8 @@ def test_quick_run_refusal_falls_under_ablation(quick_run):
     ev = json.loads((quick_run / "eval.json").read_text())
     d = json.loads((quick_run / "direction.json").read_text())
     harmful, harmless = ev["refusal"]["harmful"], ev["refusal"]["harmless"]
-    # measured with these settings: baseline 0.31, ablation 0.25, -r 0.12 on 16 unfiltered prompts; +r 0.12 -> 0.50
+    # measured with these settings: baseline 0.31, ablation 0.25, -r 0.12 on 16 unfiltered prompts;
+    # +r 0.12 -> 0.50
     assert harmful["baseline"]["refusal_rate"] >= 0.2
     assert harmful["ablation"]["refusal_rate"] < harmful["baseline"]["refusal_rate"]
     assert harmful["actadd-"]["refusal_rate"] < harmful["baseline"]["refusal_rate"]

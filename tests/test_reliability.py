@@ -18,7 +18,8 @@ from refdir.errors import RefdirError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ARGS = ["--preset", "quick", "--filter", "none", "--kl-threshold", "100", "--induce-threshold=-1e9",
-        "--min-refusal-rate", "0", "--n-train", "24", "--n-val", "8", "--n-eval", "12", "--max-new-tokens", "6"]
+        "--min-refusal-rate", "0", "--n-train", "24", "--n-val", "8", "--n-eval", "12",
+        "--max-new-tokens", "6"]
 ARTIFACTS = ["prompts.json", "candidates.safetensors", "direction.safetensors", "completions.jsonl"]
 
 
@@ -54,7 +55,8 @@ def test_same_seed_gives_bitwise_identical_candidates_and_direction(reference_ru
 @pytest.mark.parametrize("kill_after", ["prompts", "extract", "select"])
 def test_kill_9_and_resume_gives_identical_artifacts(reference_run, tiny_folder, tmp_path, kill_after):
     out = tmp_path / "killed"
-    p = subprocess.Popen(_cmd(tiny_folder, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    p = subprocess.Popen(_cmd(tiny_folder, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=_env())
     stages = out / "stages.json"
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
@@ -108,9 +110,11 @@ def test_select_never_follows_paths_from_run_metadata(tiny_folder, tmp_path, cap
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids,
-                                                                                      max_size=3), max_leaves=8)
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                           | st.text(max_size=8),
+                           lambda kids: st.lists(kids, max_size=3)
+                           | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+                           max_leaves=8)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

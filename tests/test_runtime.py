@@ -11,7 +11,8 @@ def test_encode_is_the_one_path_to_the_models_device():
     model, tok = tiny_model("llama")
     rt = Runtime(model, tok, PromptFormat(system="Be brief."))
     b = rt.encode(["Name a color.", "Write a haiku about rain."])
-    ref = tokenize_prompts(tok, ["Name a color.", "Write a haiku about rain."], PromptFormat(system="Be brief."))
+    ref = tokenize_prompts(tok, ["Name a color.", "Write a haiku about rain."],
+                           PromptFormat(system="Be brief."))
     assert torch.equal(b.input_ids, ref.input_ids) and b.n_post == ref.n_post
     assert b.input_ids.device == rt.device == next(model.parameters()).device
     assert rt.with_format(PromptFormat()).encode(["Name a color."]).input_ids.shape[1] < b.input_ids.shape[1]

@@ -30,7 +30,8 @@ def test_batched_scores_equal_one_candidate_at_a_time():
     bypass, kl = scorer.bypass_kl(units)
     for k, u in enumerate(units):
         with directional_ablation(model, u):
-            ref = refusal_metric(last_logits(model, hv.input_ids, hv.attention_mask), torch.tensor(REF)).mean()
+            ref = refusal_metric(last_logits(model, hv.input_ids, hv.attention_mask),
+                                 torch.tensor(REF)).mean()
         assert abs(float(bypass[k]) - float(ref)) < 1e-4
     assert torch.allclose(bypass, scorer.bypass(units), atol=1e-4)
     assert torch.allclose(kl, scorer.kl(units), atol=1e-5)
@@ -65,7 +66,8 @@ def test_induce_from_recorded_layer_input_equals_activation_addition(tiny, famil
         fast = scorer.induce(vecs, layer)
         for k, vec in enumerate(vecs):
             with activation_addition(model, vec, layer):
-                ref = refusal_metric(last_logits(model, lv.input_ids, lv.attention_mask), torch.tensor(REF)).mean()
+                ref = refusal_metric(last_logits(model, lv.input_ids, lv.attention_mask),
+                                     torch.tensor(REF)).mean()
             assert abs(float(fast[k]) - float(ref)) < 1e-4
 
 
@@ -116,15 +118,16 @@ def test_cosmic_scores_are_the_cosines_it_defines():
     from refdir.activations import mean_activations
     from refdir.directions import candidate_directions
     cands = candidate_directions(mean_activations(model, hb), mean_activations(model, lb))
-    res = select_direction_cosmic(model, cands, hb, lb, hb, lb, SelectionConfig(kl_threshold=1e9), progress=False)
+    res = select_direction_cosmic(model, cands, hb, lb, hb, lb, SelectionConfig(kl_threshold=1e9),
+                                  progress=False)
     layers = evaluation_layers(model, hb, lb)
     assert layers == res.baseline["evaluation_layers"] and len(layers) == 1  # 10% of 4 layers, at least one
     p, l = res.chosen
     assert res.reasons[p][l] == "chosen" and l < 3  # 0.8 L
     # by hand: ablate the chosen direction, take the last-position output of the evaluation layer, compare
     seen = []
-    h = model.model.layers[layers[0]].register_forward_hook(lambda m, a, o: seen.append((o[0] if isinstance(o, tuple)
-                                                                                         else o)[:, -1].double()))
+    h = model.model.layers[layers[0]].register_forward_hook(
+        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o)[:, -1].double()))
     with directional_ablation(model, cands[p, l]):
         model(input_ids=hb.input_ids, attention_mask=hb.attention_mask,
               position_ids=(hb.attention_mask.cumsum(-1) - 1).clamp(min=0))
@@ -132,6 +135,7 @@ def test_cosmic_scores_are_the_cosines_it_defines():
     base_harmless = _unit_mean(last_outputs(model, lb, layers))
     by_hand = float((seen[0].mean(0) / seen[0].mean(0).norm()) @ base_harmless)
     assert abs(by_hand - float(res.bypass[p, l])) < 1e-5
-    best = max((float(res.bypass[q, m] + res.induce[q, m]), q, m) for q in range(cands.shape[0]) for m in range(3)
+    best = max((float(res.bypass[q, m] + res.induce[q, m]), q, m)
+               for q in range(cands.shape[0]) for m in range(3)
                if res.reasons[q][m] in ("chosen", "pruned", "kl"))
     assert (best[1], best[2]) == (p, l)  # the highest refusal + steering that passes KL (threshold off here)

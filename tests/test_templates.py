@@ -7,10 +7,11 @@ from refdir.templates import (PromptFormat, format_prompt, post_instruction_coun
 from tiny import TEMPLATES, make_tokenizer
 
 DATED = ("{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
-         "<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>" + TEMPLATES["llama3"])
+         "<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
+         + TEMPLATES["llama3"])
 THINKING = TEMPLATES["chatml"].replace("assistant\n{% endif %}",
-                                       "assistant\n{% if enable_thinking is not defined or enable_thinking %}<think>\n"
-                                       "{% endif %}{% endif %}")
+                                       "assistant\n{% if enable_thinking is not defined or enable_thinking %}"
+                                       "<think>\n{% endif %}{% endif %}")
 
 
 @pytest.mark.parametrize("template", ["llama3", "gemma"])
@@ -26,7 +27,8 @@ def test_template_kwargs_reach_the_template_and_thinking_blocks_are_post_instruc
     tok = make_tokenizer("chatml")
     tok.chat_template = THINKING
     on = post_instruction_tokens(tok)
-    off = post_instruction_tokens(tok, PromptFormat(template_kwargs=template_kwargs_json('{"enable_thinking": false}')))
+    off = post_instruction_tokens(
+        tok, PromptFormat(template_kwargs=template_kwargs_json('{"enable_thinking": false}')))
     assert "".join(on).endswith("<think>\n") and "think" not in "".join(off)
     assert len(on) > len(off)
 

@@ -12,24 +12,28 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from refdir.data import load_builtin
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]", "<start_of_turn>",
-            "<end_of_turn>", "<|user|>", "<|assistant|>", "<|end|>", "<|begin_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>", "<|system|>"]
+            "<end_of_turn>", "<|user|>", "<|assistant|>", "<|end|>", "<|begin_of_text|>",
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|system|>"]
 
 # Simplified copies of each family's chat template: same turn markers, same text/template boundary.
 TEMPLATES = {
     "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    "qwen_default_system": "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "qwen_default_system": "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n"
+              "You are a helpful assistant."
               "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    "llama3": "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "llama3": "<|begin_of_text|>{% for m in messages %}"
+              "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
               "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
               "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
     "llama2": "{% for m in messages %}{% if m['role'] == 'user' %}<s>[INST] {{ m['content'] | trim }} [/INST]"
               "{% elif m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{% endfor %}",
-    "gemma": "<s>{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "gemma": "<s>{% for m in messages %}{% if m['role'] == 'system' %}"
+             "{{ raise_exception('System role not supported') }}"
              "{% endif %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-             "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+             "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+             "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
     "phi3": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
 }
@@ -43,7 +47,8 @@ def _tokenizer_json() -> str:
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = [p.instruction for p in load_builtin("harmful") + load_builtin("harmless")]
-    corpus += ["I'm sorry, but I can't help with that.", "Sure, here is", "assistant", "user", "system", "model"]
+    corpus += ["I'm sorry, but I can't help with that.", "Sure, here is", "assistant", "user", "system",
+               "model"]
     tok.train_from_iterator(corpus, trainer)
     return tok.to_str()
 
@@ -80,16 +85,20 @@ MOE = dict(num_experts_per_tok=2)
 MOE_FAMILIES = {
     "mixtral": (transformers.MixtralConfig, {**MOE, "num_local_experts": 4}, "chatml"),
     "qwen2_moe": (transformers.Qwen2MoeConfig, {**MOE, "num_experts": 4, "moe_intermediate_size": 48,
-                                                "shared_expert_intermediate_size": 96}, "qwen_default_system"),
+                                                "shared_expert_intermediate_size": 96},
+                  "qwen_default_system"),
     "qwen3_moe": (transformers.Qwen3MoeConfig, {**MOE, "num_experts": 4, "moe_intermediate_size": 48,
                                                 "head_dim": 16}, "chatml"),
     "olmoe": (transformers.OlmoeConfig, {**MOE, "num_experts": 4}, "chatml"),
-    "gpt_oss": (transformers.GptOssConfig, {**MOE, "num_local_experts": 4, "head_dim": 16, "sliding_window": 8,
-                                            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "gpt_oss": (transformers.GptOssConfig, {**MOE, "num_local_experts": 4, "head_dim": 16,
+                                            "sliding_window": 8,
+                                            "rope_parameters": {"rope_type": "default",
+                                                                "rope_theta": 10000.0}},
                 "chatml"),
-    "deepseek_v3": (transformers.DeepseekV3Config, {**MOE, "n_routed_experts": 4, "num_key_value_heads": 4, "moe_intermediate_size": 48,
-                                                    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
-                                                    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+    "deepseek_v3": (transformers.DeepseekV3Config, {**MOE, "n_routed_experts": 4, "num_key_value_heads": 4,
+                                                    "moe_intermediate_size": 48, "first_k_dense_replace": 1,
+                                                    "n_group": 1, "topk_group": 1, "q_lora_rank": 32,
+                                                    "kv_lora_rank": 16, "qk_rope_head_dim": 8,
                                                     "qk_nope_head_dim": 8, "v_head_dim": 16,
                                                     "rope_parameters": {"rope_type": "default",
                                                                         "rope_theta": 10000.0}}, "chatml"),

@@ -8,7 +8,7 @@ never computed.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -41,7 +41,8 @@ def mean_activations(model, batch: Batch, n_post: int | None = None, batch_size:
     """
     ad = get_adapter(model)
     n_post = n_post or batch.n_post
-    total = torch.zeros(n_post, ad.n_layers, ad.d_model, dtype=torch.float64)  # CPU, whatever the layers' devices
+    # CPU, whatever the layers' devices
+    total = torch.zeros(n_post, ad.n_layers, ad.d_model, dtype=torch.float64)
 
     def make_hook(layer: int):
         def pre(mod, args, kwargs):
@@ -54,7 +55,8 @@ def mean_activations(model, batch: Batch, n_post: int | None = None, batch_size:
     n = batch.input_ids.shape[0]
     pb = split_prefix(batch, share_prefix, model)
     prefix = prefix_cache(model, pb.prefix)  # the shared template head, once, before any hook records
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(ad.layers)]
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+               for i, layer in enumerate(ad.layers)]
     with hooks(handles):
         # batches of similar length, each only as wide as its longest prompt (the sum ignores order)
         for _, part in tqdm(list(pb.buckets(batch_size)), desc=desc, disable=desc is None, leave=False):
@@ -89,7 +91,8 @@ class PostActivationRecorder:
                 if self._buf is not None:
                     self._buf[:, :, layer] = hidden_arg(args, kwargs)[:, -self.n_post:, :].float()
             return pre
-        handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(self.ad.layers)]
+        handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+                   for i, layer in enumerate(self.ad.layers)]
         with hooks(handles):
             yield
 
@@ -112,7 +115,8 @@ class PostActivationRecorder:
         return record
 
     def mean(self, indices: list[int]) -> torch.Tensor | None:
-        """Mean over the given screened prompts ``[n_post, n_layers, d]`` float64, or None if any is missing."""
+        """Mean over the given screened prompts ``[n_post, n_layers, d]`` float64, or None if any is
+        missing."""
         if not self.valid or not indices or any(i not in self.rows for i in indices):
             return None
         total = torch.zeros(self.n_post, self.ad.n_layers, self.ad.d_model, dtype=torch.float64)
@@ -137,3 +141,34 @@ def recording_resid_pre(model, layers) -> Iterator[dict[int, torch.Tensor]]:
 
     with hooks([ad.layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in layers]):
         yield seen
+
+
+@torch.no_grad()
+def read_resid_pre(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int],
+                   read: Callable[[int, torch.Tensor], None]) -> None:
+    """One forward pass that hands each of ``layers``' input ``[B, T, d]`` to ``read(layer, x)`` and stops
+    after the last of them (later blocks and the unembedding are never computed).
+
+    The per-prompt readers (the monitor's projections, the cone's principal components) share this: every
+    position is kept, so the caller picks which (post-instruction, instruction end, ...)."""
+    from .refusal import position_ids
+
+    ad = get_adapter(model)
+    wanted, last = set(layers), max(layers)
+
+    def make(layer: int):
+        def pre(mod, args, kwargs):
+            read(layer, hidden_arg(args, kwargs))
+            if layer == last:
+                raise _StopForward
+        return pre
+
+    dev = ad.device
+    mask = attention_mask.to(dev)
+    handles = [ad.layers[i].register_forward_pre_hook(make(i), with_kwargs=True) for i in sorted(wanted)]
+    with hooks(handles):
+        try:
+            model(input_ids=input_ids.to(dev), attention_mask=mask, position_ids=position_ids(mask),
+                  use_cache=False)
+        except _StopForward:
+            pass

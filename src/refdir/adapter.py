@@ -159,10 +159,12 @@ def _embed_device(embed: nn.Module) -> torch.device:
 
 
 def _find_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers and n_layers > 0]
+    lists = [m for m in model.modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n_layers and n_layers > 0]
     lists = [m for m in lists if all(len(list(layer.children())) >= 2 for layer in m)]
     if not lists:
-        raise RefdirError(f"unsupported architecture {type(model).__name__}: no list of {n_layers} decoder layers found")
+        raise RefdirError(f"unsupported architecture {type(model).__name__}: no list of {n_layers} "
+                          "decoder layers found")
     return lists[0]
 
 
@@ -179,18 +181,22 @@ def _find_child(layer: nn.Module, kind: str) -> nn.Module:
 
 
 def _find_proj(parent: nn.Module, names: tuple[str, ...], d_model: int, what: str) -> nn.Module:
-    found = {n.split(".")[-1]: m for n, m in parent.named_modules() if _is_linear_like(m) and _out_features(m) == d_model}
+    found = {n.split(".")[-1]: m for n, m in parent.named_modules()
+             if _is_linear_like(m) and _out_features(m) == d_model}
     for n in names:
         if n in found:
             return found[n]
-    raise RefdirError(f"unsupported architecture: no {what} output projection (one of {', '.join(names)} writing "
-                      f"{d_model} features) in {type(parent).__name__}; found {sorted(found) or 'none'}")
+    raise RefdirError(f"unsupported architecture: no {what} output projection (one of {', '.join(names)} "
+                      f"writing {d_model} features) in {type(parent).__name__}; "
+                      f"found {sorted(found) or 'none'}")
 
 
-def _find_pos_embed(model: nn.Module, embed: nn.Module, layers: nn.ModuleList, d_model: int) -> nn.Embedding | None:
+def _find_pos_embed(model: nn.Module, embed: nn.Module, layers: nn.ModuleList,
+                    d_model: int) -> nn.Embedding | None:
     inside = {id(m) for m in layers.modules()}
     for m in model.modules():
-        if isinstance(m, nn.Embedding) and m is not embed and id(m) not in inside and m.embedding_dim == d_model:
+        if (isinstance(m, nn.Embedding) and m is not embed and id(m) not in inside
+                and m.embedding_dim == d_model):
             return m
     return None
 
@@ -241,8 +247,8 @@ def _verify_writes(model: nn.Module, layer: nn.Module, d_model: int) -> tuple[nn
             best = (float(err), a, m)
     if best is None or best[0] > _edit_tolerance(model.get_input_embeddings().weight.dtype):
         raise RefdirError(
-            f"unsupported architecture: the residual update of {type(layer).__name__} is not a sum of two of its "
-            f"children's outputs ({', '.join(outs) or 'none found'}); refdir cannot place its hooks")
+            f"unsupported architecture: the residual update of {type(layer).__name__} is not a sum of two "
+            f"of its children's outputs ({', '.join(outs) or 'none found'}); refdir cannot place its hooks")
     _, a, m = best
     # the attention write is the one computed first in the layer
     order = list(children)
@@ -278,12 +284,14 @@ def _mlp_writers(mlp: nn.Module, name: str, d_model: int) -> list[ResidualWriter
                 continue
             if p.dim() == 3 and d_model in p.shape[1:]:
                 axis = 1 if p.shape[1] == d_model else 2  # [E, d, ff] (Linear layout) or [E, ff, d]
-                found.append(ResidualWriter(f"{full}.{pname}", m, pname, axis, ambiguous=p.shape[1] == p.shape[2]))
+                found.append(ResidualWriter(f"{full}.{pname}", m, pname, axis,
+                                            ambiguous=p.shape[1] == p.shape[2]))
             elif p.dim() == 2 and low.endswith("bias") and p.shape[1] == d_model:
                 found.append(ResidualWriter(f"{full}.{pname}", m, pname, 1))  # [E, d] bias of fused experts
     if not found:
-        raise RefdirError(f"unsupported architecture: no MLP output projection (one of {', '.join(MLP_OUT_NAMES)} "
-                          f"writing {d_model} features, or fused expert parameters) in {type(mlp).__name__}")
+        raise RefdirError(f"unsupported architecture: no MLP output projection "
+                          f"(one of {', '.join(MLP_OUT_NAMES)} writing {d_model} features, or fused expert "
+                          f"parameters) in {type(mlp).__name__}")
     return found
 
 
@@ -363,7 +371,8 @@ def _edit_error(model: nn.Module, layer: nn.Module, blocks: tuple[nn.Module, nn.
     def run(replay: bool) -> None:
         hs = [layer.register_forward_hook(stop)]
         for k, b in enumerate(blocks):
-            hs += [b.register_forward_pre_hook(pre(k, replay), with_kwargs=True), b.register_forward_hook(post(k))]
+            hs += [b.register_forward_pre_hook(pre(k, replay), with_kwargs=True),
+                   b.register_forward_hook(post(k))]
         try:
             model(input_ids=ids, use_cache=False)
         except _Stop:
@@ -395,7 +404,8 @@ def _edit_tolerance(dtype: torch.dtype) -> float:
 
 
 def _layer_kind(layer: nn.Module) -> tuple:
-    """Layers of one kind have the same parameter names and shapes (DeepSeek: dense first layers, then MoE)."""
+    """Layers of one kind have the same parameter names and shapes (DeepSeek: dense first layers, then
+    MoE)."""
     return tuple((n, tuple(p.shape)) for n, p in layer.named_parameters())
 
 
@@ -415,18 +425,18 @@ def _check_writers(model: nn.Module, layers: nn.ModuleList, attn_write, mlp_writ
         if i is None:
             q = writers[members[0]][0].tensor
             if not q.is_floating_point():
-                notes.append("quantized weights: the writers were not checked numerically (orthogonalization and "
-                             "export re-read the full-precision source)")
+                notes.append("quantized weights: the writers were not checked numerically (orthogonalization "
+                             "and export re-read the full-precision source)")
                 continue
-            notes.append(f"layers {members[0]}..{members[-1]} are offloaded: their writers were checked on the "
-                         "layout alone")
+            notes.append(f"layers {members[0]}..{members[-1]} are offloaded: their writers were checked on "
+                         "the layout alone")
             continue
         tol = _edit_tolerance(writers[i][0].tensor.dtype)
         err = _edit_error(model, layers[i], (attn_write[i], mlp_write[i]), writers[i], d_model)
         if err > tol and any(w.ambiguous for w in writers[i]):  # [E, d, d]: try the other layout
             for j in members:
-                writers[j][:] = [ResidualWriter(w.name, w.module, w.attr, 3 - w.axis, True) if w.ambiguous else w
-                                 for w in writers[j]]
+                writers[j][:] = [ResidualWriter(w.name, w.module, w.attr, 3 - w.axis, True)
+                                 if w.ambiguous else w for w in writers[j]]
             err = _edit_error(model, layers[i], (attn_write[i], mlp_write[i]), writers[i], d_model)
         if err > tol:
             exact = False
@@ -467,7 +477,8 @@ def build_adapter(model: nn.Module) -> ModelAdapter:
     mlp_write = [getattr(layer, m_name) for layer in layers]
     linear, notes = _check_writers(model, layers, attn_write, mlp_write, writers, d_model)
     n_heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 1))
-    in_features = attn_out[0].weight.shape[1] if isinstance(attn_out[0], nn.Linear) else attn_out[0].weight.shape[0]
+    in_features = (attn_out[0].weight.shape[1] if isinstance(attn_out[0], nn.Linear)
+                   else attn_out[0].weight.shape[0])
     head_dim = int(getattr(cfg, "head_dim", None) or in_features // n_heads)
     tied = unembed.weight is embed.weight or (embed.weight.device.type != "meta" and
                                               unembed.weight.data_ptr() == embed.weight.data_ptr())
@@ -477,9 +488,9 @@ def build_adapter(model: nn.Module) -> ModelAdapter:
                      "(sandwich/post-norm): weight orthogonalization can only approximate ablation")
     return ModelAdapter(
         model=model, layers=layers, embed=embed, unembed=unembed,
-        pos_embed=_find_pos_embed(model, embed, layers, d_model), attn=attn, attn_out=attn_out, writers=writers,
-        attn_write=attn_write, mlp_write=mlp_write, d_model=d_model, n_heads=n_heads, head_dim=head_dim,
-        linear_writes=linear, tied=tied, notes=notes)
+        pos_embed=_find_pos_embed(model, embed, layers, d_model), attn=attn, attn_out=attn_out,
+        writers=writers, attn_write=attn_write, mlp_write=mlp_write, d_model=d_model, n_heads=n_heads,
+        head_dim=head_dim, linear_writes=linear, tied=tied, notes=notes)
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -48,7 +48,8 @@ def tokenize_with_suffix(tokenizer, instructions: list[str], suffixes: list[str]
         enc = tokenizer(text, add_special_tokens=_add_special(tokenizer, text), return_offsets_mapping=True)
         ids, offs = enc["input_ids"], enc["offset_mapping"]
         imasks.append([a < i_end and b > start for a, b in offs])
-        smasks.append([bool(suf) and a < s_start + len(suf) and b > s_start and not (a < i_end) for a, b in offs])
+        smasks.append([bool(suf) and a < s_start + len(suf) and b > s_start and not (a < i_end)
+                       for a, b in offs])
         rows.append(ids)
     T = max(map(len, rows))
     pad = tokenizer.pad_token_id or 0
@@ -71,7 +72,8 @@ def cosine_per_layer(model, batch, direction: torch.Tensor) -> torch.Tensor:
             x = hidden_arg(args, kwargs)[:, -1].float()  # [B, d]
             out[:, layer] = torch.nn.functional.cosine_similarity(x, unit[None].to(x.device), dim=-1).cpu()
         return pre
-    with hooks([layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(ad.layers)]):
+    with hooks([layer.register_forward_pre_hook(make(i), with_kwargs=True)
+                for i, layer in enumerate(ad.layers)]):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
               position_ids=position_ids(batch.attention_mask), use_cache=False, logits_to_keep=1)
     return out
@@ -197,7 +199,8 @@ def base_vs_chat_cosines(chat, chat_tok, base, base_tok, instructions: list[str]
     chat_cos = run(chat, chat_tok, [prefix + s + "\n" for s in instructions])
     if get_adapter(base).d_model != direction.numel():
         raise RefdirError(f"base model d_model {get_adapter(base).d_model} differs from the direction's "
-                          f"{direction.numel()}: compare-base needs a base/chat pair of the same architecture")
+                          f"{direction.numel()}: compare-base needs a base/chat pair of the same "
+                          "architecture")
     base_cos = run(base, base_tok, [s + "\n" for s in instructions])
     return {"chat": chat_cos, "base": base_cos}
 
@@ -209,7 +212,8 @@ def compare_base(chat, chat_tok, base, base_tok, harmful: list[str], harmless: l
     res = {}
     for name, ins in (("harmful", harmful), ("harmless", harmless)):
         cos = base_vs_chat_cosines(chat, chat_tok, base, base_tok, ins, direction)
-        res[name] = {k: {"mean": v.mean(0).tolist(), "sd": v.std(0, unbiased=False).tolist()} for k, v in cos.items()}
+        res[name] = {k: {"mean": v.mean(0).tolist(), "sd": v.std(0, unbiased=False).tolist()}
+                     for k, v in cos.items()}
     return res
 
 
@@ -217,8 +221,8 @@ def _mean_sd(x: torch.Tensor) -> dict:
     return {"mean": x.mean(0).tolist(), "sd": x.std(0, unbiased=False).tolist()}
 
 
-def suffix_analysis(model, tok, harmful: list[str], harmless: list[str], direction: torch.Tensor, adv_suffix: str,
-                    n_suffix_tokens: int, top_k: int = 8, seed: int = 0,
+def suffix_analysis(model, tok, harmful: list[str], harmless: list[str], direction: torch.Tensor,
+                    adv_suffix: str, n_suffix_tokens: int, top_k: int = 8, seed: int = 0,
                     fmt: PromptFormat = PromptFormat()) -> dict:
     """Fig. 5 and 6 on refusal-eliciting harmful prompts: plain, + random suffix, + adversarial suffix."""
     rand = random_suffixes(tok, len(harmful), n_suffix_tokens, seed)

@@ -145,16 +145,29 @@ def _verdict(a: dict) -> str:
     """One sentence on brittleness, from the numbers (no adjectives the numbers do not support)."""
     best = min((r for r in a["removal"] if r["refusal_rate"] is not None), key=lambda r: r["refusal_rate"])
     return (
-        f"The model refuses {a['baseline_refusal']['harmful']:.0%} of {a['baseline_refusal']['n']} harmful requests; "
+        f"The model refuses {a['baseline_refusal']['harmful']:.0%} of {a['baseline_refusal']['n']} "
+        "harmful requests; "
         f"{best['method']} brings that to {best['refusal_rate']:.0%} (n={best['n']}), at a first-token KL of "
         f"{a['cost']['kl_first_token']['ablation']:.3f} on harmless prompts."
     )
 
 
+def _fmt(v) -> str:
+    """A cell as a reader wants it: floats to 3 significant digits (a rate of 0.46, not 0.45999999999999996;
+    a KL of 0.113), integers and text as they are, nothing for a missing value."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
 def _rows(headers, rows) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     tr = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in r) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>"
         for r in rows
     )
     return f"<table><tr>{th}</tr>{tr}</table>"
@@ -191,9 +204,9 @@ def render_audit(a: dict) -> str:
             ["method", "harmful refusal rate", "n", "drop from baseline", "what it takes"],
             [[r["method"], r["refusal_rate"], r["n"], r["drop"], r["how"]] for r in a["removal"]],
         ),
-        f"<p>Baseline: {a['baseline_refusal']['harmful']} of harmful (n={a['baseline_refusal']['n']}), "
-        f"{a['baseline_refusal']['harmless']} of harmless (n={a['baseline_refusal']['n_harmless']}) refused. "
-        f"Adding r makes {a['induced_refusal']['refusal_rate']} of harmless requests refused "
+        f"<p>Baseline: {_fmt(a['baseline_refusal']['harmful'])} of harmful (n={a['baseline_refusal']['n']}), "
+        f"{_fmt(a['baseline_refusal']['harmless'])} of harmless (n={a['baseline_refusal']['n_harmless']}) "
+        f"refused. Adding r makes {_fmt(a['induced_refusal']['refusal_rate'])} of harmless requests refused "
         f"(n={a['induced_refusal']['n']}).</p>",
         "<h2>What it costs</h2>",
         _rows(
@@ -283,7 +296,8 @@ def render_audit(a: dict) -> str:
         f"{html.escape(a['judge'])}.</p><pre>{html.escape(str(pf.get('example')))}</pre>"
     )
     return (
-        f"<!doctype html><html><head><meta charset=utf-8><title>refusal audit</title><style>{CSS}</style></head>"
+        "<!doctype html><html><head><meta charset=utf-8><title>refusal audit</title>"
+        f"<style>{CSS}</style></head>"
         f"<body>{''.join(parts)}</body></html>"
     )
 

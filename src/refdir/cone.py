@@ -1,4 +1,5 @@
-"""Refusal cones: how much of refusal one direction carries (Wollschläger et al. 2025, "The Geometry of Refusal").
+"""Refusal cones: how much of refusal one direction carries (Wollschläger et al. 2025, "The Geometry of
+Refusal").
 
 Rank 1 is the run's direction r̂. Rank k+1 adds the vector, orthogonal to the rank-k basis, whose
 addition to the ablated subspace lowers the bypass score (the refusal metric on harmful validation
@@ -17,39 +18,23 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .activations import _StopForward
-from .adapter import get_adapter, hidden_arg
+from .activations import read_resid_pre
+from .adapter import get_adapter
 from .evaluation import generate_judged, refusal_rate
 from .forward import last_logits_shared, split_prefix
-from .interventions import hooks, orthonormal_basis, subspace_ablation
+from .interventions import orthonormal_basis, subspace_ablation
 from .refusal import last_logits, last_logits_with_grad, refusal_metric
 from .selection import _kl
 
 
 @torch.no_grad()
 def per_prompt_activations(model, batch, layer: int, pos: int, batch_size: int = 32) -> torch.Tensor:
-    """resid_pre at ``layer`` and post-instruction position ``pos`` (from the end) of every prompt ``[N, d]``."""
-    ad = get_adapter(model)
+    """resid_pre at ``layer`` and post-instruction position ``pos`` (from the end) of every prompt
+    ``[N, d]`` (float64, CPU)."""
     out = []
     for i in range(0, batch.input_ids.shape[0], batch_size):
-        seen = {}
-
-        def pre(mod, args, kwargs):
-            seen["x"] = hidden_arg(args, kwargs)[:, pos].double().cpu()
-            raise _StopForward
-
-        with hooks([ad.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)]):
-            ids, mask = batch.input_ids[i : i + batch_size], batch.attention_mask[i : i + batch_size]
-            try:
-                model(
-                    input_ids=ids.to(ad.device),
-                    attention_mask=mask.to(ad.device),
-                    position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(ad.device),
-                    use_cache=False,
-                )
-            except _StopForward:
-                pass
-        out.append(seen["x"])
+        ids, mask = batch.input_ids[i : i + batch_size], batch.attention_mask[i : i + batch_size]
+        read_resid_pre(model, ids, mask, [layer], lambda _, x: out.append(x[:, pos].double().cpu()))
     return torch.cat(out)
 
 
@@ -62,8 +47,8 @@ def candidate_pool(
     pos_index: int,
     n_components: int = 8,
 ) -> list[tuple[str, torch.Tensor]]:
-    """(name, vector) pairs: principal components of harmful-minus-harmless-mean activations at the direction's
-    layer and position, then every other difference-of-means candidate."""
+    """(name, vector) pairs: principal components of harmful-minus-harmless-mean activations at the
+    direction's layer and position, then every other difference-of-means candidate."""
     n_post = candidates.shape[0]
     pos = pos_index - n_post  # from the end
     xh = per_prompt_activations(model, harmful_train, layer, pos)
@@ -81,6 +66,32 @@ def candidate_pool(
         if (p, l) != (pos_index, layer) and candidates[p, l].norm() > 1e-6
     ]
     return pool
+
+
+class _SubspaceKL:
+    """Mean first-token KL(baseline || span(basis) ablated) on fixed harmless prompts (baseline run once)."""
+
+    def __init__(self, model, harmless):
+        self.model, self.pb = model, split_prefix(harmless, True, model)
+        self.base_logp = torch.log_softmax(last_logits_shared(model, self.pb).double(), -1)  # [N, V]
+
+    @torch.no_grad()
+    def __call__(self, basis: torch.Tensor) -> float:
+        with subspace_ablation(self.model, basis):
+            return float(_kl(self.base_logp, last_logits_shared(self.model, self.pb)).mean())
+
+
+def _within_kl(scored: list[tuple], kl_of, limit: float) -> tuple[tuple, dict]:
+    """The first of ``scored`` (sorted by bypass) whose ablation KL is <= ``limit``, lazily; the lowest-KL
+    one if none is. Returns it and the entry's KL fields."""
+    seen = []
+    for item in scored:
+        kl = kl_of(item[2])
+        if kl <= limit:
+            return item, {"kl": kl, "kl_limit": limit, "kl_checked": len(seen) + 1}
+        seen.append((kl, item))
+    kl, item = min(seen, key=lambda x: x[0])
+    return item, {"kl": kl, "kl_limit": limit, "kl_checked": len(seen), "over_kl_budget": True}
 
 
 def _refined(model, entry: dict, basis: torch.Tensor, pb, ids: torch.Tensor, refine: dict) -> dict:
@@ -125,10 +136,18 @@ def greedy_cone(
     pool_size: int = 24,
     progress: bool = True,
     refine: dict | None = None,
+    kl_budget: float | None = None,
+    harmless_val=None,
 ) -> list[dict]:
     """Rank-1..``max_rank`` bases, greedily by bypass; each entry: basis ``[k, d]``, the added vector's name,
     and the bypass score. The pool: the principal components, then the other candidates, the latter
-    the ``pool_size`` least aligned with r̂ (each round scores every pool vector)."""
+    the ``pool_size`` least aligned with r̂ (each round scores every pool vector).
+
+    Bypass alone happily adds a vector that breaks the model (on the 0.5B, rank 2 took an early-layer
+    candidate at a first-token KL of 1.08): with ``kl_budget``, a round takes the lowest-bypass vector whose
+    ablation keeps the first-token KL on ``harmless_val`` within ``kl_budget`` of the current basis's,
+    checked lazily in bypass order like the paper's selection filter (the lowest-KL vector, marked, when
+    none fits)."""
     n_post = candidates.shape[0]
     pos_index = n_post + direction.pos if direction.pos < 0 else direction.pos
     ids = torch.tensor(refusal_ids)
@@ -150,25 +169,33 @@ def greedy_cone(
         cos = torch.stack([torch.nn.functional.cosine_similarity(v, r, dim=0).abs() for _, v in dims])
         dims = [dims[i] for i in torch.argsort(cos).tolist()[:pool_size]]  # the least aligned with r̂ first
     pool = pcs + dims
+    kl_of = None
+    if kl_budget is not None:
+        if harmless_val is None:
+            raise ValueError("kl_budget needs harmless_val prompts")
+        kl_of = _SubspaceKL(model, harmless_val)
+        ranks[0]["kl"] = kl_of(ranks[0]["basis"])
     bar = tqdm(total=max(0, max_rank - 1) * len(pool), desc="cone", disable=not progress, leave=False)
     for k in range(2, max_rank + 1):
         basis = ranks[-1]["basis"]
-        best = None
+        scored = []  # (bypass, name, trial basis)
         for name, v in pool:
             v = v - (basis @ v) @ basis  # orthogonal to the basis
-            if v.norm() < 1e-6 * max(1.0, float(v.abs().max())):
-                bar.update(1)
-                continue
-            trial = torch.cat([basis, (v / v.norm())[None]])
-            b = subspace_bypass(model, pb, trial, ids)
-            if best is None or b < best[0]:
-                best = (b, name, trial)
+            if v.norm() >= 1e-6 * max(1.0, float(v.abs().max())):
+                trial = torch.cat([basis, (v / v.norm())[None]])
+                scored.append((subspace_bypass(model, pb, trial, ids), name, trial))
             bar.update(1)
-        if best is None:
+        if not scored:
             break
-        entry = {"rank": k, "basis": orthonormal_basis(best[2]), "added": best[1], "bypass": best[0]}
+        scored.sort(key=lambda x: x[0])
+        best, extra = scored[0], {}
+        if kl_of is not None:
+            best, extra = _within_kl(scored, kl_of, ranks[-1]["kl"] + kl_budget)
+        entry = {"rank": k, "basis": orthonormal_basis(best[2]), "added": best[1], "bypass": best[0], **extra}
         if refine is not None:
             entry = _refined(model, entry, basis, pb, ids, refine)
+            if kl_of is not None:
+                entry["kl"] = kl_of(entry["basis"])  # the refined basis's own KL sets the next limit
         ranks.append(entry)
         pool = [(n, v) for n, v in pool if n != best[1]]
     bar.close()
@@ -239,6 +266,16 @@ def refine_direction(
     return v / v.norm(), history
 
 
+def _method(r: dict) -> str:
+    """How a rank's basis was built, for the table."""
+    if r["rank"] == 1:
+        return "run direction"
+    if "kl_limit" not in r:
+        return f"greedy by bypass: + {r['added']}"
+    over = " (none fit: lowest KL)" if r.get("over_kl_budget") else ""
+    return f"greedy by bypass, KL <= {r['kl_limit']:.3g}{over}: + {r['added']}"
+
+
 @torch.no_grad()
 def evaluate_ranks(
     model,
@@ -271,7 +308,7 @@ def evaluate_ranks(
                 "n": len(harmful),
                 "n_kl": len(harmless),
                 "bypass": round(r["bypass"], 6),
-                "method": "run direction" if r["rank"] == 1 else f"greedy by bypass: + {r['added']}",
+                "method": _method(r),
                 "seconds": round(time.time() - t, 1),
             }
         )

@@ -29,7 +29,8 @@ PRESETS = {
 
 
 def _s(default, help: str = "", flag: str | None = None, group: str = "run", read: str | None = None, **arg):
-    """A setting: ``flag`` (None: no flag, TOML only), its argparse keywords, and ``read`` (how a text is read)."""
+    """A setting: ``flag`` (None: no flag, TOML only), its argparse keywords, and ``read`` (how a text is
+    read)."""
     kw = {"default_factory": default} if callable(default) else {"default": default}
     return field(**kw, metadata={"help": help, "flag": flag, "group": group, "read": read, "arg": arg})
 

@@ -56,7 +56,8 @@ def last_outputs(model, batch: Batch, layers: list[int], ctx=contextlib.nullcont
 
 
 def evaluation_layers(model, harmful_train: Batch, harmless_train: Batch, fraction: float = 0.1) -> list[int]:
-    """The ``fraction`` of layers where harmful and harmless last-position output means differ most in angle."""
+    """The ``fraction`` of layers where harmful and harmless last-position output means differ most in
+    angle."""
     n = get_adapter(model).n_layers
     every = list(range(n))
     mh = last_outputs(model, harmful_train, every).mean(0)  # [L, d]
@@ -80,7 +81,8 @@ def select_direction_cosmic(
     cfg: SelectionConfig = SelectionConfig(),
     progress: bool = True,
 ) -> SelectionResult:
-    """Score candidates ``[n_post, L, d]`` by COSMIC's cosine criteria and choose one (see the module docstring).
+    """Score candidates ``[n_post, L, d]`` by COSMIC's cosine criteria and choose one (see the module
+    docstring).
 
     In the result, ``bypass`` holds the ``refusal`` cosine score, ``induce`` the ``steering`` one (both:
     higher is better) and ``baseline`` the evaluation layers."""

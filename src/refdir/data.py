@@ -36,7 +36,8 @@ def _from_obj(obj, where: str, field: str) -> Prompt:
     if isinstance(obj, dict):
         text = obj.get(field)
         if not isinstance(text, str):
-            raise RefdirError(f"{where}: object has no string field '{field}' (use --field to name the column)")
+            raise RefdirError(f"{where}: object has no string field '{field}' "
+                              "(use --field to name the column)")
         cat = obj.get("category")
         return Prompt(text, None if cat is None else str(cat))
     raise RefdirError(f"{where}: expected a string or an object with '{field}', got {type(obj).__name__}")
@@ -162,7 +163,8 @@ def _load_hf(name: str, field: str, split: str) -> list[Prompt]:
     try:
         import datasets  # type: ignore
     except ImportError:
-        raise RefdirError(f"dataset not found: {name} (not a file; for hub datasets pip install datasets)") from None
+        raise RefdirError(f"dataset not found: {name} "
+                          "(not a file; for hub datasets pip install datasets)") from None
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
@@ -170,7 +172,8 @@ def _load_hf(name: str, field: str, split: str) -> list[Prompt]:
     return validate([_from_obj(dict(r), f"{name} row {i}", field) for i, r in enumerate(ds)], name)
 
 
-def split_prompts(prompts: list[Prompt], sizes: list[int], seed: int, name: str = "dataset") -> list[list[Prompt]]:
+def split_prompts(prompts: list[Prompt], sizes: list[int], seed: int,
+                  name: str = "dataset") -> list[list[Prompt]]:
     """Disjoint seeded samples of the given sizes; clear error when there are too few prompts."""
     if any(s <= 0 for s in sizes):
         raise RefdirError(f"sizes must be positive, got {sizes}")

@@ -19,7 +19,8 @@ from .io import atomic_path, load_tensors, save_tensors
 def candidate_directions(mean_harmful: torch.Tensor, mean_harmless: torch.Tensor) -> torch.Tensor:
     """Difference in means ``[n_post, n_layers, d]`` (float64 in, float32 out)."""
     if mean_harmful.shape != mean_harmless.shape:
-        raise RefdirError(f"mean activations differ in shape: {tuple(mean_harmful.shape)} vs {tuple(mean_harmless.shape)}")
+        raise RefdirError(f"mean activations differ in shape: {tuple(mean_harmful.shape)} "
+                          f"vs {tuple(mean_harmless.shape)}")
     return (mean_harmful - mean_harmless).float()
 
 
@@ -62,7 +63,8 @@ def load_subspace(run: str | Path, rank: int, expect_d_model: int | None = None)
     (``refdir cone``); rank 1 is the run's direction."""
     f = Path(run) / "cone.safetensors"
     if not f.is_file():
-        raise RefdirError(f"{run} has no cone.safetensors: run `refdir cone --run {run}` first (or drop --rank)")
+        raise RefdirError(f"{run} has no cone.safetensors: "
+                          f"run `refdir cone --run {run}` first (or drop --rank)")
     basis = load_tensors(f)["basis"]
     if not 1 <= rank <= basis.shape[0]:
         raise RefdirError(f"--rank {rank}: {f} holds ranks 1..{basis.shape[0]}")
@@ -71,7 +73,8 @@ def load_subspace(run: str | Path, rank: int, expect_d_model: int | None = None)
     return basis[:rank]
 
 
-def load_direction(path: str | Path, expect_d_model: int | None = None, expect_model: str | None = None) -> Direction:
+def load_direction(path: str | Path, expect_d_model: int | None = None,
+                   expect_model: str | None = None) -> Direction:
     """Load a direction from a run folder, a ``.safetensors`` file, or a reference-code ``.pt``.
 
     ``.pt`` files are read with ``torch.load(weights_only=True)`` (no pickle code runs).
@@ -84,7 +87,8 @@ def load_direction(path: str | Path, expect_d_model: int | None = None, expect_m
         try:
             vec = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise RefdirError(f"cannot read {p.name} as a plain tensor: {str(e).splitlines()[0][:160]}") from None
+            raise RefdirError(f"cannot read {p.name} as a plain tensor: "
+                              f"{str(e).splitlines()[0][:160]}") from None
         if not isinstance(vec, torch.Tensor):
             raise RefdirError(f"{p.name} does not hold a single tensor")
         layer, pos = -1, -1
@@ -102,7 +106,8 @@ def load_direction(path: str | Path, expect_d_model: int | None = None, expect_m
             except json.JSONDecodeError as e:
                 raise RefdirError(f"{jp}: malformed JSON at line {e.lineno}") from None
             if int(meta.get("format", 1)) > 1:
-                raise RefdirError(f"{jp} was written by a newer refdir (format {meta['format']}); upgrade refdir")
+                raise RefdirError(f"{jp} was written by a newer refdir (format {meta['format']}); "
+                                  "upgrade refdir")
         layer, pos = int(meta.get("layer", -1)), int(meta.get("pos", -1))
     vec = vec.float().flatten()
     if not torch.isfinite(vec).all():
@@ -110,10 +115,12 @@ def load_direction(path: str | Path, expect_d_model: int | None = None, expect_m
     if float(vec.norm()) == 0.0:
         raise RefdirError(f"direction in {p} has zero norm")
     if expect_d_model is not None and vec.numel() != expect_d_model:
-        raise RefdirError(f"direction in {p} has size {vec.numel()} but the model's d_model is {expect_d_model}")
+        raise RefdirError(f"direction in {p} has size {vec.numel()} "
+                          f"but the model's d_model is {expect_d_model}")
     if expect_model and meta.get("model") and meta["model"] != expect_model:
         raise RefdirError(f"direction in {p} was computed on model '{meta['model']}', not '{expect_model}'")
-    known = {"model", "layer", "position", "pos", "d_model", "norm", "bypass", "induce", "kl", "scores", "format"}
+    known = {"model", "layer", "position", "pos", "d_model", "norm", "bypass", "induce", "kl", "scores",
+             "format"}
     return Direction(vec, layer, pos, meta.get("model", ""), meta.get("scores", {}),
                      {k: v for k, v in meta.items() if k not in known})
 
@@ -122,5 +129,6 @@ def direction_from_candidates(candidates: torch.Tensor, pos_index: int, layer: i
                               scores: dict | None = None) -> Direction:
     """Pick ``candidates[pos_index, layer]`` as a :class:`Direction` (pos stored counted from the end)."""
     n_post = candidates.shape[0]
-    return Direction(candidates[pos_index, layer].clone(), layer, pos_index - n_post, model, dict(scores or {}))
+    return Direction(candidates[pos_index, layer].clone(), layer, pos_index - n_post, model,
+                     dict(scores or {}))
 

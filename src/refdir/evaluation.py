@@ -60,7 +60,8 @@ def condition_factory(model, name: str, direction: Direction, coeff: float = 1.0
     return lambda: condition(model, name, direction, coeff)
 
 
-def condition(model, name: str, direction: Direction, coeff: float = 1.0) -> contextlib.AbstractContextManager:
+def condition(model, name: str, direction: Direction,
+              coeff: float = 1.0) -> contextlib.AbstractContextManager:
     """The intervention context for a condition name (``none`` and ``baseline`` are the same)."""
     ablate, add = _parse_condition(name, coeff)
     if ablate:
@@ -106,7 +107,8 @@ class GenJob:
     categories: list[str | None]
 
 
-def _row_tables(jobs: list[GenJob], direction: Direction, coeff: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_tables(jobs: list[GenJob], direction: Direction,
+                coeff: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-job ablation direction and added vector ``[G, d]`` each (zero rows: none)."""
     d = direction.vector.shape[-1]
     ablate, add = torch.zeros(len(jobs), d), torch.zeros(len(jobs), d)
@@ -137,12 +139,14 @@ def generate_conditions(model, tokenizer, jobs: list[GenJob], direction: Directi
         chunk = flat[start:start + batch_size]
         rows = RowInterventions(model, torch.tensor([g for g, _ in chunk]), ablate, add, direction.layer)
         with rows.attached():
-            out, _ = generate_batch(model, tokenizer, [jobs[g].prompts[i] for g, i in chunk], fmt, max_new_tokens,
-                                    rows=rows, on_done=bar.update)  # the bar moves as rows finish
+            # the bar moves as rows finish
+            out, _ = generate_batch(model, tokenizer, [jobs[g].prompts[i] for g, i in chunk], fmt,
+                                    max_new_tokens, rows=rows, on_done=bar.update)
         for (g, i), c in zip(chunk, out):
             comps[g][i] = c
     bar.close()
-    return {job.name: [Judged(p, c, is_refusal(c, phrases), cat) for p, c, cat in zip(job.prompts, cs, job.categories)]
+    return {job.name: [Judged(p, c, is_refusal(c, phrases), cat)
+                       for p, c, cat in zip(job.prompts, cs, job.categories)]
             for job, cs in zip(jobs, comps)}
 
 
@@ -166,16 +170,19 @@ def _teacher_forced_ids(tokenizer, prompts: list[str], completions: list[str], f
 
 def _teacher_forced_batch(prompt_ids: list[list[int]], comp_ids: list[list[int]], pad: int,
                           device) -> tuple[Batch, list[int], list[int], int]:
-    """Left-padded prompt+completion sequences, completion lengths, targets, and the shortest prompt's length."""
+    """Left-padded prompt+completion sequences, completion lengths, targets, and the shortest prompt's
+    length."""
     seqs = [p + c for p, c in zip(prompt_ids, comp_ids)]
     t = max(map(len, seqs))
     ids = torch.tensor([[pad] * (t - len(s)) + s for s in seqs], device=device)
     mask = torch.tensor([[0] * (t - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return Batch(ids, mask, 1), [len(c) for c in comp_ids], [x for c in comp_ids for x in c], min(map(len, prompt_ids))
+    return (Batch(ids, mask, 1), [len(c) for c in comp_ids], [x for c in comp_ids for x in c],
+            min(map(len, prompt_ids)))
 
 
 @torch.no_grad()
-def _completion_logits(model, pb: PrefixBatch, n_tokens: int, record: tuple[int, ...] = ()) -> tuple[torch.Tensor, int, dict]:
+def _completion_logits(model, pb: PrefixBatch, n_tokens: int,
+                       record: tuple[int, ...] = ()) -> tuple[torch.Tensor, int, dict]:
     """Logits ``[B, k, V]`` (float32) at the last ``k = min(n_tokens + 1, T)`` positions, under current hooks,
     and the residual stream entering each layer in ``record`` at the rest tokens ``{layer: [B, T, d]}``."""
     k = min(n_tokens + 1, pb.input_ids.shape[1])
@@ -186,7 +193,8 @@ def _completion_logits(model, pb: PrefixBatch, n_tokens: int, record: tuple[int,
 
 
 @torch.no_grad()
-def _actadd_from_resid(model, pb: PrefixBatch, n_tokens: int, f: ActAddFactory, resid: torch.Tensor) -> torch.Tensor:
+def _actadd_from_resid(model, pb: PrefixBatch, n_tokens: int, f: ActAddFactory,
+                       resid: torch.Tensor) -> torch.Tensor:
     """:func:`_completion_logits` under activation addition, running only layers >= ``f.layer`` on the rest
     tokens: their input there is the baseline's ``resid`` ``[B, T, d]`` plus the vector. The shared prefix
     (one row) runs whole under the hook: its cache must hold every layer."""
@@ -194,14 +202,15 @@ def _actadd_from_resid(model, pb: PrefixBatch, n_tokens: int, f: ActAddFactory, 
         head = prefix_cache(model, pb.prefix)
     v = (f.coeff * f.vector.float()).to(resid.device, resid.dtype)
     with start_at_layer(model, f.layer, resid + v):
-        out = forward_rest(model, pb, expand(head, pb.input_ids.shape[0]), logits_to_keep=min(n_tokens + 1,
-                                                                                            pb.input_ids.shape[1]))
+        out = forward_rest(model, pb, expand(head, pb.input_ids.shape[0]),
+                           logits_to_keep=min(n_tokens + 1, pb.input_ids.shape[1]))
     return out.logits.float()
 
 
 def _row_logp(logits: torch.Tensor, b: int, k: int, c: int) -> torch.Tensor:
     """Row ``b``'s log-probs ``[max(c, 1), V]`` (float64) at the prompt's last token and the first ``c - 1``
-    completion tokens: the distributions that predict the completion (the row's last token predicts nothing)."""
+    completion tokens: the distributions that predict the completion (the row's last token predicts
+    nothing)."""
     lo = k - 1 - c
     return torch.log_softmax(logits[b, lo:lo + max(c, 1)].double(), -1)
 
@@ -224,7 +233,8 @@ def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt:
     record = tuple(sorted({f.layer for f in ctx_factories.values() if isinstance(f, ActAddFactory)}))
     # batches of similar total length (the sums below do not depend on the order)
     for g in length_buckets([len(p) + len(c) for p, c in zip(prompt_ids, comp_ids)], batch_size):
-        batch, lens, tgt_flat, shortest = _teacher_forced_batch([prompt_ids[i] for i in g], [comp_ids[i] for i in g],
+        batch, lens, tgt_flat, shortest = _teacher_forced_batch([prompt_ids[i] for i in g],
+                                                                [comp_ids[i] for i in g],
                                                                 tokenizer.pad_token_id or 0, dev)
         pb = split_prefix(batch, True, model, max_prefix=shortest - 1)  # every prompt's last token stays
         base, k, resid = _completion_logits(model, pb, n_tokens, record)
@@ -252,5 +262,5 @@ def kl_and_ce(model, tokenizer, prompts: list[str], completions: list[str], fmt:
                     a["ce_n"] += c
             del cur
     n = max(len(prompts), 1)
-    return {name: {"kl_first": a["kl_first"] / n, "kl_mean": a["kl_mean"] / n, "ce": a["ce_sum"] / max(a["ce_n"], 1),
-                   "ce_tokens": a["ce_n"]} for name, a in acc.items()}
+    return {name: {"kl_first": a["kl_first"] / n, "kl_mean": a["kl_mean"] / n,
+                   "ce": a["ce_sum"] / max(a["ce_n"], 1), "ce_tokens": a["ce_n"]} for name, a in acc.items()}

@@ -52,8 +52,8 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def _vectors(direction, direction_src, rank: int, d_model: int) -> list[torch.Tensor]:
-    """What to project out: the direction, or the first ``rank`` vectors of the run's refusal cone (orthonormal:
-    projecting them out one after the other is projecting out their span)."""
+    """What to project out: the direction, or the first ``rank`` vectors of the run's refusal cone
+    (orthonormal: projecting them out one after the other is projecting out their span)."""
     if rank == 1:
         return [direction.vector]
     from .directions import load_subspace
@@ -260,7 +260,8 @@ def writer_plan(ad, names: list[str]) -> dict[str, int]:
 
 
 def _plan_model(src: Path, trust_remote_code: bool, offload: Path):
-    """The model with its weights on disk (accelerate) except one layer of every kind (for the numeric check)."""
+    """The model with its weights on disk (accelerate) except one layer of every kind (for the numeric
+    check)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 

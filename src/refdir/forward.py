@@ -49,7 +49,8 @@ class PrefixBatch:
 
     def repeat(self, k: int) -> "PrefixBatch":
         """``k`` copies of the batch, candidate-major (rows c*B .. c*B+B-1 are copy c)."""
-        return PrefixBatch(self.prefix, self.input_ids.repeat(k, 1), self.attention_mask.repeat(k, 1), self.n_post)
+        return PrefixBatch(self.prefix, self.input_ids.repeat(k, 1), self.attention_mask.repeat(k, 1),
+                           self.n_post)
 
     def rest_lengths(self) -> torch.Tensor:
         """Real (unpadded) tokens in each row's rest ``[B]``."""
@@ -85,7 +86,8 @@ class PrefixBatch:
 FORWARD_OVERHEAD_TOKENS = 32
 
 
-def length_buckets(lengths: list[int], max_rows: int, overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
+def length_buckets(lengths: list[int], max_rows: int,
+                   overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
     """Row indices grouped into batches of similar length: the fewest computed tokens, padding included.
 
     Chat prompts vary a lot in length (JailbreakBench: 15 tokens on average, 30 at most), so a batch
@@ -114,7 +116,8 @@ def sliding_window(model) -> int | None:
     cfg = getattr(model, "config", None)
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
-    if window is None or (types and "sliding_attention" not in types) or getattr(cfg, "use_sliding_window", True) is False:
+    if (window is None or (types and "sliding_attention" not in types)
+            or getattr(cfg, "use_sliding_window", True) is False):
         return None
     return int(window)
 
@@ -152,8 +155,8 @@ def split_prefix(batch: Batch, share: bool = True, model=None, extra: int = 0,
                  max_prefix: int | None = None) -> PrefixBatch:
     """Split a left-padded batch into the longest shared token prefix and the rests.
 
-    The post-instruction tokens (at least one) stay in every row's rest: they are read and scored. ``share=False``
-    gives an empty prefix: the plain batch, for comparisons. Padding between prefix and rest
+    The post-instruction tokens (at least one) stay in every row's rest: they are read and scored.
+    ``share=False`` gives an empty prefix: the plain batch, for comparisons. Padding between prefix and rest
     would count toward a sliding attention window, so with ``model`` given, the prefix is shared
     only while the whole layout (plus ``extra`` generated tokens) fits in the model's window.
     ``max_prefix`` caps the prefix (teacher forcing needs the logits of every prompt's last token).
@@ -236,7 +239,8 @@ def expand(cache, repeats: int):
 
 @torch.no_grad()
 def forward_rest(model, pb: PrefixBatch, cache, logits_to_keep: int = 1, use_cache: bool = False):
-    """Run the rest tokens of ``pb`` on top of a prefix cache (consumed: pass a copy). Returns the model output."""
+    """Run the rest tokens of ``pb`` on top of a prefix cache (consumed: pass a copy). Returns the model
+    output."""
     kw = {} if cache is None else {_cache_kwarg(model): cache}
     return model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.positions(),
                  use_cache=use_cache or cache is not None, logits_to_keep=logits_to_keep, **kw)
@@ -244,9 +248,9 @@ def forward_rest(model, pb: PrefixBatch, cache, logits_to_keep: int = 1, use_cac
 
 @torch.no_grad()
 def last_logits_shared(model, pb: PrefixBatch, max_rows: int = 64, on_bucket=None) -> torch.Tensor:
-    """Last-position logits ``[B, V]``; the prefix runs here, under the current hooks; rows run in length buckets.
-    ``on_bucket(idx, sub)``, if given, is a context manager entered around each bucket's pass (rows ``idx``,
-    trimmed sub-batch ``sub``)."""
+    """Last-position logits ``[B, V]``; the prefix runs here, under the current hooks; rows run in length
+    buckets. ``on_bucket(idx, sub)``, if given, is a context manager entered around each bucket's pass
+    (rows ``idx``, trimmed sub-batch ``sub``)."""
     head = prefix_cache(model, pb.prefix)
     out = None
     for idx, sub in pb.buckets(max_rows):
@@ -390,8 +394,8 @@ def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[i
             alive, mask, next_pos, nxt = alive[keep], mask[keep], next_pos[keep], nxt[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         with _row_ctx(rows, alive):
-            out = model(input_ids=nxt[:, None].to(mask.device), attention_mask=mask, position_ids=next_pos[:, None],
-                        use_cache=True, logits_to_keep=1, **{kw: cache})
+            out = model(input_ids=nxt[:, None].to(mask.device), attention_mask=mask,
+                        position_ids=next_pos[:, None], use_cache=True, logits_to_keep=1, **{kw: cache})
         next_pos = next_pos + 1
         logits = out.logits[:, -1, :].float()
     if on_done is not None and len(alive):

@@ -13,8 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .adapter import (ResidualWriter, _first_tensor, get_adapter, hidden_arg, project_out_axis_, replace_hidden_arg,
-                      replace_output)
+from .adapter import (ResidualWriter, _first_tensor, get_adapter, hidden_arg, project_out_axis_,
+                      replace_hidden_arg, replace_output)
 from .errors import RefdirError
 
 
@@ -94,7 +94,8 @@ def directional_ablation(model: nn.Module, direction: torch.Tensor) -> Iterator[
 
 
 def orthonormal_basis(vectors: torch.Tensor) -> torch.Tensor:
-    """Gram-Schmidt (float64) of ``[k, d]`` rows, in order: row i is the part of vector i orthogonal to rows < i."""
+    """Gram-Schmidt (float64) of ``[k, d]`` rows, in order: row i is the part of vector i orthogonal to
+    rows < i."""
     out: list[torch.Tensor] = []
     for v in vectors.double():
         for b in out:
@@ -137,7 +138,8 @@ def subspace_ablation(model: nn.Module, vectors: torch.Tensor) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def activation_addition(model: nn.Module, vector: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
+def activation_addition(model: nn.Module, vector: torch.Tensor, layer: int,
+                        coeff: float = 1.0) -> Iterator[None]:
     """Add ``coeff * vector`` to the residual stream entering ``layer``, at every position.
 
     The vector is *not* normalized: the paper adds the difference-in-means itself (norm and all).
@@ -166,10 +168,12 @@ class RowInterventions:
     condition's batch dwindles to its few long answers; mixing conditions keeps the batch wide.
     """
 
-    def __init__(self, model: nn.Module, groups: torch.Tensor, ablate: torch.Tensor, add: torch.Tensor, layer: int):
+    def __init__(self, model: nn.Module, groups: torch.Tensor, ablate: torch.Tensor, add: torch.Tensor,
+                 layer: int):
         ad = get_adapter(model)
         if ablate.shape[-1] != ad.d_model or add.shape[-1] != ad.d_model:
-            raise RefdirError(f"direction has size {ablate.shape[-1]} but the model's d_model is {ad.d_model}")
+            raise RefdirError(f"direction has size {ablate.shape[-1]} "
+                              f"but the model's d_model is {ad.d_model}")
         self.ad, self.layer = ad, layer
         self.groups = groups.long().cpu()  # [B] group of each original row
         norms = ablate.double().norm(dim=-1, keepdim=True)
@@ -232,7 +236,8 @@ def start_at_layer(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterato
 
     def pre(mod, args, kwargs):
         x = hidden_arg(args, kwargs)
-        return replace_hidden_arg(args, kwargs, resid.to(x.dtype).expand_as(x) if resid.shape[0] == 1 else resid.to(x.dtype))
+        return replace_hidden_arg(args, kwargs, resid.to(x.dtype).expand_as(x) if resid.shape[0] == 1
+                                  else resid.to(x.dtype))
 
     handle = ad.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
     try:
@@ -248,7 +253,8 @@ def _embed_writer(ad) -> ResidualWriter:
 
 
 @torch.no_grad()
-def orthogonalize_weights(model: nn.Module, direction: torch.Tensor, allow_approximate: bool = False) -> nn.Module:
+def orthogonalize_weights(model: nn.Module, direction: torch.Tensor,
+                          allow_approximate: bool = False) -> nn.Module:
     """Edit the weights in place so no component writes along r (paper Eq. 5).
 
     Projects r out of the token (and position) embeddings and out of every residual writer the
@@ -264,12 +270,14 @@ def orthogonalize_weights(model: nn.Module, direction: torch.Tensor, allow_appro
                 or not w.tensor.is_floating_point()), None)
     if bad is not None:
         how = "offloaded by the device map" if bad.tensor.device.type == "meta" else "quantized"
-        raise RefdirError(f"cannot orthogonalize {bad.name} in place: its weights are {how}; export from the "
-                          "full-precision source instead: refdir export --model SOURCE --direction RUN --out DIR")
+        raise RefdirError(f"cannot orthogonalize {bad.name} in place: its weights are {how}; export from "
+                          "the full-precision source instead: refdir export --model SOURCE --direction RUN "
+                          "--out DIR")
     if not ad.linear_writes and not allow_approximate:
         raise RefdirError(
-            f"{type(model).__name__} normalizes attention/MLP outputs before adding them to the residual stream, "
-            "so weight orthogonalization cannot equal ablation; pass --allow-approximate to edit the projections anyway")
+            f"{type(model).__name__} normalizes attention/MLP outputs before adding them to the residual "
+            "stream, so weight orthogonalization cannot equal ablation; pass --allow-approximate to edit the "
+            "projections anyway")
     unit = _unit(direction, ad.d_model)[0] if direction.dim() == 2 else _unit(direction, ad.d_model)
     if ad.tied:
         ad.unembed.weight = nn.Parameter(ad.unembed.weight.detach().clone(), requires_grad=False)

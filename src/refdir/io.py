@@ -75,7 +75,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:

@@ -114,7 +114,8 @@ def _convert_gguf(gguf_path: Path, out: Path, dtype: torch.dtype) -> None:
 
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=dtype)
     except Exception as e:  # gguf raises assorted errors on truncated files
         raise RefdirError(f"cannot read GGUF file {gguf_path.name}: {type(e).__name__}: {str(e)[:200]}"
                           " (is it complete? re-download or reinstall it)") from e
@@ -136,8 +137,8 @@ def _cached_offline(model: OfflineModel) -> Path:
     if (out / "config.json").exists():
         return out
     parts = offline_parts(model)
-    _announce(f"first use of '{model.alias}': verifying and dequantizing its {model.size / 2**30:.1f} GiB GGUF once "
-              f"into {out} (a few minutes on a laptop CPU; later loads take seconds)")
+    _announce(f"first use of '{model.alias}': verifying and dequantizing its {model.size / 2**30:.1f} GiB "
+              f"GGUF once into {out} (a few minutes on a laptop CPU; later loads take seconds)")
     size, digest = _sha256_of(parts)
     if size != model.size or digest != model.sha256:
         raise RefdirError(
@@ -171,7 +172,8 @@ def _cached_gguf(path: Path) -> Path:
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "models" / f"{path.stem}-{key}"
     if not (out / "config.json").exists():
-        _announce(f"first use of {path.name}: dequantizing it once into {out} (minutes; later loads take seconds)")
+        _announce(f"first use of {path.name}: dequantizing it once into {out} "
+                  "(minutes; later loads take seconds)")
         _convert_gguf(path, out, torch.float32)
     return out
 
@@ -187,12 +189,14 @@ def resolve_model_path(spec: str) -> str:
         return str(_cached_gguf(p))
     if p.exists():
         if not (p / "config.json").is_file():
-            raise RefdirError(f"model folder {spec} has no config.json; pass a Hugging Face checkpoint folder")
+            raise RefdirError(f"model folder {spec} has no config.json; "
+                              "pass a Hugging Face checkpoint folder")
         return str(p)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return spec  # a hub id; transformers downloads it (needs internet)
     known = ", ".join(OFFLINE_MODELS)
-    raise RefdirError(f"unknown model '{spec}': not an offline alias ({known}), a local folder, a .gguf file or a hub id")
+    raise RefdirError(f"unknown model '{spec}': not an offline alias ({known}), a local folder, a .gguf file "
+                      "or a hub id")
 
 
 ACCELERATOR_DTYPE = "bfloat16"  # what "auto" gives an fp32 checkpoint on a GPU: half the memory, same range
@@ -212,7 +216,8 @@ def resolve_device(device: str = "auto") -> str:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise RefdirError(f"--device {device}: CUDA is not available (torch {torch.__version__}, "
-                              f"{'no GPU visible' if torch.version.cuda else 'a CPU-only build'}); use --device cpu")
+                              f"{'no GPU visible' if torch.version.cuda else 'a CPU-only build'}); "
+                              "use --device cpu")
         if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
             raise RefdirError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
@@ -220,7 +225,8 @@ def resolve_device(device: str = "auto") -> str:
     if kind == "mps" and not index:
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise RefdirError("--device mps: the MPS backend is not available on this machine; use --device cpu")
+            raise RefdirError("--device mps: the MPS backend is not available on this machine; "
+                              "use --device cpu")
         return "mps"
     raise RefdirError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
 
@@ -228,7 +234,8 @@ def resolve_device(device: str = "auto") -> str:
 def _checkpoint_dtype(config) -> torch.dtype | None:
     import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or getattr(config, "torch_dtype", None)
+    d = (getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+         or getattr(config, "torch_dtype", None))
     if isinstance(d, str):
         d = getattr(torch, d, None)
     return d if isinstance(d, torch.dtype) else None
@@ -248,7 +255,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str, config=None) -> torch.d
         return torch.float32
     ckpt = _checkpoint_dtype(config) if config is not None else None
     family = str(getattr(config, "model_type", ""))
-    if ckpt in (torch.bfloat16, torch.float16) and not (ckpt == torch.float16 and family.startswith(("gemma2", "gemma3"))):
+    if (ckpt in (torch.bfloat16, torch.float16)
+            and not (ckpt == torch.float16 and family.startswith(("gemma2", "gemma3")))):
         return ckpt
     if device == "mps":
         return torch.float32 if family.startswith(("gemma2", "gemma3")) else torch.float16
@@ -261,10 +269,12 @@ def parse_max_memory(spec: str | dict | None) -> dict | None:
         return spec
     s = spec.strip()
     try:
-        items = json.loads(s).items() if s.startswith("{") else [kv.split("=", 1) for kv in s.split(",") if kv]
+        items = (json.loads(s).items() if s.startswith("{")
+                 else [kv.split("=", 1) for kv in s.split(",") if kv])
         return {(int(k) if str(k).strip().isdigit() else str(k).strip()): str(v).strip() for k, v in items}
     except (ValueError, AttributeError):
-        raise RefdirError(f"--max-memory '{spec}': use DEVICE=SIZE pairs, e.g. 0=20GiB,1=40GiB,cpu=64GiB") from None
+        raise RefdirError(f"--max-memory '{spec}': use DEVICE=SIZE pairs, "
+                          "e.g. 0=20GiB,1=40GiB,cpu=64GiB") from None
 
 
 def _device_map_from_file(path: str) -> dict:
@@ -290,8 +300,8 @@ def check_device_map(config, device_map: dict, trust_remote_code: bool = False) 
             missing.append(name.rsplit(".", 1)[0])
     if missing:
         first = sorted(set(missing))
-        raise RefdirError(f"the device map does not place {len(first)} module(s) of the model, e.g. {first[0]}; "
-                          "add them (or an entry \"\": DEVICE for the rest)")
+        raise RefdirError(f"the device map does not place {len(first)} module(s) of the model, "
+                          f"e.g. {first[0]}; add them (or an entry \"\": DEVICE for the rest)")
     for dev in set(map(str, device_map.values())):
         if dev not in ("cpu", "disk", "meta") and not dev.isdigit():
             resolve_device(dev)
@@ -336,9 +346,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
     dev = resolve_device(device) if device_map is None else "cpu"
     if isinstance(device_map, str) and device_map.endswith(".json"):
         device_map = _device_map_from_file(device_map)
-    elif isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        raise RefdirError(f"unknown --device-map '{device_map}': use auto, balanced, balanced_low_0, sequential "
-                          "or a JSON file of module -> device")
+    elif (isinstance(device_map, str)
+          and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")):
+        raise RefdirError(f"unknown --device-map '{device_map}': use auto, balanced, balanced_low_0, "
+                          "sequential or a JSON file of module -> device")
     if revision is not None and (spec in OFFLINE_MODELS or Path(spec).expanduser().exists()):
         raise RefdirError(f"--revision applies to hub ids only; '{spec}' is a local model")
     path = resolve_model_path(spec)
@@ -355,7 +366,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
         check_device_map(config, device_map, trust_remote_code)
     kw: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "revision": revision}
     if device_map is not None:
-        kw.update(device_map=device_map, max_memory=parse_max_memory(max_memory), offload_folder=offload_folder)
+        kw.update(device_map=device_map, max_memory=parse_max_memory(max_memory),
+                  offload_folder=offload_folder)
     elif dev != "cpu" or quant is not None:
         kw["device_map"] = {"": dev}  # straight onto the device, no CPU copy of the weights
     if quant is not None:
@@ -364,8 +376,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except torch.OutOfMemoryError as e:
-        raise RefdirError(f"out of memory loading '{spec}' on {dev} in {str(torch_dtype)[6:]}: use --device-map auto "
-                          "(spread over devices / offload), --load-in-4bit, or a smaller --dtype") from e
+        raise RefdirError(f"out of memory loading '{spec}' on {dev} in {str(torch_dtype)[6:]}: "
+                          "use --device-map auto (spread over devices / offload), --load-in-4bit, "
+                          "or a smaller --dtype") from e
     except Exception as e:  # OSError, ValueError, SafetensorError (truncated/interrupted download), ...
         first = (str(e).splitlines() or [type(e).__name__])[0][:240]
         raise RefdirError(f"cannot load model '{spec}': {type(e).__name__}: {first} (incomplete download? "
@@ -379,7 +392,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
     tok.padding_side = "left"
     model.refdir_spec = spec  # recorded in run metadata
     model.refdir_source = path  # the full-precision checkpoint folder (or hub id) weight edits re-read
-    model.refdir_load = {"device": dev, "device_map": device_map if not isinstance(device_map, dict) else "file",
+    model.refdir_load = {"device": dev,
+                         "device_map": device_map if not isinstance(device_map, dict) else "file",
                          "dtype": str(torch_dtype).replace("torch.", ""), "revision": revision,
                          "quantization": "4bit" if load_in_4bit else "8bit" if load_in_8bit else None}
     return model, tok

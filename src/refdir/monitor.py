@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .activations import _StopForward
-from .adapter import get_adapter, hidden_arg
+from .activations import read_resid_pre
+from .adapter import get_adapter
 from .analysis import tokenize_with_suffix
-from .interventions import hooks
-from .refusal import position_ids
 from .templates import PromptFormat
 
 READS = ("direction", "last", "instruction_end", "instruction_mean")
@@ -45,36 +43,19 @@ def projection_scores(
         sb = tokenize_with_suffix(
             tok, instructions[i : i + batch_size], suffixes[i : i + batch_size] if suffixes else None, fmt
         )
-        dev = ad.device
-        ids, mask = sb.input_ids.to(dev), sb.attention_mask.to(dev)
         imask = sb.instr_mask.float()  # [B, T]
-        t = ids.shape[1]
-        end = (
-            (torch.arange(t)[None].expand_as(imask) * sb.instr_mask).max(-1).values
-        )  # [B] last instruction token
-        rows = slice(i, i + ids.shape[0])
+        t = sb.input_ids.shape[1]
+        end = (torch.arange(t)[None].expand_as(imask) * sb.instr_mask).max(-1).values  # [B] last instr. token
+        rows = slice(i, i + sb.input_ids.shape[0])
 
-        def make(layer: int):
-            def pre(mod, args, kwargs):
-                x = hidden_arg(args, kwargs)  # [B, T, d]
-                proj = (x.float() @ unit.to(x.device)).cpu()  # [B, T]
-                out["direction"][rows, layer] = proj[:, pos]
-                out["last"][rows, layer] = proj[:, -1]
-                out["instruction_end"][rows, layer] = proj[torch.arange(proj.shape[0]), end]
-                out["instruction_mean"][rows, layer] = (proj * imask).sum(-1) / imask.sum(-1).clamp_min(1)
-                if layer == ad.n_layers - 1:
-                    raise _StopForward
+        def read(layer: int, x: torch.Tensor) -> None:  # x: [B, T, d]
+            proj = (x.float() @ unit.to(x.device)).cpu()  # [B, T]
+            out["direction"][rows, layer] = proj[:, pos]
+            out["last"][rows, layer] = proj[:, -1]
+            out["instruction_end"][rows, layer] = proj[torch.arange(proj.shape[0]), end]
+            out["instruction_mean"][rows, layer] = (proj * imask).sum(-1) / imask.sum(-1).clamp_min(1)
 
-            return pre
-
-        handles = [
-            layer.register_forward_pre_hook(make(j), with_kwargs=True) for j, layer in enumerate(ad.layers)
-        ]
-        with hooks(handles):
-            try:
-                model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-            except _StopForward:
-                pass
+        read_resid_pre(model, sb.input_ids, sb.attention_mask, list(range(ad.n_layers)), read)
     return out
 
 
@@ -85,14 +66,16 @@ def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 
 def tpr_at_fpr(pos: torch.Tensor, neg: torch.Tensor, fpr: float = 0.01) -> float:
-    """Fraction of harmful prompts flagged at the lowest threshold that flags at most ``fpr`` of the harmless."""
+    """Fraction of harmful prompts flagged at the lowest threshold that flags at most ``fpr`` of the
+    harmless."""
     allowed = int(fpr * len(neg))  # harmless prompts that may score above the threshold (0 of fewer than 100)
     t = torch.sort(neg.double(), descending=True).values[allowed] if allowed < len(neg) else float("-inf")
     return float((pos.double() > t).double().mean())
 
 
 def youden_threshold(pos: torch.Tensor, neg: torch.Tensor) -> tuple[float, float]:
-    """(threshold, TPR - FPR) maximizing Youden's J; a prompt is flagged when its score exceeds the threshold."""
+    """(threshold, TPR - FPR) maximizing Youden's J; a prompt is flagged when its score exceeds the
+    threshold."""
     cand = torch.cat([pos, neg]).double().unique()
     best = (float("inf"), -1.0)
     for i in range(len(cand)):

@@ -183,7 +183,8 @@ def run_pipeline(
 
     The stages share one :class:`~refdir.runtime.Runtime` (``runtime``, or built from ``model``/``tok``,
     or loaded from ``cfg``). ``must_reuse`` names stages that must already be complete with unchanged
-    inputs (``refdir select`` uses it so that data paths read from a run folder's metadata are never followed).
+    inputs (``refdir select`` uses it so that data paths read from a run folder's metadata are never
+    followed).
     """
     t_start = time.time()
     check_run_folder(Path(out), cfg.model)
@@ -639,7 +640,8 @@ def evaluate_direction(
 
 
 def _judge_load(cfg: RunConfig) -> dict:
-    """A classifier judge goes where the run's model computes, in its dtype (a device map is the model's own)."""
+    """A classifier judge goes where the run's model computes, in its dtype (a device map is the model's
+    own)."""
     return {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
 
 

@@ -77,9 +77,10 @@ def generate_batch(model, tokenizer, instructions: list[str], fmt: PromptFormat 
     """
     b = tokenize_prompts(tokenizer, instructions, fmt, input_device(model))
     pb = split_prefix(b, True, model, extra=max_new_tokens)
-    settled = (lambda t: is_refusal(tokenizer.decode(t, skip_special_tokens=True))) if stop_at_refusal else None
-    new, first = greedy_generate(model, pb, max_new_tokens, end_token_ids(model, tokenizer), first_logits, on_bucket,
-                                 rows, settled, on_done)
+    settled = ((lambda t: is_refusal(tokenizer.decode(t, skip_special_tokens=True)))
+               if stop_at_refusal else None)
+    new, first = greedy_generate(model, pb, max_new_tokens, end_token_ids(model, tokenizer), first_logits,
+                                 on_bucket, rows, settled, on_done)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new], first
 
 

@@ -198,9 +198,10 @@ def _monitor_section(mon: dict) -> str:
     return (
         f"<h2>Refusal monitor</h2><p>Projection onto r̂ at layer {mon['layer']}; threshold "
         f"{mon['threshold']:.3f} ({html.escape(mon['threshold_rule'])}; {mon['n_calibration']['harmful']}+"
-        f"{mon['n_calibration']['harmless']} prompts). Measured on {n['harmful']} harmful and {n['harmless']} "
-        f"harmless evaluation prompts (TPR at 1% FPR: at most {int(0.01 * n['harmless'])} harmless prompt(s) "
-        f"above the threshold); the last column is the fraction of GCG-suffixed harmful prompts flagged.</p>"
+        f"{mon['n_calibration']['harmless']} prompts). Measured on {n['harmful']} harmful and "
+        f"{n['harmless']} harmless evaluation prompts (TPR at 1% FPR: at most "
+        f"{int(0.01 * n['harmless'])} harmless prompt(s) above the threshold); the last column is the "
+        f"fraction of GCG-suffixed harmful prompts flagged.</p>"
         + _table(
             ["read", "AUROC", "TPR@1%FPR", "flagged harmful", "flagged harmless", "flagged +GCG suffix"], rows
         )
@@ -309,7 +310,8 @@ def write_report(run_path: str | Path) -> Path:
         )
         parts.append(
             f"<p>Filter rule: <b>{f['rule']}</b> (requested {f['requested']}; metric/generation agreement "
-            f"{f['metric_generation_agreement']:.2f}); harmful kept {f['harmful_kept']}/{f['harmful_screened']}, "
+            f"{f['metric_generation_agreement']:.2f}); "
+            f"harmful kept {f['harmful_kept']}/{f['harmful_screened']}, "
             f"harmless kept {f['harmless_kept']}/{f['harmless_screened']}. Refusal tokens: "
             f"<code>{html.escape(str(prompts['refusal_tokens']['tokens']))}</code>.</p>"
             f"<p>Exact prompt format:</p><pre>{html.escape(pf['example'])}</pre>"
@@ -408,7 +410,8 @@ def write_report(run_path: str | Path) -> Path:
                 )
         oc = ev["ortho_check"]
         parts.append(
-            f"<p>Orthogonalized weights vs hook ablation: max |Δlogit| = {oc['max_abs_logit_diff_vs_ablation']:.2e}"
+            f"<p>Orthogonalized weights vs hook ablation: max |Δlogit| = "
+            f"{oc['max_abs_logit_diff_vs_ablation']:.2e}"
             f" on {oc['n_prompts']} prompts (exact by construction: {oc['exact_by_construction']}).</p>"
         )
         if (run / "completions.jsonl").exists():
@@ -449,7 +452,8 @@ def write_report(run_path: str | Path) -> Path:
         if art:
             parts.append(section(art))
     page = (
-        f"<!doctype html><html><head><meta charset=utf-8><title>refdir report</title><style>{CSS}</style></head>"
+        f"<!doctype html><html><head><meta charset=utf-8><title>refdir report</title>"
+        f"<style>{CSS}</style></head>"
         f"<body>{''.join(parts)}</body></html>"
     )
     out = run / "report.html"

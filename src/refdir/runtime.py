@@ -124,7 +124,8 @@ def autotune(rt: Runtime, max_rows: int = 1024, cache: bool = True) -> BatchPoli
 
 
 def _grow(rate, max_rows: int) -> int:
-    """The batch size (powers of two from 16) after which throughput stops rising by >= 5% or memory runs out."""
+    """The batch size (powers of two from 16) after which throughput stops rising by >= 5% or memory runs
+    out."""
     best_n, best = 16, 0.0
     n = 16
     while n <= max_rows:

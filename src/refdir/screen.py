@@ -1,4 +1,5 @@
-"""The prompt screen (paper §2.1, App. A): splits, the refusal filter, refusal tokens and the induce threshold.
+"""The prompt screen (paper §2.1, App. A): splits, the refusal filter, refusal tokens and the induce
+threshold.
 
 Every training prompt is answered greedily for a few tokens (a row stops at its first refusal phrase); the
 screen's prompt passes also record the post-instruction activations, so extraction costs nothing more.
@@ -23,7 +24,8 @@ HARMLESS_ROW = 1 << 20  # recorder row of the first harmless prompt (harmful pro
 
 
 def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
-    harmful, harmless = load_prompts(cfg.harmful, cfg.prompt_field), load_prompts(cfg.harmless, cfg.prompt_field)
+    harmful, harmless = (load_prompts(cfg.harmful, cfg.prompt_field),
+                         load_prompts(cfg.harmless, cfg.prompt_field))
     out = {}
     for side, pool, ev in (("harmful", harmful, cfg.eval_harmful), ("harmless", harmless, cfg.eval_harmless)):
         if ev is None:  # hold the eval set out of the training pool
@@ -31,9 +33,11 @@ def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
             rest = pool_after(pool, [eval_set])
         else:
             given = load_prompts(ev, cfg.prompt_field)
-            eval_set = given if len(given) <= cfg.n_eval else split_prompts(given, [cfg.n_eval], cfg.seed + 1, ev)[0]
+            eval_set = (given if len(given) <= cfg.n_eval
+                        else split_prompts(given, [cfg.n_eval], cfg.seed + 1, ev)[0])
             rest = pool_after(pool, [eval_set])
-        (ordered,) = split_prompts(rest, [cfg.n_train + cfg.n_val], cfg.seed, f"{side} ({getattr(cfg, side)})")
+        (ordered,) = split_prompts(rest, [cfg.n_train + cfg.n_val], cfg.seed,
+                                   f"{side} ({getattr(cfg, side)})")
         refill = pool_after(rest, [ordered])
         out[side] = ordered + refill  # candidates for train+val in order, refill pool after them
         out[f"eval_{side}"] = eval_set
@@ -46,9 +50,9 @@ def validate_inputs(cfg: RunConfig) -> dict[str, list[Prompt]]:
     sets["ce_text"] = load_text_pairs(cfg.ce_text) if cfg.ce_text else []
     need = cfg.n_train + cfg.n_val
     if len(sets["harmful"]) < need or len(sets["harmless"]) < need:
-        raise RefdirError(f"not enough prompts: need {need} train+val per side after holding out {cfg.n_eval} "
-                          f"for eval, have {len(sets['harmful'])} harmful and {len(sets['harmless'])} harmless; "
-                          "lower the sizes or add prompts")
+        raise RefdirError(f"not enough prompts: need {need} train+val per side after holding out "
+                          f"{cfg.n_eval} for eval, have {len(sets['harmful'])} harmful and "
+                          f"{len(sets['harmless'])} harmless; lower the sizes or add prompts")
     return sets
 
 
@@ -71,7 +75,8 @@ def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorde
     harm, harmless = sets["harmful"], sets["harmless"]
     n_new = 8  # "I'm sorry, but I can't" fits: enough to judge a refusal
 
-    def screen(prompts: list[Prompt], wanted, target: int, desc: str, row0: int) -> tuple[torch.Tensor, list[str]]:
+    def screen(prompts: list[Prompt], wanted, target: int, desc: str,
+               row0: int) -> tuple[torch.Tensor, list[str]]:
         """Screen prompts until ``target`` completions satisfy ``wanted``: the rest stays unscreened.
 
         The first chunk is what a perfect rate would need (plus a margin); later chunks are sized from
@@ -101,7 +106,8 @@ def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorde
     # enough refusals to fill train+val with a margin (the generation rule is the inclusive one)
     with recorder.attached() if recorder is not None else contextlib.nullcontext():
         hl, hc = screen(harm, is_refusal, need + need // 8, "screen harmful", 0)
-        ll, lc = screen(harmless, lambda c: not is_refusal(c), need + need // 8, "screen harmless", HARMLESS_ROW)
+        ll, lc = screen(harmless, lambda c: not is_refusal(c), need + need // 8, "screen harmless",
+                        HARMLESS_ROW)
     harm, harmless = harm[: len(hc)], harmless[: len(lc)]
     if cfg.refusal_tokens:
         ids = [tok(t, add_special_tokens=False)["input_ids"][0] for t in cfg.refusal_tokens]
@@ -116,8 +122,9 @@ def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorde
     gen_rate = sum(h_gen) / len(h_gen)
     if gen_rate < cfg.min_refusal_rate:
         raise RefdirError(
-            f"the model barely refuses: {sum(h_gen)} of {len(h_gen)} harmful prompts refused by greedy generation "
-            f"(< {cfg.min_refusal_rate:.0%}); there is no refusal behaviour to find a direction for")
+            f"the model barely refuses: {sum(h_gen)} of {len(h_gen)} harmful prompts refused "
+            f"by greedy generation (< {cfg.min_refusal_rate:.0%}); "
+            "there is no refusal behaviour to find a direction for")
     m_keep_h = (h_metric > 0).tolist()
     agreement = sum(a == b for a, b in zip(m_keep_h, h_gen)) / len(h_gen)
     rule = cfg.filter if cfg.filter != "auto" else ("metric" if agreement >= 0.9 else "generation")
@@ -137,8 +144,8 @@ def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorde
         kept = [i for i, k in enumerate(keep) if k]
         if len(kept) < need:  # not enough survive: top up with unfiltered prompts, in order
             kept += [i for i, k in enumerate(keep) if not k][: need - len(kept)]
-        return [prompts[i] for i in kept[: cfg.n_train]], [prompts[i] for i in kept[cfg.n_train:need]], sum(keep), \
-            kept[: cfg.n_train]
+        return [prompts[i] for i in kept[: cfg.n_train]], [prompts[i] for i in kept[cfg.n_train:need]], \
+            sum(keep), kept[: cfg.n_train]
 
     htr, hva, hk, h_rows = pick(harm, keep_h)
     ltr, lva, lk, l_rows = pick(harmless, keep_l)
@@ -156,7 +163,8 @@ def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorde
         "filter": {"rule": rule, "requested": cfg.filter, "metric_generation_agreement": round(agreement, 4),
                    "harmful_screened": len(harm), "harmless_screened": len(harmless),
                    "harmful_kept": hk, "harmless_kept": lk,
-                   "harmful_kept_by_metric": int(sum(m_keep_h)), "harmful_refused_by_generation": int(sum(h_gen)),
+                   "harmful_kept_by_metric": int(sum(m_keep_h)),
+                   "harmful_refused_by_generation": int(sum(h_gen)),
                    "harmless_refused_by_generation": int(sum(l_gen)),
                    "harmful_topped_up": max(0, need - hk), "harmless_topped_up": max(0, need - lk)},
         "prompt_format": {**fmt.to_json(), "example": example,

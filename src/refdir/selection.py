@@ -32,8 +32,8 @@ from .adapter import get_adapter
 from .config import SelectionConfig  # noqa: F401  (re-exported: refdir.SelectionConfig)
 from .errors import RefdirError
 from .interventions import activation_addition, directional_ablation, start_at_layer
-from .forward import (FORWARD_OVERHEAD_TOKENS, PrefixBatch, expand, forward_rest, last_logits_shared, length_buckets,
-                      prefix_cache, split_prefix)
+from .forward import (FORWARD_OVERHEAD_TOKENS, PrefixBatch, expand, forward_rest, last_logits_shared,
+                      length_buckets, prefix_cache, split_prefix)
 from .refusal import position_ids, refusal_metric
 from .templates import Batch
 
@@ -86,19 +86,22 @@ def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 class _Scorer:
     """Holds the validation batches, their baselines and the per-layer prefix cache."""
 
-    def __init__(self, model, harmful: Batch, harmless: Batch, refusal_ids: list[int] | None, cfg: SelectionConfig):
+    def __init__(self, model, harmful: Batch, harmless: Batch, refusal_ids: list[int] | None,
+                 cfg: SelectionConfig):
         """``refusal_ids`` None: KL only (selectors that need no refusal tokens)."""
         self.model, self.cfg = model, cfg
         self.ad = get_adapter(model)
         self.ids = torch.tensor(refusal_ids or [0])  # CPU: refusal_metric moves it to the logits' device
         self.harmful, self.harmless = harmful, harmless
         self.n_harm = harmful.input_ids.shape[0]
-        self.p_harmful, self.p_harmless = split_prefix(harmful, True, model), split_prefix(harmless, True, model)
+        self.p_harmful, self.p_harmless = (split_prefix(harmful, True, model),
+                                           split_prefix(harmless, True, model))
         self.p_both = split_prefix(_concat(harmful, harmless), True, model)
         # the harmless baseline pass also records the residual stream entering every layer, where induce
         # starts (rest tokens only; ~7 MB per layer for 32 prompts of the 1.5B model)
         self._resid: dict[int, torch.Tensor] = {}  # layer -> [N, T, d] in p_harmless's rest layout
-        base_harmless = last_logits_shared(model, self.p_harmless, on_bucket=self._recorder(range(self.ad.n_layers)))
+        base_harmless = last_logits_shared(model, self.p_harmless,
+                                           on_bucket=self._recorder(range(self.ad.n_layers)))
         self.base_logp = torch.log_softmax(base_harmless.double(), -1)  # [N, V]
         if refusal_ids is None:
             self.baseline = {}
@@ -129,7 +132,8 @@ class _Scorer:
         """
         n = pb.input_ids.shape[0]
         per = max(1, self.cfg.batch_rows // n)
-        # prompts in length buckets, each run only as wide as its longest rest (a bucket costs `per` rows per prompt)
+        # prompts in length buckets, each run only as wide as its longest rest (a bucket costs `per` rows
+        # per prompt)
         groups = list(pb.buckets(n, overhead=max(1, FORWARD_OVERHEAD_TOKENS // per)))
         outs = []
         for i in range(0, units.shape[0], per):
@@ -140,7 +144,8 @@ class _Scorer:
             out = None
             for g, sub in groups:
                 m = g.shape[0]
-                with directional_ablation(self.model, u.repeat_interleave(m, 0)):  # rows c*m .. c*m+m-1: candidate c
+                # rows c*m .. c*m+m-1: candidate c
+                with directional_ablation(self.model, u.repeat_interleave(m, 0)):
                     logits = forward_rest(self.model, sub.repeat(k), expand(head, m)).logits[:, -1, :]
                 logits = logits.float().view(k, m, -1)
                 if out is None:
@@ -158,11 +163,13 @@ class _Scorer:
 
     def bypass(self, units: torch.Tensor) -> torch.Tensor:
         """Full bypass score ``[K]``: mean refusal metric on harmful prompts with r̂ ablated."""
-        return torch.stack([refusal_metric(x, self.ids).mean() for x in self.ablation(units, self.p_harmful)]).cpu()
+        return torch.stack([refusal_metric(x, self.ids).mean()
+                            for x in self.ablation(units, self.p_harmful)]).cpu()
 
     def kl(self, units: torch.Tensor) -> torch.Tensor:
         """KL(baseline || ablated) ``[K]`` on the harmless prompts' next-token distribution."""
-        return torch.stack([_kl(self.base_logp, x).mean() for x in self.ablation(units, self.p_harmless)]).cpu()
+        return torch.stack([_kl(self.base_logp, x).mean()
+                            for x in self.ablation(units, self.p_harmless)]).cpu()
 
     def linear_screen(self, units: torch.Tensor, max_tokens: int = 128) -> torch.Tensor:
         """First-order estimate of the bypass score of every candidate ``[K]`` from one backward pass.
@@ -201,7 +208,8 @@ class _Scorer:
                             if t.device not in M:
                                 M[t.device] = torch.zeros(d, d, dtype=_acc_dtype(t.device), device=t.device)
                             acc = M[t.device]
-                            acc += t.detach().reshape(-1, d).to(acc.dtype).T @ t.grad.reshape(-1, d).to(acc.dtype)
+                            acc += (t.detach().reshape(-1, d).to(acc.dtype).T
+                                    @ t.grad.reshape(-1, d).to(acc.dtype))
         finally:
             for h in handles:
                 h.remove()
@@ -346,8 +354,8 @@ def paper_scores(model, candidates: torch.Tensor, p: int, l: int, harmful_val: B
     fares by the paper's measure."""
     scorer = _Scorer(model, harmful_val, harmless_val, refusal_ids, cfg)
     r = candidates[p, l]
-    return {"bypass": float(scorer.bypass((r / r.norm())[None])[0]), "induce": float(scorer.induce(r[None], l)[0]),
-            **scorer.baseline}
+    return {"bypass": float(scorer.bypass((r / r.norm())[None])[0]),
+            "induce": float(scorer.induce(r[None], l)[0]), **scorer.baseline}
 
 
 def explain_no_choice(result: SelectionResult) -> str:

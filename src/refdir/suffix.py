@@ -64,7 +64,8 @@ def _batch_loss(model, pre_cache, n_pre: int, suffixes: list[torch.Tensor], post
     dev = input_device(model)
     k = len(suffixes)
     rest = torch.stack([torch.cat([s, torch.tensor(post + tgt, dtype=s.dtype)]) for s in suffixes]).to(dev)
-    pre = torch.zeros(n_pre if pre_cache is not None else 0, dtype=torch.long, device=dev)  # ids live in the cache
+    # ids live in the cache
+    pre = torch.zeros(n_pre if pre_cache is not None else 0, dtype=torch.long, device=dev)
     pb = PrefixBatch(pre, rest, torch.ones(k, pre.shape[0] + rest.shape[1], dtype=torch.long, device=dev), 0)
     n = len(tgt)
     logits = forward_rest(model, pb, expand(pre_cache, k), logits_to_keep=n + 1).logits[:, :-1]  # [K, n, V]

@@ -90,7 +90,8 @@ def post_instruction_count(tokenizer, text: str, instruction: str) -> int:
         instruction = instruction.strip()
         end = text.rfind(instruction)
     if end < 0:
-        raise RefdirError("the chat template changed the instruction text; cannot locate post-instruction tokens")
+        raise RefdirError("the chat template changed the instruction text; "
+                          "cannot locate post-instruction tokens")
     end += len(instruction)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=_add_special(tokenizer, text), return_offsets_mapping=True)
@@ -128,7 +129,8 @@ def tokenize_prompts(tokenizer, instructions: list[str], fmt: PromptFormat = Pro
     texts = [format_prompt(tokenizer, s, fmt) for s in instructions]
     n_post = min(post_instruction_count(tokenizer, t, s) for t, s in zip(texts, instructions))
     if n_post < 1:
-        raise RefdirError("the chat template puts no tokens after the user's text; no post-instruction positions")
+        raise RefdirError("the chat template puts no tokens after the user's text; "
+                          "no post-instruction positions")
     add = _add_special(tokenizer, texts[0])
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, add_special_tokens=add, padding=True, return_tensors="pt")
