@@ -261,6 +261,9 @@ def test_audit_of_a_finished_run(tiny_run, tiny_folder, tmp_path):
     assert a["cone"]["ranks"][0]["rank"] == 1 and a["monitor"]["reads"]["direction"]["auroc"] is not None
     page = (out / "audit.html").read_text()
     assert "What removes refusal" in page and "<script" not in page  # self-contained, no scripts
+    pairs = json.loads((tiny_run / "prompts.json").read_text())["ce_text"]  # every number says its n
+    assert a["cost"]["ce_harmless_text"] and a["cost"]["n_ce_text"] == len(pairs) > 0
+    assert f"{len(pairs)} texts" in page
 
 
 def test_audit_needs_a_run_or_a_model(tmp_path, capsys):

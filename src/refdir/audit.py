@@ -84,6 +84,8 @@ def build_audit(run: str | Path) -> dict:
         "ce_own_completions": {c: klce[c]["ce"] for c in ("baseline", "ablation")},
         "ce_harmless_text": {c: text[c]["ce"] for c in ("baseline", "ablation")} if text else None,
         "n": len(prompts.get("eval_harmless", [])) or None,
+        "n_ce_text": len(prompts.get("ce_text", [])) or None,  # instruction+response pairs
+        "ce_text_tokens": text["baseline"].get("ce_tokens") if text else None,
     }
     caps, jb = _load(run, "capabilities.json"), _load(run, "jailbreaks.json")
     cone, mon = _load(run, "cone.json"), _load(run, "monitor.json")
@@ -231,7 +233,7 @@ def render_audit(a: dict) -> str:
                         "CE on harmless instruction+response text",
                         a["cost"]["ce_harmless_text"]["baseline"],
                         a["cost"]["ce_harmless_text"]["ablation"],
-                        "",
+                        f"{a['cost'].get('n_ce_text')} texts, {a['cost'].get('ce_text_tokens')} tokens",
                     ]
                 ]
                 if a["cost"]["ce_harmless_text"]
