@@ -148,9 +148,8 @@ def _verdict(a: dict) -> str:
     best = min((r for r in a["removal"] if r["refusal_rate"] is not None), key=lambda r: r["refusal_rate"])
     return (
         f"The model refuses {a['baseline_refusal']['harmful']:.0%} of {a['baseline_refusal']['n']} "
-        "harmful requests; "
-        f"{best['method']} brings that to {best['refusal_rate']:.0%} (n={best['n']}), at a first-token KL of "
-        f"{a['cost']['kl_first_token']['ablation']:.3f} on harmless prompts."
+        f"harmful requests; {best['method']} brings that to {best['refusal_rate']:.0%} (n={best['n']}), "
+        f"at a first-token KL of {a['cost']['kl_first_token']['ablation']:.3f} on harmless prompts."
     )
 
 

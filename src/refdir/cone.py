@@ -290,8 +290,7 @@ def evaluate_ranks(
     """Refusal rate (greedy, substring judge) on ``harmful`` and first-token KL on ``harmless`` per rank."""
     from .templates import tokenize_prompts
 
-    pb = split_prefix(tokenize_prompts(tok, harmless, fmt, get_adapter(model).device), True, model)
-    base_logp = torch.log_softmax(last_logits_shared(model, pb).double(), -1)
+    kl_of = _SubspaceKL(model, tokenize_prompts(tok, harmless, fmt, get_adapter(model).device))
     out = []
     for r in ranks:
         t = time.time()
@@ -299,7 +298,7 @@ def evaluate_ranks(
             items = generate_judged(
                 model, tok, harmful, [None] * len(harmful), fmt, max_new_tokens, gen_rows, f"rank {r['rank']}"
             )
-            kl = float(_kl(base_logp, last_logits_shared(model, pb)).mean())
+        kl = kl_of(r["basis"])
         out.append(
             {
                 "rank": r["rank"],
