@@ -242,3 +242,56 @@ def test_run_stage_reports_table_3_and_resumes(tiny_folder, data_dir, tmp_path, 
     capsys.readouterr()
     assert main(argv) == 0
     assert "capabilities: reused" in capsys.readouterr().err
+
+
+def _harness_pair(family: str):
+    """refdir's harness model and the harness's own HFLM over the same tiny model."""
+    from lm_eval.models.huggingface import HFLM
+    from tiny import tiny_model
+
+    from refdir.capabilities import _harness_lm
+
+    model, tok = tiny_model(family)
+    ours = _harness_lm(HFLM, model, tok, rows=3, gen_rows=2)
+    theirs = HFLM(pretrained=model, tokenizer=tok, batch_size=3)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3", "mixtral"])
+def test_loglikelihoods_equal_the_harness_loop(family):
+    """Shared prefixes, duplicate rows, left cuts at max_length: the same (log p, is_greedy) as HFLM's."""
+    ours, theirs = _harness_pair(family)
+    g = torch.Generator().manual_seed(0)
+    shot = torch.randint(3, 90, (20,), generator=g).tolist()  # a few-shot context shared by several requests
+    reqs = []
+    for i in range(9):
+        ctx = shot + torch.randint(3, 90, (1 + i % 4,), generator=g).tolist()
+        cont = torch.randint(3, 90, (1 + i % 3,), generator=g).tolist()
+        reqs.append((None, ctx, cont))
+    with torch.no_grad():  # one continuation is the model's own argmax, so is_greedy is True somewhere
+        ctx = reqs[4][1]
+        top = theirs.model(torch.tensor([ctx], device=theirs.model.device)).logits[0, -1].argmax().item()
+    reqs.append((None, ctx, [top]))
+    reqs.append(reqs[2])  # the same request twice (MMLU's choices share a context; a repeat must not break)
+    reqs.append((None, torch.randint(3, 90, (40,), generator=g).tolist(), [5, 6]))
+    theirs._max_length = ours._max_length = 30  # the last request is cut on the left, as the harness cuts it
+    got = ours._loglikelihood_tokens(reqs, disable_tqdm=True)
+    want = type(theirs)._loglikelihood_tokens(theirs, reqs, disable_tqdm=True)
+    assert [b for _, b in got] == [b for _, b in want]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) < 1e-4
+    assert any(b for _, b in want) and len({round(a, 3) for a, _ in want}) > 5  # not a degenerate case
+
+
+def test_greedy_generate_until_equals_the_harness_loop():
+    """Stop strings, per-request budgets, groups of gen_kwargs: the same strings as HFLM.generate_until."""
+    from types import SimpleNamespace
+
+    ours, theirs = _harness_pair("qwen2")
+    texts = ["Question: what is one plus one?\nAnswer:", "Hello there", "a b c d e f", "Tell me about x."]
+    kw_a = {"until": ["\n\n", "e"], "do_sample": False, "max_gen_toks": 12}
+    kw_b = {"until": ["Question:"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 6}
+    reqs = [SimpleNamespace(args=(t, kw)) for kw in (kw_a, kw_b) for t in texts]
+    got = ours.generate_until(reqs, disable_tqdm=True)
+    want = theirs.generate_until(reqs, disable_tqdm=True)
+    assert got == want
+    assert len(set(want)) > 3 and any(w for w in want)  # not all empty

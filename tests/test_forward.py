@@ -225,3 +225,41 @@ def test_progress_hears_of_every_row_once():
     new, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends, on_done=seen.append)
     ref, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends)
     assert sum(seen) == len(PROMPTS) and new == ref
+
+
+def _full_logprob(model, seq, c):
+    """Reference: one unpadded full forward of the row, log-softmax over every position."""
+    logp = model(input_ids=torch.tensor([seq[:-1]]), use_cache=False).logits[0].float().log_softmax(-1)
+    tgt = torch.tensor(seq[-c:])
+    part = logp[-c:]
+    return float(part.gather(-1, tgt[:, None]).sum()), bool((part.argmax(-1) == tgt).all())
+
+
+def test_continuation_logprobs_equal_full_forwards(tiny, family):
+    """Benchmark scoring: a shared preamble, items whose answers share the question, a repeated input
+    (one-token answers of one question), rows of different lengths, a greedy continuation."""
+    from refdir.forward import continuation_logprobs
+
+    model, _ = tiny_model(family)
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randint(3, 600, (20,), generator=g).tolist()
+    seqs, n_cont = [], []
+    for q in range(3):
+        question = pre + torch.randint(3, 600, (3 + 2 * q,), generator=g).tolist()
+        for a in range(3):
+            ans = torch.randint(3, 600, (1 + a,), generator=g).tolist()
+            seqs.append(question + ans)
+            n_cont.append(len(ans))
+    seqs += [seqs[0][:-1] + [7], seqs[0][:-1] + [9]]  # same input as row 0, other one-token answers
+    n_cont += [1, 1]
+    with torch.no_grad():
+        row = pre[:5]
+        for _ in range(4):  # a continuation greedy decoding reproduces
+            row = row + [int(model(input_ids=torch.tensor([row]), use_cache=False).logits[0, -1].argmax())]
+        seqs.append(row)
+        n_cont.append(4)
+        ref = [_full_logprob(model, s, c) for s, c in zip(seqs, n_cont)]
+    got = continuation_logprobs(model, seqs, n_cont, max_rows=4)
+    for (a, ga), (b, gb) in zip(got, ref):
+        assert abs(a - b) < 1e-4 and ga == gb
+    assert got[-1][1] and not all(gr for _, gr in got)

@@ -336,21 +336,91 @@ def run_tasks(
 
 
 def _harness_lm(hflm, model, tokenizer, rows: int, gen_rows: int):
-    """The harness's HF model over refdir's loaded one: log-likelihoods in ``rows``-row batches (it keeps
-    vocabulary-sized log-probs for every token), generation in ``gen_rows``-row batches (a decode step
-    reads every weight once whatever the batch, so wide batches are nearly free)."""
+    """The harness's HF model over refdir's loaded one, with refdir's forward passes underneath.
+
+    The harness builds every request (prompts, few-shot contexts, tokenization, truncation) and scores
+    the answers; refdir computes them: log-likelihoods through :func:`~refdir.forward.continuation_logprobs`
+    (shared prefixes in the KV cache, the unembedding only where a token is scored), greedy generation
+    through :func:`~refdir.forward.greedy_generate` (rows leave the batch at their stop sequence instead
+    of decoding until the last row of the batch stops). Same numbers as the harness's own loops up to
+    float rounding (tests); sampling requests go to the harness's loop."""
+    from tqdm.auto import tqdm
+
+    from .forward import continuation_logprobs
 
     class RefdirHFLM(hflm):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            seqs = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]  # the harness's cut
+            bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm, leave=False)
+            out = continuation_logprobs(self.model, seqs, [len(c) for _, _, c in requests], rows, bar.update)
+            bar.close()
+            for (key, _, _), ans in zip(requests, out):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, ans)
+            return out
+
         def generate_until(self, requests, disable_tqdm: bool = False):
-            old, self.batch_size_per_gpu = self.batch_size_per_gpu, gen_rows
-            try:
-                return super().generate_until(requests, disable_tqdm)
-            finally:
-                self.batch_size_per_gpu = old
+            if not all(_is_greedy(r.args[1]) for r in requests):
+                old, self.batch_size_per_gpu = self.batch_size_per_gpu, gen_rows
+                try:
+                    return super().generate_until(requests, disable_tqdm)
+                finally:
+                    self.batch_size_per_gpu = old
+            return _greedy_until(self, [r.args for r in requests], gen_rows, disable_tqdm)
 
     return RefdirHFLM(
         pretrained=model, tokenizer=tokenizer, batch_size=rows, max_batch_size=max(rows, gen_rows)
     )
+
+
+def _is_greedy(gen_kwargs: dict) -> bool:
+    """A request the argmax loop can serve: no sampling, no beams."""
+    g = gen_kwargs or {}
+    sampled = g.get("do_sample") or (g.get("temperature") or 0.0) > 0.0
+    return not sampled and g.get("num_beams", 1) == 1
+
+
+def _greedy_until(lm, args: list[tuple[str, dict]], gen_rows: int, disable_tqdm: bool) -> list[str]:
+    """The harness's ``generate_until`` on refdir's greedy loop: the same context encoding and left
+    truncation (``max_length - max_gen_toks``), the same stop sequences (the EOS text added) and the same
+    post-processing; rows stop at a stop sequence or an end token, longest prompts first."""
+    import json
+
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    from tqdm.auto import tqdm
+
+    from .forward import _left_padded, end_token_ids, greedy_generate, split_prefix
+
+    eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
+    ends = end_token_ids(lm.model, lm.tokenizer)
+    groups: dict[str, list[int]] = {}
+    for i, (_, g) in enumerate(args):
+        groups.setdefault(json.dumps(g, sort_keys=True, default=str), []).append(i)
+    out: list[str] = [""] * len(args)
+    bar = tqdm(total=len(args), desc="generate_until", disable=disable_tqdm, leave=False)
+    for idx in groups.values():
+        kwargs = normalize_gen_kwargs(dict(args[idx[0]][1]), lm.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+        n_new = kwargs.pop("max_gen_toks")
+        enc = {i: lm.tok_batch_encode([args[i][0]], left_truncate_len=lm.max_length - n_new,
+                                      truncation=lm.truncation)[0][0].tolist() for i in idx}
+        order = sorted(idx, key=lambda i: -len(enc[i]))  # the longest first: a memory error shows at once
+
+        def stopped(tokens: list[int]) -> bool:
+            text = lm.tok_decode(tokens)
+            return any(t and t in text for t in until)
+
+        for b in range(0, len(order), max(1, gen_rows)):
+            rows = order[b:b + gen_rows]
+            batch = _left_padded([enc[i] for i in rows], 1, "cpu")  # split_prefix moves it
+            pb = split_prefix(batch, model=lm.model, extra=n_new)
+            tokens, _ = greedy_generate(lm.model, pb, n_new, ends, settled=stopped, on_done=bar.update)
+            for i, toks in zip(rows, tokens):
+                s = postprocess_generated_text(lm.tok_decode(toks), until, None)
+                out[i] = s
+                lm.cache_hook.add_partial("generate_until", args[i], s)
+    bar.close()
+    return out
 
 
 def _group_members(tm, name: str) -> list[str]:
@@ -430,14 +500,16 @@ def plan_tasks(
         )
 
 
-CPU_HARNESS_ROWS = 8  # the harness keeps [rows, tokens, vocab] log-probs: 32 rows of 800 MMLU tokens = 15 GB
+# 8 rows: chosen under the harness's own loop ([rows, tokens, vocab] log-probs: 32 rows of 800 MMLU tokens
+# = 15 GB); refdir's loop unembeds only scored tokens, so wider batches fit (not yet measured for speed)
+CPU_HARNESS_ROWS = 8
 CPU_HARNESS_GEN_ROWS = 64  # GSM8K's 5-shot prompts are ~1k tokens: 64 rows' KV cache stays a few GB
 
 
 def harness_rows(rt) -> int:
     """Rows per harness forward: the user's batch size, else the runtime's prompt rows, capped on the CPU
-    (seen on the 0.5B: at 32 rows the first MMLU batch took 100 s and 9 GB; at 8 rows all of MMLU's first
-    200 requests took 70 s)."""
+    (seen on the 0.5B under the harness's own loop: at 32 rows the first MMLU batch took 100 s and 9 GB; at
+    8 rows all of MMLU's first 200 requests took 70 s). ``--batch-size`` overrides."""
     if rt.batch.source == "user" or rt.device.type != "cpu":
         return rt.batch.prompt_rows
     return min(rt.batch.prompt_rows, CPU_HARNESS_ROWS)
