@@ -263,3 +263,10 @@ def test_continuation_logprobs_equal_full_forwards(tiny, family):
     for (a, ga), (b, gb) in zip(got, ref):
         assert abs(a - b) < 1e-4 and ga == gb
     assert got[-1][1] and not all(gr for _, gr in got)
+    # one chunk: a row whose whole input is shorter than another row's continuation (HellaSwag's endings)
+    # (alone in its length bucket)
+    mixed, mixed_c = [pre[:3], pre + torch.randint(3, 600, (60,), generator=g).tolist()], [2, 7]
+    with torch.no_grad():
+        ref = [_full_logprob(model, s, c) for s, c in zip(mixed, mixed_c)]
+    for (a, ga), (b, gb) in zip(continuation_logprobs(model, mixed, mixed_c, max_rows=4), ref):
+        assert abs(a - b) < 1e-4 and ga == gb

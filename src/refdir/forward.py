@@ -447,15 +447,16 @@ def continuation_logprobs(model, seqs: list[list[int]], n_cont: list[int], max_r
         pb = split_prefix(_left_padded([list(k) for k in chunk], keep, dev), model=model)
         head = prefix_cache(model, pb.prefix)
         for idx, sub in pb.buckets(max_rows):
-            logp = forward_rest(model, sub, expand(head, len(idx)), logits_to_keep=keep).logits
-            logp = logp.float().log_softmax(-1)  # [b, keep, V]
-            greedy = logp.argmax(-1).cpu()  # [b, keep]
+            k = min(keep, sub.input_ids.shape[1])  # a bucket of short rows is narrower than keep
+            logp = forward_rest(model, sub, expand(head, len(idx)), logits_to_keep=k).logits
+            logp = logp.float().log_softmax(-1)  # [b, k, V]; every row's c <= its rest <= k
+            greedy = logp.argmax(-1).cpu()  # [b, k]
             for j, i in enumerate(idx.tolist()):
                 for r in by_input[chunk[i]]:
                     c = n_cont[r]
                     tgt = torch.tensor(seqs[r][-c:], dtype=torch.long)
-                    lp = logp[j, keep - c:].gather(-1, tgt.to(logp.device)[:, None])  # [c, 1]
-                    out[r] = (float(lp.sum()), bool((greedy[j, keep - c:] == tgt).all()))
+                    lp = logp[j, k - c:].gather(-1, tgt.to(logp.device)[:, None])  # [c, 1]
+                    out[r] = (float(lp.sum()), bool((greedy[j, k - c:] == tgt).all()))
             if on_rows is not None:
                 on_rows(sum(len(by_input[chunk[i]]) for i in idx.tolist()))
     return out  # type: ignore[return-value]
