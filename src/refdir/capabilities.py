@@ -389,7 +389,8 @@ def _greedy_until(lm, args: list[tuple[str, dict]], gen_rows: int, disable_tqdm:
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     from tqdm.auto import tqdm
 
-    from .forward import _left_padded, end_token_ids, greedy_generate, split_prefix
+    from .forward import end_token_ids, greedy_generate, split_prefix
+    from .templates import left_padded
 
     eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
     ends = end_token_ids(lm.model, lm.tokenizer)
@@ -412,7 +413,7 @@ def _greedy_until(lm, args: list[tuple[str, dict]], gen_rows: int, disable_tqdm:
 
         for b in range(0, len(order), max(1, gen_rows)):
             rows = order[b:b + gen_rows]
-            batch = _left_padded([enc[i] for i in rows], 1, "cpu")  # split_prefix moves it
+            batch = left_padded([enc[i] for i in rows], 1, "cpu")  # split_prefix moves it
             pb = split_prefix(batch, model=lm.model, extra=n_new)
             tokens, _ = greedy_generate(lm.model, pb, n_new, ends, settled=stopped, on_done=bar.update)
             for i, toks in zip(rows, tokens):

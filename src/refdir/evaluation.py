@@ -21,7 +21,7 @@ from .adapter import input_device
 from .interventions import RowInterventions, activation_addition, directional_ablation, start_at_layer
 from .refusal import REFUSAL_PHRASES, generate, generate_batch, is_refusal
 from .forward import PrefixBatch, expand, forward_rest, length_buckets, prefix_cache, split_prefix
-from .templates import Batch, PromptFormat, _add_special, format_prompt
+from .templates import Batch, PromptFormat, _add_special, format_prompt, left_padded
 
 
 @dataclass
@@ -173,10 +173,7 @@ def _teacher_forced_batch(prompt_ids: list[list[int]], comp_ids: list[list[int]]
     """Left-padded prompt+completion sequences, completion lengths, targets, and the shortest prompt's
     length."""
     seqs = [p + c for p, c in zip(prompt_ids, comp_ids)]
-    t = max(map(len, seqs))
-    ids = torch.tensor([[pad] * (t - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (t - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return (Batch(ids, mask, 1), [len(c) for c in comp_ids], [x for c in comp_ids for x in c],
+    return (left_padded(seqs, 1, device, pad), [len(c) for c in comp_ids], [x for c in comp_ids for x in c],
             min(map(len, prompt_ids)))
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import RefdirError
-from .templates import Batch
+from .templates import Batch, left_padded
 
 
 @dataclass
@@ -403,17 +403,6 @@ def greedy_generate(model, pb: PrefixBatch, max_new_tokens: int, end_ids: list[i
     return tokens, first
 
 
-def _left_padded(seqs: list[list[int]], n_post: int, device) -> Batch:
-    """Token lists as a left-padded :class:`~refdir.templates.Batch` (pad id 0, masked out)."""
-    t = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), t, dtype=torch.long)
-    mask = torch.zeros(len(seqs), t, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, t - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, t - len(s):] = 1
-    return Batch(ids.to(device), mask.to(device), n_post)
-
-
 @torch.no_grad()
 def continuation_logprobs(model, seqs: list[list[int]], n_cont: list[int], max_rows: int = 32,
                           on_rows=None) -> list[tuple[float, bool]]:
@@ -444,7 +433,7 @@ def continuation_logprobs(model, seqs: list[list[int]], n_cont: list[int], max_r
     for start in range(0, len(keys), max(1, max_rows)):
         chunk = keys[start:start + max_rows]
         keep = max(n_cont[r] for k in chunk for r in by_input[k])  # scored positions, at the right end
-        pb = split_prefix(_left_padded([list(k) for k in chunk], keep, dev), model=model)
+        pb = split_prefix(left_padded([list(k) for k in chunk], keep, dev), model=model)
         head = prefix_cache(model, pb.prefix)
         for idx, sub in pb.buckets(max_rows):
             k = min(keep, sub.input_ids.shape[1])  # a bucket of short rows is narrower than keep

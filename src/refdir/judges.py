@@ -122,7 +122,7 @@ class SafetyClassifierJudge:
         """Greedy verdict texts in batches on the classifier's device: refdir's own loop, rows left-padded,
         the conversation formatted by the classifier's own chat template."""
         from .forward import end_token_ids, greedy_generate
-        from .templates import Batch
+        from .templates import left_padded
         dev, pad = input_device(self.model), self.tok.pad_token_id or 0
         out = []
         for i in range(0, len(prompts), self.bs):
@@ -130,10 +130,7 @@ class SafetyClassifierJudge:
                                                   {"role": "assistant", "content": c}],
                                                  tokenize=True, return_dict=True)["input_ids"]
                     for p, c in zip(prompts[i:i + self.bs], completions[i:i + self.bs])]
-            t = max(map(len, seqs))
-            ids = torch.tensor([[pad] * (t - len(s)) + list(s) for s in seqs], device=dev)
-            mask = torch.tensor([[0] * (t - len(s)) + [1] * len(s) for s in seqs], device=dev)
-            pb = split_prefix(Batch(ids, mask, 1), True, self.model, extra=n_tokens)
+            pb = split_prefix(left_padded(seqs, 1, dev, pad), True, self.model, extra=n_tokens)
             new, _ = greedy_generate(self.model, pb, n_tokens, end_token_ids(self.model, self.tok))
             out += [self.tok.decode(n, skip_special_tokens=True) for n in new]
         return out

@@ -123,6 +123,15 @@ class Batch:
     n_post: int
 
 
+def left_padded(seqs: list[list[int]], n_post: int, device, pad: int = 0) -> Batch:
+    """Token lists as a left-padded :class:`Batch` (``pad`` ids masked out): rows end at the same
+    column, so the last positions of every row line up."""
+    t = max(map(len, seqs))
+    ids = torch.tensor([[pad] * (t - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (t - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    return Batch(ids, mask, n_post)
+
+
 def tokenize_prompts(tokenizer, instructions: list[str], fmt: PromptFormat = PromptFormat(),
                      device: str | torch.device = "cpu") -> Batch:
     """Chat-format and left-pad a list of instructions (so position -1 is the last template token)."""
