@@ -3,11 +3,13 @@
     python benchmarks/pipeline.py [--model M] [--out RUN] [--gen-prompts 16] [--gen-tokens 32]
         [--gen-rounds 2]
     python benchmarks/pipeline.py --gen-only --out RUN       # only the generation-speed comparison
+    python benchmarks/pipeline.py --no-gen-speed             # the run's time, FLOPs and memory only
 
 * ``run_minutes``: wall time of a fresh `refdir run` with defaults (built-in data, paper sizes).
 * ``flop_efficiency``: a lower bound of the FLOPs done (2 x parameters x tokens through every decoder
   layer, counted by hooks, plus the unembedding rows actually computed; backward passes and attention
-  scores not counted) divided by wall time and by this machine's measured fp32 matmul throughput.
+  scores not counted) divided by wall time and by this machine's measured fp32 matmul throughput;
+  also per phase (each pipeline log line starts one), so a profile says which stage runs below peak.
 * ``ortho_gen_ratio`` / ``hook_gen_ratio``: greedy-generation tokens/s of the orthogonalized model and
   of hook-based ablation, each relative to the unmodified model, same prompts, same process.
 * ``peak_rss_ratio``: the process's peak resident memory during the run / the model's fp32 size.
@@ -53,6 +55,7 @@ class RssByPhase:
     def __init__(self):
         import threading
         self.phase, self.peaks, self._stop = "load", {}, threading.Event()
+        self.starts = [("load", time.perf_counter())]  # (phase, start): wall seconds per phase
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -71,6 +74,14 @@ class RssByPhase:
     def log(self, message: str) -> None:
         print(message, flush=True)
         self.phase = message[:48]
+        self.starts.append((self.phase, time.perf_counter()))
+
+    def seconds(self, end: float) -> dict[str, float]:
+        """Wall seconds per phase (a phase entered twice sums)."""
+        out: dict[str, float] = {}
+        for (name, t0), (_, t1) in zip(self.starts, self.starts[1:] + [("", end)]):
+            out[name] = out.get(name, 0.0) + t1 - t0
+        return out
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
@@ -79,11 +90,12 @@ class RssByPhase:
 
 
 class FlopCounter:
-    """Forward FLOPs of the matmuls in every decoder layer and the unembedding, counted by hooks."""
+    """Forward FLOPs of the matmuls in every decoder layer and the unembedding, counted by hooks, in all
+    and per phase (``phase()`` names the current one): which stage runs below the machine's peak."""
 
-    def __init__(self, model):
+    def __init__(self, model, phase=lambda: "run"):
         ad = get_adapter(model)
-        self.flops = 0.0
+        self.flops, self.phase, self.by_phase = 0.0, phase, {}
         self.handles = []
         for layer in ad.layers:
             n = sum(p.numel() for p in layer.parameters() if p.dim() == 2)
@@ -94,6 +106,8 @@ class FlopCounter:
 
     def _add(self, f: float) -> None:
         self.flops += f
+        p = self.phase()
+        self.by_phase[p] = self.by_phase.get(p, 0.0) + f
 
     def _pre(self, n_params: int):
         def hook(mod, args, kwargs):
@@ -116,6 +130,8 @@ def main() -> None:
                     help="interleaved decodes (fresh caches) of the generation-speed comparison")
     ap.add_argument("--gen-only", action="store_true",
                     help="only the generation-speed comparison, with the direction of an existing --out run")
+    ap.add_argument("--no-gen-speed", action="store_true",
+                    help="skip the generation-speed comparison (run time, FLOPs per phase, memory only)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep an existing run folder (resume) instead of a fresh run")
     ap.add_argument("--shared-data", action="store_true",
@@ -136,7 +152,7 @@ def main() -> None:
     rss = RssByPhase()
     model, tok = load_model(a.model)
     size_bytes = sum(p.numel() * 4 for p in model.parameters())
-    counter = FlopCounter(model)
+    counter = FlopCounter(model, lambda: rss.phase)
     cfg = RunConfig(model=a.model)
     if a.shared_data:
         shared = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -147,7 +163,8 @@ def main() -> None:
     run_pipeline(cfg, out, model, tok, log=rss.log)
     print("peak RSS by phase (GiB):", rss.stop(), flush=True)
     counter.remove()
-    wall = time.perf_counter() - t
+    end = time.perf_counter()
+    wall = end - t
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak_gflops = max(peak_gflops, matmul_gflops())  # again now: a busy machine at the start would flatter
     eff = counter.flops / wall / (peak_gflops * 1e9)
@@ -156,11 +173,25 @@ def main() -> None:
           f"peak RSS {peak_rss / 2**30:.2f} GiB "
           f"for a {size_bytes / 2**30:.2f} GiB fp32 model; the same FLOPs at 100% of the matmul peak: "
           f"{counter.flops / (peak_gflops * 1e9) / 60:.1f} min", flush=True)
+    print_phases(rss.seconds(end), counter.by_phase, peak_gflops)
 
     del model
+    if a.no_gen_speed:
+        print(f"run_minutes={wall / 60:.1f} flop_efficiency={eff:.2f} "
+              f"peak_rss_ratio={peak_rss / size_bytes:.2f}")
+        return
     base, hooked, ortho = generation_speed(a.model, out, a.gen_prompts, a.gen_tokens, a.gen_rounds)
     print(f"run_minutes={wall / 60:.1f} flop_efficiency={eff:.2f} ortho_gen_ratio={ortho / base:.2f} "
           f"hook_gen_ratio={hooked / base:.2f} peak_rss_ratio={peak_rss / size_bytes:.2f}")
+
+
+def print_phases(seconds: dict[str, float], flops: dict[str, float], peak_gflops: float) -> None:
+    """Seconds, FLOPs and share of the matmul peak per phase: where the run's time goes below peak."""
+    print(f"{'phase':48} {'seconds':>8} {'TFLOP':>7} {'GFLOP/s':>8} {'of peak':>7}")
+    for name, sec in seconds.items():
+        f = flops.get(name, 0.0)
+        rate = f / max(sec, 1e-9) / 1e9
+        print(f"{name:48} {sec:8.1f} {f / 1e12:7.2f} {rate:8.1f} {rate / peak_gflops:7.0%}", flush=True)
 
 
 def generation_speed(spec: str, run: Path, n_prompts: int, n_new: int,

@@ -295,3 +295,33 @@ def test_greedy_generate_until_equals_the_harness_loop():
     want = theirs.generate_until(reqs, disable_tqdm=True)
     assert got == want
     assert len(set(want)) > 3 and any(w for w in want)  # not all empty
+
+
+def test_benchmark_merge_joins_invocations_and_keeps_each_tasks_limit():
+    """benchmarks/capabilities.py: per-task limits run as separate invocations whose JSONs join into one
+    table (results, per-item scores, each task's limit); JSONs of another direction are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "capabilities.py"
+    spec = importlib.util.spec_from_file_location("bench_capabilities", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.limit_groups(["mmlu", "gsm8k", "winogrande"], 100, ["gsm8k=20"]) == {
+        100: ["mmlu", "winogrande"], 20: ["gsm8k"]}
+    with pytest.raises(SystemExit):
+        bench.limit_groups(["mmlu"], 100, ["arc=5"])
+
+    def part(task, limit, score, layer=3):
+        return {"model": "m", "direction": {"layer": layer, "pos": -1}, "wall_seconds": 10.0,
+                "settings": {"tasks": [task], "limit": limit},
+                "results": [{"task": task, "n": limit, "baseline": score}],
+                "per_item": {task: {"baseline": [score] * limit}}}
+
+    got = bench.merge([part("mmlu", 4, 0.5), part("gsm8k", 2, 0.25)])
+    assert got["settings"]["tasks"] == ["mmlu", "gsm8k"]
+    assert got["settings"]["limit"] == {"mmlu": 4, "gsm8k": 2}
+    assert [r["task"] for r in got["results"]] == ["mmlu", "gsm8k"]
+    assert got["per_item"]["gsm8k"]["baseline"] == [0.25, 0.25] and got["wall_seconds"] == 20.0
+    with pytest.raises(SystemExit):
+        bench.merge([part("mmlu", 4, 0.5), part("gsm8k", 2, 0.25, layer=5)])
