@@ -103,6 +103,19 @@ def test_paired_delta_matches_a_hand_computation():
         paired_delta([1, 0], [1])
 
 
+def test_mcnemar_exact_matches_the_binomial_by_hand():
+    """4 items lost and none gained: the normal paired interval excludes 0, the exact test does not."""
+    b, t = [1] * 4 + [1, 0] * 55, [0] * 4 + [1, 0] * 55  # 114 items, 4 lost, 0 gained
+    p = paired_delta(b, t)
+    assert (p["lost"], p["gained"]) == (4, 0)
+    assert p["delta_ci95"][1] < 0  # the normal form calls it resolved ...
+    assert p["mcnemar_p"] == pytest.approx(2 * 0.5 ** 4)  # ... a fair coin gives 4-0 one time in 8
+    # 7 lost, 1 gained: 2 * P(X <= 1), X ~ Bin(8, 1/2) = 2 * 9/256
+    assert paired_delta([1] * 7 + [0], [0] * 7 + [1])["mcnemar_p"] == pytest.approx(18 / 256)
+    assert paired_delta([1, 0], [1, 0])["mcnemar_p"] == 1.0  # nothing changed
+    assert "mcnemar_p" not in paired_delta([0.3, 0.5], [0.4, 0.5])  # mc2 scores are not right/wrong
+
+
 def test_parse_tasks_expands_paper():
     assert parse_tasks("paper") == [
         "mmlu",

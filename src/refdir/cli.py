@@ -390,6 +390,8 @@ def print_summary(s: dict) -> None:
             f"capability {task:16} n={c['n']:<5} baseline {100 * c['baseline']:5.1f}  orthogonalized "
             f"{100 * c['orthogonalized']:5.1f}  delta {100 * c['delta']:+.1f} "
             f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            + (f" ({c['lost']} lost, {c['gained']} gained, exact p {c['mcnemar_p']:.2g})"
+               if "mcnemar_p" in c else "")
         )
 
 

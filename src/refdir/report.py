@@ -229,8 +229,9 @@ def capabilities_section(caps: dict) -> str:
         f"{st.get('limit') or 'none'}; data "
         f"{html.escape(str(st.get('data_dir') or 'the harness hub datasets'))}. "
         "Both conditions on the same items: Δ is the paired mean difference, its interval "
-        "±1.96 sd(Δ)/√n. The paper (Table 6) finds |Δ| ≲ 2 points except TruthfulQA "
-        "(−1 to −6).</p>"
+        "±1.96 sd(Δ)/√n; for right/wrong metrics also the items lost and gained and the exact McNemar "
+        "p-value (the normal interval is too narrow when few items change). The paper (Table 6) finds "
+        "|Δ| ≲ 2 points except TruthfulQA (−1 to −6).</p>"
         + _table(["task", "metric", "n", "orthogonalized", "baseline (Δ ± 95% CI)", "minutes (both)"], rows)
     )
 
