@@ -53,10 +53,20 @@ def merge(parts: list[dict]) -> dict:
     out["settings"] = dict(first["settings"])
     out["settings"]["tasks"] = [t for p in parts for t in p["settings"]["tasks"]]
     out["settings"]["limit"] = {t: p["settings"]["limit"] for p in parts for t in p["settings"]["tasks"]}
-    out["results"] = [r for p in parts for r in p["results"]]
     out["per_item"] = {k: v for p in parts for k, v in p.get("per_item", {}).items()}
+    out["results"] = [_repaired(r, out["per_item"].get(r["task"], {})) for p in parts for r in p["results"]]
     out["wall_seconds"] = round(sum(p.get("wall_seconds", 0.0) for p in parts), 1)
     return out
+
+
+def _repaired(r: dict, items: dict) -> dict:
+    """``r`` with its paired fields recomputed from the per-item scores by this refdir (JSONs written by an
+    older one gain the lost / gained counts and the exact McNemar p-value)."""
+    if "baseline" not in items or "orthogonalized" not in items:
+        return r
+    from refdir.capabilities import paired_delta
+
+    return {**r, **paired_delta(items["baseline"], items["orthogonalized"])}
 
 
 def run_group(a, model: str, tasks: list[str], limit: int, out: Path) -> dict:
@@ -78,16 +88,18 @@ def run_group(a, model: str, tasks: list[str], limit: int, out: Path) -> dict:
 def print_table(res: dict) -> None:
     print(f"\n{res['model']}, direction layer {res['direction']['layer']} pos {res['direction']['pos']}; "
           f"{res['wall_seconds'] / 60:.1f} min in all")
-    print("| task | metric | n | orthogonalized | baseline (Δ ± 95% CI) | within the paper's band "
-          "| minutes |")
-    print("|---|---|---|---|---|---|---|")
+    print("| task | metric | n | orthogonalized | baseline (Δ ± 95% CI) | lost / gained, exact p "
+          "| within the paper's band | minutes |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in res["results"]:
         half = (r["delta_ci95"][1] - r["delta_ci95"][0]) / 2
         band = ("TruthfulQA: paper −1 to −6" if r["task"].startswith("truthfulqa")
                 else ("yes" if abs(100 * r["delta"]) <= 2 else "no"))
         minutes = (r["baseline_seconds"] + r["orthogonalized_seconds"]) / 60
         print(f"| {r['task']} | {r['metric']} | {r['n']} | {100 * r['orthogonalized']:.1f} | "
-              f"{100 * r['baseline']:.1f} ({100 * r['delta']:+.1f} ± {100 * half:.1f}) | {band} "
+              f"{100 * r['baseline']:.1f} ({100 * r['delta']:+.1f} ± {100 * half:.1f}) | "
+              + (f"{r['lost']} / {r['gained']}, {r['mcnemar_p']:.2g}" if "mcnemar_p" in r else "-")
+              + f" | {band} "
               f"| {minutes:.1f} |")
 
 
