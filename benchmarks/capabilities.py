@@ -86,9 +86,11 @@ def run_group(a, model: str, tasks: list[str], limit: int, out: Path) -> dict:
 
 
 def print_table(res: dict) -> None:
+    from refdir.capabilities import changed_items
+
     print(f"\n{res['model']}, direction layer {res['direction']['layer']} pos {res['direction']['pos']}; "
           f"{res['wall_seconds'] / 60:.1f} min in all")
-    print("| task | metric | n | orthogonalized | baseline (Δ ± 95% CI) | lost / gained, exact p "
+    print("| task | metric | n | orthogonalized | baseline (Δ ± 95% CI) | items changed "
           "| within the paper's band | minutes |")
     print("|---|---|---|---|---|---|---|---|")
     for r in res["results"]:
@@ -98,7 +100,7 @@ def print_table(res: dict) -> None:
         minutes = (r["baseline_seconds"] + r["orthogonalized_seconds"]) / 60
         print(f"| {r['task']} | {r['metric']} | {r['n']} | {100 * r['orthogonalized']:.1f} | "
               f"{100 * r['baseline']:.1f} ({100 * r['delta']:+.1f} ± {100 * half:.1f}) | "
-              + (f"{r['lost']} / {r['gained']}, {r['mcnemar_p']:.2g}" if "mcnemar_p" in r else "-")
+              + (changed_items(r) or "-")
               + f" | {band} "
               f"| {minutes:.1f} |")
 

@@ -89,6 +89,14 @@ def mcnemar_exact(lost: int, gained: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def changed_items(r: dict) -> str:
+    """``"4 lost, 0 gained, exact p 0.12"`` for a right/wrong result (``""`` for others): the items
+    behind its Δ, as the table, the report and the run summary print them."""
+    if "mcnemar_p" not in r:
+        return ""
+    return f"{r['lost']} lost, {r['gained']} gained, exact p {r['mcnemar_p']:.2g}"
+
+
 def paired_delta(baseline: list[float], treated: list[float], z: float = 1.959964) -> dict:
     """Δ = mean(treated − baseline) over the same items, its paired standard error and 95% interval.
 
@@ -645,8 +653,7 @@ def table_rows(res: dict) -> list[tuple[str, str, str, str]]:
                     str(r["n"]),
                     f"{100 * r['orthogonalized']:.1f}",
                     f"{100 * r['baseline']:.1f} ({100 * r['delta']:+.1f} ± {100 * half:.1f}"
-                    + (f"; {r['lost']} lost, {r['gained']} gained, exact p {r['mcnemar_p']:.2g})"
-                       if "mcnemar_p" in r else ")"),
+                    + (f"; {changed_items(r)})" if changed_items(r) else ")"),
                 )
             )
         else:

@@ -384,14 +384,15 @@ def print_summary(s: dict) -> None:
         print(
             "second judge, refusal rate: " + ", ".join(f"{k} {v:.3f}" for k, v in s["judge_refusal"].items())
         )
+    from .capabilities import changed_items  # torch-free
+
     for task, c in (s.get("capabilities") or {}).items():
         lo, hi = c["delta_ci95"]
         print(
             f"capability {task:16} n={c['n']:<5} baseline {100 * c['baseline']:5.1f}  orthogonalized "
             f"{100 * c['orthogonalized']:5.1f}  delta {100 * c['delta']:+.1f} "
             f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
-            + (f" ({c['lost']} lost, {c['gained']} gained, exact p {c['mcnemar_p']:.2g})"
-               if "mcnemar_p" in c else "")
+            + (f" ({changed_items(c)})" if changed_items(c) else "")
         )
 
 

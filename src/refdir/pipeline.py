@@ -710,8 +710,8 @@ def summarize(run_path: Path) -> dict:
                 "orthogonalized": round(r["orthogonalized"], 4),
                 "delta": round(r["delta"], 4),
                 "delta_ci95": [round(x, 4) for x in r["delta_ci95"]],
-                **{k: (round(r[k], 4) if k == "mcnemar_p" else r[k])
-                   for k in ("lost", "gained", "mcnemar_p") if k in r},
+                **({"lost": r["lost"], "gained": r["gained"], "mcnemar_p": round(r["mcnemar_p"], 4)}
+                   if "mcnemar_p" in r else {}),
             }
             for r in caps
         },
