@@ -270,3 +270,38 @@ def test_continuation_logprobs_equal_full_forwards(tiny, family):
         ref = [_full_logprob(model, s, c) for s, c in zip(mixed, mixed_c)]
     for (a, ga), (b, gb) in zip(continuation_logprobs(model, mixed, mixed_c, max_rows=4), ref):
         assert abs(a - b) < 1e-4 and ga == gb
+
+
+def test_room_cache_equals_a_growing_one():
+    """Decoding writes into preallocated room (grown by halves) instead of concatenating: same keys and
+    values at every step, through growth past the first room and through rows leaving the batch."""
+    from transformers import DynamicCache
+
+    from refdir.forward import _make_room
+
+    g = torch.Generator().manual_seed(0)
+
+    def kv(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(b, 2, t, 8, generator=g), torch.randn(b, 2, t, 8, generator=g)
+
+    plain, room = DynamicCache(), DynamicCache()
+    for li in range(2):
+        k, v = kv(6, 5)
+        plain.update(k, v, li)
+        room.update(k.clone(), v.clone(), li)
+    _make_room(room, 150)
+    assert type(room.layers[0]).__name__ == "RoomDynamicLayer"
+    b = 6
+    for step in range(150):
+        if step in (40, 90):  # rows finish
+            keep = torch.tensor([0, 2, 3]) if b == 6 else torch.tensor([1, 2])
+            plain.batch_select_indices(keep)
+            room.batch_select_indices(keep)
+            b = len(keep)
+        for li in range(2):
+            k, v = kv(b, 1)
+            pk, pv = plain.update(k, v, li)
+            rk, rv = room.update(k, v, li)
+            assert torch.equal(pk, rk) and torch.equal(pv, rv)
+    assert room.get_seq_length() == plain.get_seq_length() == 155
+    assert room.layers[0]._kbuf.shape[-2] <= 155 * 1.5
