@@ -347,8 +347,9 @@ class _RoomLayer:
 
     Why: ``DynamicLayer.update`` concatenates, copying the layer's whole cache at every step; at 200 rows
     and a few hundred positions that is gigabytes of memory traffic per step. Here the buffer grows by
-    half its length at a time (at most up to the tokens still to come), so a row's cache is copied a few
-    times per completion instead of once per token, and memory stays within 1.5x of what the tokens need.
+    half its length, at least 64 positions, at most up to the tokens still to come, so a row's cache is
+    copied a few times per completion instead of once per token (with the default 64 new tokens: once,
+    to the full room). Dropping rows copies the unused room too: rows end rarely, steps are many.
     The keys and values attention reads are views of the buffer: the same numbers.
     """
 
