@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-
 STAGES = ("monitor", "cone", "cosmic", "audit")
 
 
@@ -38,8 +37,11 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--max-rank", type=int, default=4)
     ap.add_argument("--out", default="results")
-    ap.add_argument("--only", default=",".join(STAGES),
-                    help=f"comma-separated subset of {','.join(STAGES)} (the rest read from the run folder)")
+    ap.add_argument(
+        "--only",
+        default=",".join(STAGES),
+        help=f"comma-separated subset of {','.join(STAGES)} (the rest read from the run folder)",
+    )
     a = ap.parse_args()
     only = set(a.only.split(","))
     if not only <= set(STAGES):
@@ -52,54 +54,95 @@ def main() -> None:
     if "monitor" in only:
         seconds["monitor"] = refdir("monitor", "--run", str(run), "--out", str(run / "monitor_items.json"))
     if "cone" in only:
-        seconds["cone"] = refdir("cone", "--run", str(run), "--max-rank", str(a.max_rank), "--out",
-                                 str(run / "cone.json"))
+        seconds["cone"] = refdir(
+            "cone", "--run", str(run), "--max-rank", str(a.max_rank), "--out", str(run / "cone.json")
+        )
     cosmic = run.parent / f"{run.name}-cosmic"
     ins = json.loads((run / "prompts.json").read_text())["eval_harmful"]
     if "cosmic" in only:
         shutil.rmtree(cosmic, ignore_errors=True)
-        shutil.copytree(run, cosmic, ignore=shutil.ignore_patterns(
-            "selection.json", "direction.*", "eval.json", "completions.jsonl", "cone.*", "monitor*", "audit",
-            "jailbreak*", "suffix.json", "report.html", "*.png"))
+        shutil.copytree(
+            run,
+            cosmic,
+            ignore=shutil.ignore_patterns(
+                "selection.json",
+                "direction.*",
+                "eval.json",
+                "completions.jsonl",
+                "cone.*",
+                "monitor*",
+                "audit",
+                "jailbreak*",
+                "suffix.json",
+                "report.html",
+                "*.png",
+            ),
+        )
         seconds["cosmic_select"] = refdir("select", "--out", str(cosmic), "--selector", "cosmic")
         evh = cosmic / "eval_harmful.json"
         evh.write_text(json.dumps(ins))
-        seconds["cosmic_ablation_eval"] = refdir("evaluate", "--model", model, "--direction", str(cosmic),
-                                                 "--prompts", str(evh), "--intervention", "ablate",
-                                                 "--out", str(cosmic / "ablate.json"))
+        seconds["cosmic_ablation_eval"] = refdir(
+            "evaluate",
+            "--model",
+            model,
+            "--direction",
+            str(cosmic),
+            "--prompts",
+            str(evh),
+            "--intervention",
+            "ablate",
+            "--out",
+            str(cosmic / "ablate.json"),
+        )
     if "audit" in only:
         seconds["audit"] = refdir("audit", "--run", str(run), "--out", str(run / "audit"))
     paper_d = json.loads((run / "direction.json").read_text())
     cosmic_d = json.loads((cosmic / "direction.json").read_text())
     ev = json.loads((run / "eval.json").read_text())
-    res = {"model": model, "seconds": seconds,
-           "monitor": json.loads((run / "monitor.json").read_text()),
-           "cone": json.loads((run / "cone.json").read_text())["ranks"],
-           "selectors": {
-               "paper": {"layer": paper_d["layer"], "pos": paper_d["position"],
-                         "bypass": paper_d["scores"]["bypass"],
-                         "induce": paper_d["scores"]["induce"], "kl": paper_d["scores"]["kl"],
-                         "ablation_refusal": ev["refusal"]["harmful"]["ablation"]["refusal_rate"],
-                         "n": ev["refusal"]["harmful"]["ablation"]["n"]},
-               "cosmic": {"layer": cosmic_d["layer"], "pos": cosmic_d["position"],
-                          "bypass": cosmic_d["scores"]["bypass"], "induce": cosmic_d["scores"]["induce"],
-                          "kl": cosmic_d["scores"]["kl"],
-                          "ablation_refusal":
-                              json.loads((cosmic / "ablate.json").read_text())["refusal_rate"],
-                          "n": len(ins)}}}
+    res = {
+        "model": model,
+        "seconds": seconds,
+        "monitor": json.loads((run / "monitor.json").read_text()),
+        "cone": json.loads((run / "cone.json").read_text())["ranks"],
+        "selectors": {
+            "paper": {
+                "layer": paper_d["layer"],
+                "pos": paper_d["position"],
+                "bypass": paper_d["scores"]["bypass"],
+                "induce": paper_d["scores"]["induce"],
+                "kl": paper_d["scores"]["kl"],
+                "ablation_refusal": ev["refusal"]["harmful"]["ablation"]["refusal_rate"],
+                "n": ev["refusal"]["harmful"]["ablation"]["n"],
+            },
+            "cosmic": {
+                "layer": cosmic_d["layer"],
+                "pos": cosmic_d["position"],
+                "bypass": cosmic_d["scores"]["bypass"],
+                "induce": cosmic_d["scores"]["induce"],
+                "kl": cosmic_d["scores"]["kl"],
+                "ablation_refusal": json.loads((cosmic / "ablate.json").read_text())["refusal_rate"],
+                "n": len(ins),
+            },
+        },
+    }
     out.write_text(json.dumps(res, indent=1) + "\n")
     print("| rank | refusal | KL | n | basis |\n|---|---|---|---|---|")
     for r in res["cone"]:
         print(f"| {r['rank']} | {r['refusal_rate']:.2f} | {r['kl']:.3f} | {r['n']} | {r['method']} |")
-    print("\n| selector | layer/pos | bypass | induce | KL | ablation refusal (n) |\n"
-          "|---|---|---|---|---|---|")
+    print(
+        "\n| selector | layer/pos | bypass | induce | KL | ablation refusal (n) |\n|---|---|---|---|---|---|"
+    )
     for k, s in res["selectors"].items():
-        print(f"| {k} | {s['layer']}/{s['pos']} | {s['bypass']:.2f} | {s['induce']:.2f} | {s['kl']:.3f} | "
-              f"{s['ablation_refusal']:.2f} ({s['n']}) |")
+        print(
+            f"| {k} | {s['layer']}/{s['pos']} | {s['bypass']:.2f} | {s['induce']:.2f} | {s['kl']:.3f} | "
+            f"{s['ablation_refusal']:.2f} ({s['n']}) |"
+        )
     m = res["monitor"]
-    print(f"\nmonitor at layer {m['layer']} (n = {m['n_evaluation']})\n"
-          "| read | AUROC | TPR@1%FPR | +GCG flagged |"
-          "\n|---|---|---|---|")
+    print(
+        f"\nmonitor at layer {m['layer']} (n = {m['n_evaluation']})\n"
+        "| read | AUROC | TPR@1%FPR | +GCG flagged |"
+        "\n|---|---|---|---|"
+    )
     for r, v in m["evaluation"].items():
         g = ((m.get("suffix") or {}).get("flagged") or {}).get(r, {}).get("with_gcg_suffix", "")
         print(f"| {r} | {v['auroc']:.3f} | {v['tpr_at_1pct_fpr']:.2f} | {g} |")

@@ -64,16 +64,33 @@ def _repaired(r: dict, items: dict) -> dict:
     older one gain the lost / gained counts and the exact McNemar p-value)."""
     if "baseline" not in items or "orthogonalized" not in items:
         return r
-    from refdir.capabilities import paired_delta
+    from refdir.evaluation.capabilities import paired_delta
 
     return {**r, **paired_delta(items["baseline"], items["orthogonalized"])}
 
 
 def run_group(a, model: str, tasks: list[str], limit: int, out: Path) -> dict:
     """One ``refdir capabilities`` invocation; its JSON with the invocation's wall time."""
-    cmd = [sys.executable, "-m", "refdir.cli", "capabilities", "--model", model, "--direction", a.run,
-           "--tasks", ",".join(tasks), "--data-dir", a.data_dir, "--limit", str(limit),
-           "--batch-size", str(a.batch_size), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "refdir.cli",
+        "capabilities",
+        "--model",
+        model,
+        "--direction",
+        a.run,
+        "--tasks",
+        ",".join(tasks),
+        "--data-dir",
+        a.data_dir,
+        "--limit",
+        str(limit),
+        "--batch-size",
+        str(a.batch_size),
+        "--out",
+        str(out),
+    ]
     if a.max_gen_toks:
         cmd += ["--max-gen-toks", str(a.max_gen_toks)]
     t = time.time()
@@ -86,23 +103,32 @@ def run_group(a, model: str, tasks: list[str], limit: int, out: Path) -> dict:
 
 
 def print_table(res: dict) -> None:
-    from refdir.capabilities import changed_items
+    from refdir.evaluation.capabilities import changed_items
 
-    print(f"\n{res['model']}, direction layer {res['direction']['layer']} pos {res['direction']['pos']}; "
-          f"{res['wall_seconds'] / 60:.1f} min in all")
-    print("| task | metric | n | orthogonalized | baseline (Δ ± 95% CI) | items changed "
-          "| within the paper's band | minutes |")
+    print(
+        f"\n{res['model']}, direction layer {res['direction']['layer']} pos {res['direction']['pos']}; "
+        f"{res['wall_seconds'] / 60:.1f} min in all"
+    )
+    print(
+        "| task | metric | n | orthogonalized | baseline (Δ ± 95% CI) | items changed "
+        "| within the paper's band | minutes |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in res["results"]:
         half = (r["delta_ci95"][1] - r["delta_ci95"][0]) / 2
-        band = ("TruthfulQA: paper −1 to −6" if r["task"].startswith("truthfulqa")
-                else ("yes" if abs(100 * r["delta"]) <= 2 else "no"))
+        band = (
+            "TruthfulQA: paper −1 to −6"
+            if r["task"].startswith("truthfulqa")
+            else ("yes" if abs(100 * r["delta"]) <= 2 else "no")
+        )
         minutes = (r["baseline_seconds"] + r["orthogonalized_seconds"]) / 60
-        print(f"| {r['task']} | {r['metric']} | {r['n']} | {100 * r['orthogonalized']:.1f} | "
-              f"{100 * r['baseline']:.1f} ({100 * r['delta']:+.1f} ± {100 * half:.1f}) | "
-              + (changed_items(r) or "-")
-              + f" | {band} "
-              f"| {minutes:.1f} |")
+        print(
+            f"| {r['task']} | {r['metric']} | {r['n']} | {100 * r['orthogonalized']:.1f} | "
+            f"{100 * r['baseline']:.1f} ({100 * r['delta']:+.1f} ± {100 * half:.1f}) | "
+            + (changed_items(r) or "-")
+            + f" | {band} "
+            f"| {minutes:.1f} |"
+        )
 
 
 def main() -> None:
@@ -110,8 +136,13 @@ def main() -> None:
     ap.add_argument("--run")
     ap.add_argument("--tasks", default="paper")
     ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--task-limit", action="append", default=[], metavar="TASK=N",
-                    help="this task's own item limit (repeatable), e.g. gsm8k=20")
+    ap.add_argument(
+        "--task-limit",
+        action="append",
+        default=[],
+        metavar="TASK=N",
+        help="this task's own item limit (repeatable), e.g. gsm8k=20",
+    )
     ap.add_argument("--max-gen-toks", type=int, default=None, help="GSM8K token cap (harness default 256)")
     ap.add_argument("--batch-size", type=int, default=8, help="rows per log-likelihood forward")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "benchmarks"))
@@ -126,8 +157,12 @@ def main() -> None:
         model = json.loads((Path(a.run) / "config.json").read_text())["model_spec"]
         tasks = list(PAPER) if a.tasks == "paper" else a.tasks.split(",")
         with tempfile.TemporaryDirectory() as tmp:
-            res = merge([run_group(a, model, ts, n, Path(tmp) / f"{n}.json")
-                         for n, ts in limit_groups(tasks, a.limit, a.task_limit).items()])
+            res = merge(
+                [
+                    run_group(a, model, ts, n, Path(tmp) / f"{n}.json")
+                    for n, ts in limit_groups(tasks, a.limit, a.task_limit).items()
+                ]
+            )
     out = Path(a.out) / f"capabilities-{res['model']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")

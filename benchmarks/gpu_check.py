@@ -31,10 +31,18 @@ HBM_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # vendor peak bandwi
 
 def build(shape: str, layers: int | None, device: str):
     import transformers
+
     h, ff, n, heads, kv, vocab = SHAPES[shape]
-    cfg = transformers.LlamaConfig(hidden_size=h, intermediate_size=ff, num_hidden_layers=layers or n,
-                                   num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                                   max_position_embeddings=8192, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=h,
+        intermediate_size=ff,
+        num_hidden_layers=layers or n,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.eval().requires_grad_(False)
@@ -44,8 +52,10 @@ def build(shape: str, layers: int | None, device: str):
 
 def tokenizer():
     import sys
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import make_tokenizer  # a small BPE with a chat template; ids < 640 are valid in any vocab
+
     return make_tokenizer("llama3")
 
 
@@ -56,13 +66,13 @@ def main() -> None:
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    from refdir.activations import mean_activations
-    from refdir.data import load_builtin
-    from refdir.directions import candidate_directions
-    from refdir.forward import greedy_generate, split_prefix
-    from refdir.interventions import orthogonalize_weights
-    from refdir.selection import SelectionConfig, select_direction
-    from refdir.templates import tokenize_prompts
+    from refdir.core.forward import greedy_generate, split_prefix
+    from refdir.core.templates import tokenize_prompts
+    from refdir.method.activations import mean_activations
+    from refdir.method.data import load_builtin
+    from refdir.method.directions import candidate_directions
+    from refdir.method.interventions import orthogonalize_weights
+    from refdir.method.selection import SelectionConfig, select_direction
 
     dev = a.device
     cuda = dev.startswith("cuda")
@@ -83,9 +93,15 @@ def main() -> None:
     res["extract_tok_s"] = n_tok / res["extract_s"]
     cands = candidate_directions(mh, ms)
     t = time.time()
-    sel = select_direction(model, cands, tokenize_prompts(tok, harm[:32], device=dev),
-                           tokenize_prompts(tok, safe[:32], device=dev), [40, 50],
-                           SelectionConfig(induce_threshold=-1e9, kl_threshold=1e9), progress=False)
+    sel = select_direction(
+        model,
+        cands,
+        tokenize_prompts(tok, harm[:32], device=dev),
+        tokenize_prompts(tok, safe[:32], device=dev),
+        [40, 50],
+        SelectionConfig(induce_threshold=-1e9, kl_threshold=1e9),
+        progress=False,
+    )
     sync()
     res["select_s"] = time.time() - t
     scored = int(sum(1 for row in sel.bypass.tolist() for v in row if v == v))
@@ -122,8 +138,9 @@ def main() -> None:
     if cuda:
         torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as d:  # streaming export of a saved copy (CPU side, disk speed)
-        from refdir.directions import Direction
-        from refdir.export import export_streaming
+        from refdir.method.directions import Direction
+        from refdir.outputs.export import export_streaming
+
         small = build(a.shape, 4, "cpu")
         small.save_pretrained(Path(d) / "src")
         tok.save_pretrained(Path(d) / "src")
@@ -133,9 +150,21 @@ def main() -> None:
         res["export_s_4_layers"] = time.time() - t
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
-    print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
-                   if k in ("extract_select_s", "decode_tok_s", "decode_roofline", "ortho_s",
-                            "export_s_4_layers", "peak_gib")))
+    print(
+        " ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in res.items()
+            if k
+            in (
+                "extract_select_s",
+                "decode_tok_s",
+                "decode_roofline",
+                "ortho_s",
+                "export_s_4_layers",
+                "peak_gib",
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

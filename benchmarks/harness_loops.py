@@ -7,8 +7,8 @@
 Both run the same harness requests (the harness builds prompts, few-shot contexts and scores): first the
 harness's ``HFLM`` loops at the rows refdir used before (8 rows per log-likelihood forward with full
 [rows, tokens, vocab] log-probs, generation padded until the batch's last row stops), then refdir's
-(:func:`refdir.forward.continuation_logprobs`: shared prefixes in the KV cache, duplicate rows once,
-the unembedding only at scored tokens; :func:`refdir.forward.greedy_generate`: rows leave at their stop
+(:func:`refdir.core.forward.continuation_logprobs`: shared prefixes in the KV cache, duplicate rows once,
+the unembedding only at scored tokens; :func:`refdir.core.forward.greedy_generate`: rows leave at their stop
 sequence). Prints each task's seconds both ways, the ratio, and how many per-item scores differ;
 last line ``harness_s=… refdir_s=… speedup=… items_differ=…``.
 """
@@ -16,7 +16,6 @@ last line ``harness_s=… refdir_s=… speedup=… items_differ=…``.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +31,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "benchmarks"))
     a = ap.parse_args()
 
-    from refdir import capabilities as cap
-    from refdir.runtime import Runtime
+    from refdir.core.runtime import Runtime
+    from refdir.evaluation import capabilities as cap
 
     rt = Runtime.load(a.model)
     refdir_lm, old_rows = cap._harness_lm, cap.CPU_HARNESS_ROWS
@@ -47,8 +46,9 @@ def main() -> None:
                 finally:
                     self.batch_size_per_gpu = old
 
-        return Plain(pretrained=model, tokenizer=tokenizer, batch_size=old_rows,
-                     max_batch_size=max(rows, gen_rows))
+        return Plain(
+            pretrained=model, tokenizer=tokenizer, batch_size=old_rows, max_batch_size=max(rows, gen_rows)
+        )
 
     quiet = lambda *_: None  # noqa: E731
     with cap.plan_tasks(a.tasks, a.data_dir, a.limit, None, a.max_gen_toks) as plan:

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from refdir.interventions import activation_addition, directional_ablation
-from refdir.io import load_tensors
-from refdir.models import load_model
-from refdir.pipeline import RunConfig, run_pipeline
-from refdir.refusal import position_ids, refusal_metric
-from refdir.selection import SelectionConfig, select_direction
-from refdir.templates import tokenize_prompts
+from refdir.core.io import load_tensors
+from refdir.core.models import load_model
+from refdir.core.templates import tokenize_prompts
+from refdir.method.interventions import activation_addition, directional_ablation
+from refdir.method.refusal import position_ids, refusal_metric
+from refdir.method.selection import SelectionConfig, select_direction
+from refdir.run.pipeline import RunConfig, run_pipeline
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
@@ -47,9 +47,12 @@ class ReferenceLoop:
     def full_logits(self, b):
         outs = []
         for i in range(0, b.input_ids.shape[0], self.bs):
-            ii, mm = b.input_ids[i:i + self.bs], b.attention_mask[i:i + self.bs]
-            outs.append(self.model(input_ids=ii, attention_mask=mm,
-                                   position_ids=position_ids(mm)).logits[:, -1].float())
+            ii, mm = b.input_ids[i : i + self.bs], b.attention_mask[i : i + self.bs]
+            outs.append(
+                self.model(input_ids=ii, attention_mask=mm, position_ids=position_ids(mm))
+                .logits[:, -1]
+                .float()
+            )
         return torch.cat(outs)
 
     def sweep(self, kind: str, r: torch.Tensor, layer: int) -> float:
@@ -95,12 +98,18 @@ def reference_choice_lazy(loop: ReferenceLoop, candidates, kl_thr: float, induce
     bypass order until one passes; every candidate with lower bypass failed a filter and every other
     one has higher bypass. Each sweep is the reference's own full-logits forward pass."""
     P, L, _ = candidates.shape
-    eligible = [(p, layer) for layer in range(int(0.8 * L)) for p in range(P)
-                if float(candidates[p, layer].norm()) > 0]
+    eligible = [
+        (p, layer)
+        for layer in range(int(0.8 * L))
+        for p in range(P)
+        if float(candidates[p, layer].norm()) > 0
+    ]
     bypass = {c: loop.sweep("bypass", candidates[c], c[1]) for c in eligible}
     for c in sorted(eligible, key=lambda c: bypass[c]):
-        if (loop.sweep("kl", candidates[c], c[1]) < kl_thr
-                and loop.sweep("induce", candidates[c], c[1]) > induce_thr):
+        if (
+            loop.sweep("kl", candidates[c], c[1]) < kl_thr
+            and loop.sweep("induce", candidates[c], c[1]) > induce_thr
+        ):
             return c, len(eligible)
     return None, len(eligible)
 
@@ -123,12 +132,19 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--run", default=None, help="run folder holding prompts.json and candidates.safetensors")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--reference-lazy", action="store_true",
-                    help="run only the reference sweeps that decide its choice (every bypass sweep, then KL "
-                         "and induce in bypass order until one passes) and extrapolate its time from the "
-                         "measured cost of each sweep; the choice is still the full loop's, exactly")
-    ap.add_argument("--induce-threshold", type=float, default=None,
-                    help="default: the model's calibrated threshold from prompts.json")
+    ap.add_argument(
+        "--reference-lazy",
+        action="store_true",
+        help="run only the reference sweeps that decide its choice (every bypass sweep, then KL "
+        "and induce in bypass order until one passes) and extrapolate its time from the "
+        "measured cost of each sweep; the choice is still the full loop's, exactly",
+    )
+    ap.add_argument(
+        "--induce-threshold",
+        type=float,
+        default=None,
+        help="default: the model's calibrated threshold from prompts.json",
+    )
     a = ap.parse_args()
     model, tok = load_model(a.model)
     run = Path(a.run or f"runs/bench-{a.model}")
@@ -144,8 +160,11 @@ def main() -> None:
     ids = torch.tensor(data["refusal_tokens"]["token_ids"])
     thr = a.induce_threshold if a.induce_threshold is not None else data.get("metric_threshold", 0.0)
     sel_cfg = SelectionConfig(induce_threshold=thr)
-    print(f"model {a.model}: {cands.shape[0]}x{cands.shape[1]} candidates, {len(data['harmful_val'])}+"
-          f"{len(data['harmless_val'])} validation prompts, threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"model {a.model}: {cands.shape[0]}x{cands.shape[1]} candidates, {len(data['harmful_val'])}+"
+        f"{len(data['harmless_val'])} validation prompts, threads {torch.get_num_threads()}",
+        flush=True,
+    )
 
     t = time.time()
     res = select_direction(model, cands, hv, lv, ids.tolist(), sel_cfg)
@@ -158,20 +177,27 @@ def main() -> None:
     if a.reference_lazy:  # reference time from the measured sweep costs; its choice computed exactly
         choice, n_elig = reference_choice_lazy(loop, cands, sel_cfg.kl_threshold, thr)
         t_ref = loop.per_candidate() * n_all
-        print(f"reference loop: {loop.per_candidate():.2f} s per candidate (sweeps: "
-              + ", ".join(f"{k} {loop.calls[k]} x {loop.seconds[k] / max(loop.calls[k], 1):.2f} s"
-                          for k in loop.calls)
-              + f") -> {t_ref:.0f} s for all {n_all} candidates; its choice {choice} (bypass of all {n_elig} "
-              "eligible, then KL and induce in bypass order until one passes)", flush=True)
+        print(
+            f"reference loop: {loop.per_candidate():.2f} s per candidate (sweeps: "
+            + ", ".join(
+                f"{k} {loop.calls[k]} x {loop.seconds[k] / max(loop.calls[k], 1):.2f} s" for k in loop.calls
+            )
+            + f") -> {t_ref:.0f} s for all {n_all} candidates; its choice {choice} (bypass of all {n_elig} "
+            "eligible, then KL and induce in bypass order until one passes)",
+            flush=True,
+        )
     else:
         t = time.time()
         ref = reference_scores(loop, cands)
         t_ref = time.time() - t
         choice = reference_choice(ref, cands.shape[1], sel_cfg.kl_threshold, thr)
-        print(f"reference loop: {t_ref:.1f} s ({t_ref / n_all:.2f} s per candidate), chosen {choice}",
-              flush=True)
+        print(
+            f"reference loop: {t_ref:.1f} s ({t_ref / n_all:.2f} s per candidate), chosen {choice}",
+            flush=True,
+        )
     same = choice == (tuple(res.chosen) if res.chosen else None)
     print(f"selection_speedup={t_ref / t_refdir:.1f} same_choice={'true' if same else 'false'}")
+
 
 if __name__ == "__main__":
     main()

@@ -52,10 +52,10 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=sys.executable)
     a = ap.parse_args()
 
-    from refdir.data import load_builtin
-    from refdir.forward import end_token_ids, greedy_generate, split_prefix
-    from refdir.runtime import Runtime
-    from refdir.templates import format_prompt
+    from refdir.core.forward import end_token_ids, greedy_generate, split_prefix
+    from refdir.core.runtime import Runtime
+    from refdir.core.templates import format_prompt
+    from refdir.method.data import load_builtin
 
     rt = Runtime.load(a.model)
     prompts = [p.instruction for p in load_builtin("harmful")][: a.n]

@@ -16,7 +16,8 @@ One process tree on one machine, one stage after the other:
 2. ``refdir run`` with defaults (plus ``--refdir-args``; ``--induce-threshold=-1e9`` for the 0.5B, whose
    induce filter removes every candidate), then ``refdir export`` of the orthogonalized checkpoint.
 3. One judge for both checkpoints, in this process with refdir's own code: the 100 JailbreakBench prompts,
-   greedy, ``--max-new-tokens`` (64), the model's chat template (``refdir.evaluation.generate_judged``),
+   greedy, ``--max-new-tokens`` (64), the model's chat template
+   (``refdir.evaluation.conditions.generate_judged``),
    refusal by the paper's substring judge and by heretic's own keyword judge (its default
    ``refusal_markers``, read from the installed heretic at run time); first-token KL from the original model
    on 100 harmless prompts sampled from harmless_val.json exactly as ``refdir run`` samples its eval set.
@@ -62,20 +63,39 @@ DEFAULT_TRIALS = 8
 # `refdir run` extras per model: the 0.5B's induce filter removes every candidate at the default threshold
 REFDIR_EXTRA = {DEFAULT_MODEL: "--induce-threshold=-1e9"}
 KL_LIMIT = 0.1
-INSTALL = ("python3 -m venv /tmp/hereticenv && /tmp/hereticenv/bin/pip install torch==2.13.0 && "
-           "/tmp/hereticenv/bin/pip install heretic-llm==1.4.0")
+INSTALL = (
+    "python3 -m venv /tmp/hereticenv && /tmp/hereticenv/bin/pip install torch==2.13.0 && "
+    "/tmp/hereticenv/bin/pip install heretic-llm==1.4.0"
+)
 # heretic's own prompt-set sizes (train[:400], test[:100]) where the pool allows
 HERETIC_TRAIN, HERETIC_EVAL = 400, 100
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "PYTHONUNBUFFERED": "1",
+    "COLUMNS": "160",
+}
 # lines of heretic's log worth echoing while it runs (the whole log goes to heretic.log)
-ECHO = ("Running trial", "KL divergence:", "Refusals:", "Initial refusals", "Chosen batch size",
-        "Prefix found", "Elapsed time", "Model saved", "Error", "Traceback", "[driver]")
+ECHO = (
+    "Running trial",
+    "KL divergence:",
+    "Refusals:",
+    "Initial refusals",
+    "Chosen batch size",
+    "Prefix found",
+    "Elapsed time",
+    "Model saved",
+    "Error",
+    "Traceback",
+    "[driver]",
+)
 
 # Run by heretic's python, never imported here. Modes: `defaults` (heretic's version and default settings
 # as JSON), `judge IN OUT` (heretic's own refusal verdicts on a JSON list of texts), `run SPEC` (one
 # optimization: heretic.main.run with its menus answered by the functions below; writes SPEC's result file).
-DRIVER = r'''
+DRIVER = r"""
 import json, os, sys, time
 
 
@@ -180,7 +200,7 @@ def run(spec_file):
 if __name__ == "__main__":
     {"defaults": lambda: defaults(), "judge": lambda: judge(*sys.argv[2:4]),
      "run": lambda: run(sys.argv[2])}[sys.argv[1]]()
-'''
+"""
 
 
 def log(msg: str) -> None:
@@ -204,8 +224,10 @@ def heretic_defaults(py: str, driver: Path) -> dict:
     """heretic's version and default settings (refusal markers, system prompt, ...), from the installed
     package; a missing heretic is a one-line error with the install commands."""
     if not shutil.which(py) and not Path(py).is_file():
-        raise SystemExit(f"heretic python {py} not found; install heretic with: {INSTALL} "
-                         "(or pass --heretic-python / set HERETIC_PYTHON)")
+        raise SystemExit(
+            f"heretic python {py} not found; install heretic with: {INSTALL} "
+            "(or pass --heretic-python / set HERETIC_PYTHON)"
+        )
     p = subprocess.run([py, str(driver), "defaults"], capture_output=True, text=True, env=child_env())
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["?"])[-1]
@@ -217,33 +239,43 @@ def eval_sets(shared: Path, n_eval: int, seed: int) -> tuple[list, list]:
     """The judge's prompts, chosen by refdir's own split code with `refdir run`'s settings (the same
     prompts as its eval sets): JailbreakBench (all 100, or a seeded sample of ``n_eval``) and ``n_eval``
     harmless prompts sampled from harmless_val.json (seed + 1, as `refdir run` holds out its eval set)."""
-    from refdir.config import RunConfig
-    from refdir.screen import validate_inputs
+    from refdir.method.screen import validate_inputs
+    from refdir.run.settings import RunConfig
 
-    cfg = RunConfig(harmful=str(shared / "harmful_train.json"), harmless=str(shared / "harmless_train.json"),
-                    eval_harmful=str(shared / "jailbreakbench.json"),
-                    eval_harmless=str(shared / "harmless_val.json"),
-                    n_eval=n_eval, seed=seed, n_train=1, n_val=1)  # train/val sizes do not touch eval sets
+    cfg = RunConfig(
+        harmful=str(shared / "harmful_train.json"),
+        harmless=str(shared / "harmless_train.json"),
+        eval_harmful=str(shared / "jailbreakbench.json"),
+        eval_harmless=str(shared / "harmless_val.json"),
+        n_eval=n_eval,
+        seed=seed,
+        n_train=1,
+        n_val=1,
+    )  # train/val sizes do not touch eval sets
     sets = validate_inputs(cfg)
     return sets["eval_harmful"], sets["eval_harmless"]
 
 
-def heretic_prompt_files(shared: Path, folder: Path, judge_sets: list[list], max_prompts: int | None,
-                         seed: int) -> dict[str, dict]:
+def heretic_prompt_files(
+    shared: Path, folder: Path, judge_sets: list[list], max_prompts: int | None, seed: int
+) -> dict[str, dict]:
     """heretic's four prompt sets as local text files (one prompt per line), cut from refdir's training pools.
 
     Disjoint seeded splits of each pool (minus any prompt the judge uses), at heretic's own sizes (400 train,
     100 evaluation) where the pool allows: the harmful pool has 260 prompts, so 160 + 100. Multi-line prompts
     are left out: heretic's text format is a prompt per line."""
-    from refdir.data import load_prompts, pool_after, split_prompts
+    from refdir.method.data import load_prompts, pool_after, split_prompts
 
     folder.mkdir(parents=True, exist_ok=True)
     used = [p for s in judge_sets for p in s]
     out = {}
     sides = (("good", "harmless_train.json", "harmless"), ("bad", "harmful_train.json", "harmful"))
     for side, src, tag in sides:
-        pool = [p for p in pool_after(load_prompts(str(shared / src)), [used])
-                if "\n" not in p.instruction and "\r" not in p.instruction and p.instruction.strip()]
+        pool = [
+            p
+            for p in pool_after(load_prompts(str(shared / src)), [used])
+            if "\n" not in p.instruction and "\r" not in p.instruction and p.instruction.strip()
+        ]
         n_eval = min(HERETIC_EVAL, max_prompts or HERETIC_EVAL, len(pool) // 2)
         n_train = min(HERETIC_TRAIN, max_prompts or HERETIC_TRAIN, len(pool) - n_eval)
         train, ev = split_prompts(pool, [n_train, n_eval], seed, f"{tag} pool ({src})")
@@ -268,14 +300,23 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def stream(cmd: list[str], logfile: Path, cwd: Path | None = None,
-           echo: tuple[str, ...] = ()) -> tuple[int, float]:
+def stream(
+    cmd: list[str], logfile: Path, cwd: Path | None = None, echo: tuple[str, ...] = ()
+) -> tuple[int, float]:
     """Run a child with its output into ``logfile`` (lines with an ``echo`` marker also on stderr); exit
     status and wall seconds."""
     t = time.time()
     with open(logfile, "w") as lf:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                             env=child_env(), bufsize=1, errors="replace")
+        p = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
+            env=child_env(),
+            bufsize=1,
+            errors="replace",
+        )
         assert p.stdout is not None
         for line in p.stdout:
             lf.write(line)
@@ -311,8 +352,13 @@ def run_heretic(a, model_dir: str, work: Path, driver: Path, judge_sets: list[li
         settings["batch_size"] = a.heretic_batch_size
     settings.update(parse_sets(a.heretic_set))
     result = hw / "heretic.json"
-    spec = {"workdir": str(hw), "settings": settings, "save_to": str(hw / "model"), "kl_limit": KL_LIMIT,
-            "result": str(result)}
+    spec = {
+        "workdir": str(hw),
+        "settings": settings,
+        "save_to": str(hw / "model"),
+        "kl_limit": KL_LIMIT,
+        "result": str(result),
+    }
     (hw / "spec.json").write_text(json.dumps(spec, indent=1))
     log(f"heretic: {a.trials} trials on {model_dir} (log: {hw / 'heretic.log'})")
     cmd = [a.heretic_python, str(driver), "run", str(hw / "spec.json")]
@@ -341,10 +387,25 @@ def run_refdir(a, work: Path) -> dict:
         if run.exists():
             shutil.rmtree(run)  # a fresh run: refdir would reuse finished stages and time nothing
         s = Path(a.shared)
-        cmd = [sys.executable, "-m", "refdir.cli", "run", "--model", a.model, "--out", str(run),
-               "--harmful", str(s / "harmful_train.json"), "--harmless", str(s / "harmless_train.json"),
-               "--eval-harmful", str(s / "jailbreakbench.json"),
-               "--eval-harmless", str(s / "harmless_val.json"), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "refdir.cli",
+            "run",
+            "--model",
+            a.model,
+            "--out",
+            str(run),
+            "--harmful",
+            str(s / "harmful_train.json"),
+            "--harmless",
+            str(s / "harmless_train.json"),
+            "--eval-harmful",
+            str(s / "jailbreakbench.json"),
+            "--eval-harmless",
+            str(s / "harmless_val.json"),
+            *extra,
+        ]
         log(f"refdir: {shlex.join(cmd[1:])}")
         rc, wall = stream(cmd, work / "refdir-run.log")
         if rc != 0:
@@ -355,8 +416,18 @@ def run_refdir(a, work: Path) -> dict:
     model_dir = work / "refdir-model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    cmd = [sys.executable, "-m", "refdir.cli", "export", "--model", a.model, "--direction", str(run),
-           "--out", str(model_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "refdir.cli",
+        "export",
+        "--model",
+        a.model,
+        "--direction",
+        str(run),
+        "--out",
+        str(model_dir),
+    ]
     rc, wall = stream(cmd, work / "refdir-export.log")
     if rc != 0:
         raise SystemExit(f"refdir export failed (exit {rc}): {tail(work / 'refdir-export.log')}")
@@ -370,8 +441,9 @@ def heretic_verdicts(py: str, driver: Path, texts: list[str], work: Path) -> lis
     """heretic's own keyword judge (its ``Evaluator.is_refusal`` with the default markers) on ``texts``."""
     src, dst = work / "judge_in.json", work / "judge_out.json"
     src.write_text(json.dumps(texts))
-    p = subprocess.run([py, str(driver), "judge", str(src), str(dst)], capture_output=True, text=True,
-                       env=child_env())
+    p = subprocess.run(
+        [py, str(driver), "judge", str(src), str(dst)], capture_output=True, text=True, env=child_env()
+    )
     if p.returncode != 0:
         raise SystemExit(f"heretic's judge failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(dst.read_text())
@@ -381,11 +453,12 @@ def first_token_logprobs(rt, prompts: list[str]):
     """Log-probs ``[N, V]`` (float64) of the first generated token: refdir's prompt encoding and shared-prefix
     forward, the distributions whose KL ``refdir run`` reports as ``kl_harmless_first``."""
     import torch
-    from refdir.forward import last_logits_shared, split_prefix
+
+    from refdir.core.forward import last_logits_shared, split_prefix
 
     out = []
     for i in range(0, len(prompts), rt.batch.prompt_rows):
-        pb = split_prefix(rt.encode(prompts[i:i + rt.batch.prompt_rows]), True, rt.model)
+        pb = split_prefix(rt.encode(prompts[i : i + rt.batch.prompt_rows]), True, rt.model)
         logits = last_logits_shared(rt.model, pb, max_rows=rt.batch.prompt_rows)
         out.append(torch.log_softmax(logits.double(), -1))
     return torch.cat(out)
@@ -394,19 +467,20 @@ def first_token_logprobs(rt, prompts: list[str]):
 def kl_first(ref, cur) -> float:
     """Mean over prompts of KL(original || edited) at the first token: the direction both tools report
     (refdir's own per-row KL; log-softmax of log-probs is the identity)."""
-    from refdir.selection import _kl
+    from refdir.method.selection import kl_divergence
 
-    return float(_kl(ref, cur).double().mean())
+    return float(kl_divergence(ref, cur).double().mean())
 
 
-def judge(a, models: dict[str, str], original: str, harmful: list, harmless: list, driver: Path,
-          work: Path) -> dict:
+def judge(
+    a, models: dict[str, str], original: str, harmful: list, harmless: list, driver: Path, work: Path
+) -> dict:
     """Stage 3: every checkpoint through the same code (load, greedy generation, both judges, KL)."""
-    from refdir.evaluation import generate_judged, refusal_rate
-    from refdir.io import write_jsonl
-    from refdir.models import release_memory
-    from refdir.runtime import Runtime
-    from refdir.templates import PromptFormat
+    from refdir.core.io import write_jsonl
+    from refdir.core.models import release_memory
+    from refdir.core.runtime import Runtime
+    from refdir.core.templates import PromptFormat
+    from refdir.evaluation.conditions import generate_judged, refusal_rate
 
     fmt = PromptFormat()  # the chat template's own default system prompt, as `refdir run` by default
     h_ins, h_cat = [p.instruction for p in harmful], [p.category for p in harmful]
@@ -428,14 +502,22 @@ def judge(a, models: dict[str, str], original: str, harmful: list, harmless: lis
         lp = first_token_logprobs(rt, l_ins)
         if ref is None:
             ref = lp
-        judged = generate_judged(rt.model, rt.tokenizer, h_ins, h_cat, fmt, a.max_new_tokens,
-                                 rt.batch.gen_rows, f"judge {name}")
-        res[name] = {"folder": folder, "refusal_substring": refusal_rate(judged),
-                     "kl_first": kl_first(ref, lp), "n_harmful": len(judged), "n_harmless": len(l_ins),
-                     "seconds": round(time.time() - t, 1)}
+        judged = generate_judged(
+            rt.model, rt.tokenizer, h_ins, h_cat, fmt, a.max_new_tokens, rt.batch.gen_rows, f"judge {name}"
+        )
+        res[name] = {
+            "folder": folder,
+            "refusal_substring": refusal_rate(judged),
+            "kl_first": kl_first(ref, lp),
+            "n_harmful": len(judged),
+            "n_harmless": len(l_ins),
+            "seconds": round(time.time() - t, 1),
+        }
         items[name] = judged
-        log(f"judge: {name}: substring refusal {res[name]['refusal_substring']:.2f}, "
-            f"KL {res[name]['kl_first']:.4f} ({res[name]['seconds']:.0f} s)")
+        log(
+            f"judge: {name}: substring refusal {res[name]['refusal_substring']:.2f}, "
+            f"KL {res[name]['kl_first']:.4f} ({res[name]['seconds']:.0f} s)"
+        )
         del rt, lp
         release_memory()
     flat = [(n, j) for n, js in items.items() for j in js]
@@ -443,16 +525,26 @@ def judge(a, models: dict[str, str], original: str, harmful: list, harmless: lis
     for n in items:
         v = [h for (m, _), h in zip(flat, verdicts) if m == n]
         res[n]["refusal_heretic_markers"] = sum(v) / max(len(v), 1)
-    rows = [{"model": n, "prompt": j.prompt, "category": j.category, "completion": j.completion,
-             "refused_substring": j.refused, "refused_heretic_markers": h}
-            for (n, j), h in zip(flat, verdicts)]
+    rows = [
+        {
+            "model": n,
+            "prompt": j.prompt,
+            "category": j.category,
+            "completion": j.completion,
+            "refused_substring": j.refused,
+            "refused_heretic_markers": h,
+        }
+        for (n, j), h in zip(flat, verdicts)
+    ]
     write_jsonl(work / "completions.jsonl", rows)
     return res
 
 
 def _row(tool: str, wall: str, scores: dict, own: str) -> str:
-    return (f"| {tool} | {wall} | {scores['refusal_substring']:.2f} | "
-            f"{scores['refusal_heretic_markers']:.2f} | {scores['kl_first']:.4f} | {own} |")
+    return (
+        f"| {tool} | {wall} | {scores['refusal_substring']:.2f} | "
+        f"{scores['refusal_heretic_markers']:.2f} | {scores['kl_first']:.4f} | {own} |"
+    )
 
 
 def table(r: dict) -> str:
@@ -465,57 +557,83 @@ def table(r: dict) -> str:
     own_r = (rs.get("harmful_refusal") or {}).get("ortho")
     own_kl = (rs.get("kl_harmless_first") or {}).get("ortho")
     n_h, n_l = j["heretic"]["n_harmful"], j["heretic"]["n_harmless"]
-    out = [f"Model: {r['model']}; judge: {n_h} JailbreakBench prompts, greedy, {r['max_new_tokens']} new "
-           f"tokens; KL: first token vs the original on {n_l} harmless_val prompts.", "",
-           "| tool | wall time | refusal (substring) | refusal (heretic markers) | KL first token "
-           "| own report |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        f"Model: {r['model']}; judge: {n_h} JailbreakBench prompts, greedy, {r['max_new_tokens']} new "
+        f"tokens; KL: first token vs the original on {n_l} harmless_val prompts.",
+        "",
+        "| tool | wall time | refusal (substring) | refusal (heretic markers) | KL first token "
+        "| own report |",
+        "|---|---|---|---|---|---|",
+    ]
     if "original" in j:
         out.append(_row("original", "", {**j["original"], "kl_first": 0.0}, ""))
-    own_h = (f"{hc['refusals']}/{h['n_bad_prompts']} refusals (base {h['base_refusals']}), "
-             f"KL {hc['kl']:.4f}")
-    out.append(_row(f"heretic {r['heretic_version']} ({len(h['trials'])} trials, trial {hc['index']})",
-                    f"{h['wall_s'] / 60:.1f} min", j["heretic"], own_h))
+    own_h = f"{hc['refusals']}/{h['n_bad_prompts']} refusals (base {h['base_refusals']}), KL {hc['kl']:.4f}"
+    out.append(
+        _row(
+            f"heretic {r['heretic_version']} ({len(h['trials'])} trials, trial {hc['index']})",
+            f"{h['wall_s'] / 60:.1f} min",
+            j["heretic"],
+            own_h,
+        )
+    )
     own_d = f"ortho refusal {own_r:.2f}, KL {own_kl:.4f}" if own_r is not None and own_kl is not None else ""
     out.append(_row("refdir (`run` + `export`)", f"{d['wall_s'] / 60:.1f} min", j["refdir"], own_d))
     per_trial = ht["trials_s"] / max(len(h["trials"]), 1)
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in d["stage_s"].items())
-    out += ["", f"heretic: setup {(ht['setup_s'] or 0) / 60:.1f} min, trials {ht['trials_s'] / 60:.1f} min "
-            f"({per_trial:.0f} s each), save {(ht['save_s'] or 0) / 60:.1f} min; chosen by {h['rule']}. "
-            f"refdir: run {d['run_s'] / 60:.1f} min ({stages}), export {d['export_s']:.0f} s."]
+    out += [
+        "",
+        f"heretic: setup {(ht['setup_s'] or 0) / 60:.1f} min, trials {ht['trials_s'] / 60:.1f} min "
+        f"({per_trial:.0f} s each), save {(ht['save_s'] or 0) / 60:.1f} min; chosen by {h['rule']}. "
+        f"refdir: run {d['run_s'] / 60:.1f} min ({stages}), export {d['export_s']:.0f} s.",
+    ]
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="offline alias or local checkpoint folder")
-    ap.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
-                    help="heretic trials (~4 min each on the 0.5B)")
-    ap.add_argument("--heretic-python",
-                    default=os.environ.get("HERETIC_PYTHON", "/tmp/hereticenv/bin/python"))
+    ap.add_argument(
+        "--trials", type=int, default=DEFAULT_TRIALS, help="heretic trials (~4 min each on the 0.5B)"
+    )
+    ap.add_argument(
+        "--heretic-python", default=os.environ.get("HERETIC_PYTHON", "/tmp/hereticenv/bin/python")
+    )
     ap.add_argument("--out", default=str(ROOT / "results"), help="folder of vs_heretic-<model>.json")
     ap.add_argument("--shared", default=str(SHARED), help="the datasets folder (harmful_train.json, ...)")
     ap.add_argument("--work", default=None, help="work folder (default: runs/vs_heretic-<model>)")
     ap.add_argument("--device", default="cpu", help="cpu (heretic: float32 on the CPU) or an accelerator")
     ap.add_argument("--seed", type=int, default=42, help="splits and heretic's sampler")
-    ap.add_argument("--refdir-args", default=None,
-                    help=f"extra `refdir run` arguments (default: {REFDIR_EXTRA} per model, else none)")
-    ap.add_argument("--refdir-run", default=None,
-                    help="reuse this finished `refdir run` folder (export only)")
-    ap.add_argument("--heretic-result", default=None,
-                    help="reuse a finished heretic stage (its heretic.json)")
-    ap.add_argument("--heretic-batch-size", type=int, default=128,
-                    help="heretic's batch_size (0: its own probe, 2x1..128 generations of 100 tokens "
-                    "up front)")
-    ap.add_argument("--heretic-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="any other heretic setting (JSON value), e.g. max_response_length=16")
+    ap.add_argument(
+        "--refdir-args",
+        default=None,
+        help=f"extra `refdir run` arguments (default: {REFDIR_EXTRA} per model, else none)",
+    )
+    ap.add_argument(
+        "--refdir-run", default=None, help="reuse this finished `refdir run` folder (export only)"
+    )
+    ap.add_argument(
+        "--heretic-result", default=None, help="reuse a finished heretic stage (its heretic.json)"
+    )
+    ap.add_argument(
+        "--heretic-batch-size",
+        type=int,
+        default=128,
+        help="heretic's batch_size (0: its own probe, 2x1..128 generations of 100 tokens up front)",
+    )
+    ap.add_argument(
+        "--heretic-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other heretic setting (JSON value), e.g. max_response_length=16",
+    )
     ap.add_argument("--max-prompts", type=int, default=None, help="cap each heretic prompt set (smoke runs)")
     ap.add_argument("--n-eval", type=int, default=100, help="judge prompts per side")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="judge's greedy token budget")
     ap.add_argument("--judge-original", action="store_true", help="also judge the original model")
     a = ap.parse_args()
 
-    from refdir.models import resolve_model_path
+    from refdir.core.models import resolve_model_path
 
     name = Path(a.model).name if Path(a.model).exists() else a.model
     work = Path(a.work or ROOT / "runs" / f"vs_heretic-{name}").resolve()
@@ -523,8 +641,9 @@ def main() -> None:
     hd = heretic_defaults(a.heretic_python, driver)  # before any heavy work: a missing heretic stops here
     model_dir = resolve_model_path(a.model)  # an alias: refdir's dequantized cache folder (once)
     if not Path(model_dir).is_dir():
-        raise SystemExit(f"--model {a.model}: heretic needs a local checkpoint folder (offline), "
-                         f"got {model_dir}")
+        raise SystemExit(
+            f"--model {a.model}: heretic needs a local checkpoint folder (offline), got {model_dir}"
+        )
     model_dir = str(Path(model_dir).resolve())
     harmful, harmless = eval_sets(Path(a.shared), a.n_eval, a.seed)
 
@@ -536,23 +655,36 @@ def main() -> None:
     d = run_refdir(a, work)
     if d.get("summary") is not None and len(harmful) == 100 and a.n_eval == 100:
         pj = json.loads((Path(d["run"]) / "prompts.json").read_text())
-        same = ([x["instruction"] for x in pj["eval_harmless"]] == [p.instruction for p in harmless]
-                and [x["instruction"] for x in pj["eval_harmful"]] == [p.instruction for p in harmful])
+        same = [x["instruction"] for x in pj["eval_harmless"]] == [p.instruction for p in harmless] and [
+            x["instruction"] for x in pj["eval_harmful"]
+        ] == [p.instruction for p in harmful]
         if not same:
             log("warning: the refdir run's eval prompts differ from the judge's (other data or seed?)")
     j = judge(a, {"heretic": h["model"], "refdir": d["model"]}, model_dir, harmful, harmless, driver, work)
 
-    r = {"model": name, "model_dir": model_dir, "heretic_version": hd["version"],
-         "heretic_refusal_markers": hd["refusal_markers"], "max_new_tokens": a.max_new_tokens,
-         "kl_limit": KL_LIMIT, "seed": a.seed, "work": str(work), "heretic": h, "refdir": d, "judge": j}
+    r = {
+        "model": name,
+        "model_dir": model_dir,
+        "heretic_version": hd["version"],
+        "heretic_refusal_markers": hd["refusal_markers"],
+        "max_new_tokens": a.max_new_tokens,
+        "kl_limit": KL_LIMIT,
+        "seed": a.seed,
+        "work": str(work),
+        "heretic": h,
+        "refdir": d,
+        "judge": j,
+    }
     hm, rm = h["wall_s"] / 60, d["wall_s"] / 60
-    r["line"] = (f"heretic_minutes={hm:.2f} refdir_minutes={rm:.2f} speedup={hm / rm:.2f} "
-                 f"heretic_refusal={j['heretic']['refusal_substring']:.2f} "
-                 f"refdir_refusal={j['refdir']['refusal_substring']:.2f} "
-                 f"heretic_kl={j['heretic']['kl_first']:.4f} refdir_kl={j['refdir']['kl_first']:.4f}")
+    r["line"] = (
+        f"heretic_minutes={hm:.2f} refdir_minutes={rm:.2f} speedup={hm / rm:.2f} "
+        f"heretic_refusal={j['heretic']['refusal_substring']:.2f} "
+        f"refdir_refusal={j['refdir']['refusal_substring']:.2f} "
+        f"heretic_kl={j['heretic']['kl_first']:.4f} refdir_kl={j['refdir']['kl_first']:.4f}"
+    )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from refdir.io import write_json
+    from refdir.core.io import write_json
 
     write_json(out / f"vs_heretic-{name}.json", r)
     print(table(r))

@@ -1,11 +1,15 @@
 import torch
-
-from refdir.activations import mean_activations
-from refdir.templates import tokenize_prompts
 from tiny import tiny_model
 
-PROMPTS = ["Write a poem about rain.", "Sort a list?",
-           "Explain photosynthesis in a few simple sentences please.", "Hi"]
+from refdir.core.templates import tokenize_prompts
+from refdir.method.activations import mean_activations
+
+PROMPTS = [
+    "Write a poem about rain.",
+    "Sort a list?",
+    "Explain photosynthesis in a few simple sentences please.",
+    "Hi",
+]
 
 
 def test_mean_activations_equal_direct_computation_and_ignore_padding():
@@ -16,7 +20,7 @@ def test_mean_activations_equal_direct_computation_and_ignore_padding():
     for p in PROMPTS:  # one prompt at a time: no padding at all
         one = tokenize_prompts(tok, [p])
         hs = model(input_ids=one.input_ids, output_hidden_states=True).hidden_states  # L+1 x [1, T, d]
-        per.append(torch.stack([h[0, -b.n_post:] for h in hs[:-1]], 1).double())  # [n_post, L, d]
+        per.append(torch.stack([h[0, -b.n_post :] for h in hs[:-1]], 1).double())  # [n_post, L, d]
     direct = torch.stack(per).mean(0)
     assert fast.dtype == torch.float64
     assert (fast - direct).abs().max() < 1e-4
@@ -25,12 +29,21 @@ def test_mean_activations_equal_direct_computation_and_ignore_padding():
 def test_extraction_recorded_by_the_prompt_screen_equals_a_separate_pass(tmp_path):
     """`refdir run` takes the candidate means from the screen's prompt passes (screen_means.safetensors);
     without that file, extraction runs mean_activations: the same candidates."""
-    from refdir.io import load_tensors
-    from refdir.pipeline import SCREEN_MEANS, RunConfig, run_pipeline
-    from refdir.selection import SelectionConfig
+    from refdir.core.io import load_tensors
+    from refdir.method.selection import SelectionConfig
+    from refdir.run.pipeline import SCREEN_MEANS, RunConfig, run_pipeline
+
     model, tok = tiny_model("qwen2")
-    cfg = RunConfig(model="tiny", n_train=10, n_val=4, n_eval=4, filter="none", min_refusal_rate=0.0,
-                    gen_batch_size=6, selection=SelectionConfig(kl_threshold=100, induce_threshold=-1e9))
+    cfg = RunConfig(
+        model="tiny",
+        n_train=10,
+        n_val=4,
+        n_eval=4,
+        filter="none",
+        min_refusal_rate=0.0,
+        gen_batch_size=6,
+        selection=SelectionConfig(kl_threshold=100, induce_threshold=-1e9),
+    )
     logs = []
     run_pipeline(cfg, tmp_path / "fused", model, tok, log=logs.append, stop_after="extract")
     assert any("recorded by the prompt screen" in m for m in logs)
@@ -41,8 +54,9 @@ def test_extraction_recorded_by_the_prompt_screen_equals_a_separate_pass(tmp_pat
     assert not any("recorded by the prompt screen" in m for m in logs)
     a = load_tensors(tmp_path / "fused" / "candidates.safetensors")
     b = load_tensors(tmp_path / "plain" / "candidates.safetensors")
-    assert ((tmp_path / "fused" / "prompts.json").read_text()
-            == (tmp_path / "plain" / "prompts.json").read_text())
+    assert (tmp_path / "fused" / "prompts.json").read_text() == (
+        tmp_path / "plain" / "prompts.json"
+    ).read_text()
     for k in ("mean_harmful", "mean_harmless", "directions"):
         assert (a[k] - b[k]).abs().max() < 1e-4, k
     assert a["directions"].abs().max() > 1e-3
@@ -50,16 +64,17 @@ def test_extraction_recorded_by_the_prompt_screen_equals_a_separate_pass(tmp_pat
 
 def test_recorder_rows_equal_one_prompt_at_a_time():
     """Rows recorded in the generation prompt pass (length buckets, shared prefix) are each prompt's own."""
-    from refdir.activations import PostActivationRecorder
-    from refdir.data import load_builtin
-    from refdir.refusal import generate_batch
+    from refdir.method.activations import PostActivationRecorder
+    from refdir.method.data import load_builtin
+    from refdir.method.refusal import generate_batch
+
     model, tok = tiny_model("qwen2")
     prompts = [p.instruction for p in load_builtin("harmful")][:10] + [PROMPTS[2] * 4]
     n_post = tokenize_prompts(tok, prompts).n_post
     rec = PostActivationRecorder(model, n_post)
     with rec.attached():
         for j in range(0, len(prompts), 6):
-            generate_batch(model, tok, prompts[j:j + 6], max_new_tokens=3, on_bucket=rec.bucket(100 + j))
+            generate_batch(model, tok, prompts[j : j + 6], max_new_tokens=3, on_bucket=rec.bucket(100 + j))
     for i, p in enumerate(prompts):
         one = tokenize_prompts(tok, [p])
         hs = model(input_ids=one.input_ids, output_hidden_states=True).hidden_states
@@ -69,8 +84,8 @@ def test_recorder_rows_equal_one_prompt_at_a_time():
 
 
 def test_read_resid_pre_hands_each_layer_input_and_stops_after_the_last():
-    from refdir.activations import read_resid_pre
-    from refdir.adapter import get_adapter
+    from refdir.core.adapter import get_adapter
+    from refdir.method.activations import read_resid_pre
 
     model, tok = tiny_model("qwen2")
     one = tokenize_prompts(tok, [PROMPTS[0]])

@@ -1,9 +1,16 @@
 import pytest
 import torch
-
-from refdir.analysis import (attention_mass, base_vs_chat_cosines, cosine_per_layer, head_attributions,
-                             random_suffixes, tokenize_with_suffix, top_heads)
 from tiny import tiny_model
+
+from refdir.analyses.suffix_analysis import (
+    attention_mass,
+    base_vs_chat_cosines,
+    cosine_per_layer,
+    head_attributions,
+    random_suffixes,
+    tokenize_with_suffix,
+    top_heads,
+)
 
 INS = ["Write a poem about rain.", "Explain photosynthesis briefly.", "How do I sort a list?"]
 
@@ -36,9 +43,12 @@ def test_cosine_curves_equal_direct_computation():
     b = tokenize_with_suffix(tok, INS, None)
     r = torch.randn(64)
     cos = cosine_per_layer(model, b, r)
-    hs = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-               position_ids=(b.attention_mask.cumsum(-1) - 1).clamp(min=0),
-               output_hidden_states=True).hidden_states
+    hs = model(
+        input_ids=b.input_ids,
+        attention_mask=b.attention_mask,
+        position_ids=(b.attention_mask.cumsum(-1) - 1).clamp(min=0),
+        output_hidden_states=True,
+    ).hidden_states
     for layer in range(4):
         direct = torch.nn.functional.cosine_similarity(hs[layer][:, -1], r[None], dim=-1)
         assert torch.allclose(cos[:, layer], direct, atol=1e-5)

@@ -1,6 +1,6 @@
 """The audit page's cells: numbers a reader can take in (3 significant digits), nothing raw."""
 
-from refdir.audit import _fmt, _rows
+from refdir.outputs.audit import _fmt, _rows
 
 
 def test_floats_read_to_three_significant_digits():

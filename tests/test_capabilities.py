@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from refdir.capabilities import mean_stderr, paired_delta, parse_tasks, write_local_tasks
 from refdir.cli import main
-from refdir.directions import Direction
+from refdir.evaluation.capabilities import mean_stderr, paired_delta, parse_tasks, write_local_tasks
+from refdir.method.directions import Direction
 
 pytest.importorskip("lm_eval")
 
@@ -109,7 +109,7 @@ def test_mcnemar_exact_matches_the_binomial_by_hand():
     p = paired_delta(b, t)
     assert (p["lost"], p["gained"]) == (4, 0)
     assert p["delta_ci95"][1] < 0  # the normal form calls it resolved ...
-    assert p["mcnemar_p"] == pytest.approx(2 * 0.5 ** 4)  # ... a fair coin gives 4-0 one time in 8
+    assert p["mcnemar_p"] == pytest.approx(2 * 0.5**4)  # ... a fair coin gives 4-0 one time in 8
     # 7 lost, 1 gained: 2 * P(X <= 1), X ~ Bin(8, 1/2) = 2 * 9/256
     assert paired_delta([1] * 7 + [0], [0] * 7 + [1])["mcnemar_p"] == pytest.approx(18 / 256)
     assert paired_delta([1, 0], [1, 0])["mcnemar_p"] == 1.0  # nothing changed
@@ -192,9 +192,9 @@ def test_both_conditions_and_the_exported_checkpoint_agree(tiny_folder, tiny_dir
     for task, items in res[
         "per_item"
     ].items():  # the in-place edit scores what the exported checkpoint scores
-        assert exported["per_item"][task]["baseline"] == pytest.approx(
-            items["orthogonalized"], rel=1e-4
-        ), task
+        assert exported["per_item"][task]["baseline"] == pytest.approx(items["orthogonalized"], rel=1e-4), (
+            task
+        )
 
 
 def _fails(capsys, argv, out, needle):
@@ -262,7 +262,7 @@ def _harness_pair(family: str):
     from lm_eval.models.huggingface import HFLM
     from tiny import tiny_model
 
-    from refdir.capabilities import _harness_lm
+    from refdir.evaluation.capabilities import _harness_lm
 
     model, tok = tiny_model(family)
     ours = _harness_lm(HFLM, model, tok, rows=3, gen_rows=2)
@@ -321,15 +321,21 @@ def test_benchmark_merge_joins_invocations_and_keeps_each_tasks_limit():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.limit_groups(["mmlu", "gsm8k", "winogrande"], 100, ["gsm8k=20"]) == {
-        100: ["mmlu", "winogrande"], 20: ["gsm8k"]}
+        100: ["mmlu", "winogrande"],
+        20: ["gsm8k"],
+    }
     with pytest.raises(SystemExit):
         bench.limit_groups(["mmlu"], 100, ["arc=5"])
 
     def part(task, limit, score, layer=3):
-        return {"model": "m", "direction": {"layer": layer, "pos": -1}, "wall_seconds": 10.0,
-                "settings": {"tasks": [task], "limit": limit},
-                "results": [{"task": task, "n": limit, "baseline": score}],
-                "per_item": {task: {"baseline": [score] * limit}}}
+        return {
+            "model": "m",
+            "direction": {"layer": layer, "pos": -1},
+            "wall_seconds": 10.0,
+            "settings": {"tasks": [task], "limit": limit},
+            "results": [{"task": task, "n": limit, "baseline": score}],
+            "per_item": {task: {"baseline": [score] * limit}},
+        }
 
     got = bench.merge([part("mmlu", 4, 0.5), part("gsm8k", 2, 0.25)])
     assert got["settings"]["tasks"] == ["mmlu", "gsm8k"]

@@ -4,18 +4,18 @@ orthonormal."""
 import copy
 
 import torch
+from tiny import tiny_model
 
-from refdir.adapter import get_adapter
-from refdir.directions import Direction
-from refdir.interventions import (
+from refdir.core.adapter import get_adapter
+from refdir.core.templates import PromptFormat, tokenize_prompts
+from refdir.method.directions import Direction
+from refdir.method.interventions import (
     directional_ablation,
     orthogonalize_weights,
     orthonormal_basis,
     subspace_ablation,
 )
-from refdir.refusal import last_logits
-from refdir.templates import PromptFormat, tokenize_prompts
-from tiny import tiny_model
+from refdir.method.refusal import last_logits
 
 PROMPTS = ["Write a poem about rain.", "How do I sort a list in Python?", "Explain photosynthesis briefly."]
 HARM = [
@@ -69,8 +69,8 @@ def test_orthogonalizing_each_basis_vector_equals_subspace_ablation():
 
 def _cone_setup():
     """A tiny model, its harmful/harmless batches, difference-of-means candidates and one of them as r."""
-    from refdir.activations import mean_activations
-    from refdir.directions import candidate_directions
+    from refdir.method.activations import mean_activations
+    from refdir.method.directions import candidate_directions
 
     model, tok = tiny_model("llama")
     hb, lb = tokenize_prompts(tok, HARM), tokenize_prompts(tok, PROMPTS)
@@ -79,7 +79,7 @@ def _cone_setup():
 
 
 def test_greedy_cone_grows_an_orthonormal_basis_from_the_run_direction():
-    from refdir.cone import evaluate_ranks, greedy_cone
+    from refdir.analyses.cone import evaluate_ranks, greedy_cone
 
     model, tok, hb, lb, cands, d = _cone_setup()
     ranks = greedy_cone(model, cands, d, hb, hb, lb, [5, 6], max_rank=3, pool_size=6, progress=False)
@@ -87,8 +87,8 @@ def test_greedy_cone_grows_an_orthonormal_basis_from_the_run_direction():
     basis = ranks[-1]["basis"]
     assert torch.allclose(basis @ basis.T, torch.eye(3, dtype=basis.dtype), atol=1e-8)
     assert torch.allclose(basis[0], (d.vector / d.vector.norm()).double(), atol=1e-6)  # rank 1 is r̂ itself
-    from refdir.cone import subspace_bypass
-    from refdir.forward import split_prefix
+    from refdir.analyses.cone import subspace_bypass
+    from refdir.core.forward import split_prefix
 
     again = subspace_bypass(model, split_prefix(hb, True, model), ranks[2]["basis"], torch.tensor([5, 6]))
     assert abs(again - ranks[2]["bypass"]) < 1e-4  # the recorded score is that basis's bypass
@@ -98,7 +98,7 @@ def test_greedy_cone_grows_an_orthonormal_basis_from_the_run_direction():
 
 
 def test_gradient_refinement_lowers_its_objective_and_stays_orthogonal():
-    from refdir.cone import refine_direction
+    from refdir.analyses.cone import refine_direction
 
     model, tok = tiny_model("qwen2")
     hb, lb = tokenize_prompts(tok, HARM), tokenize_prompts(tok, PROMPTS)
@@ -120,7 +120,7 @@ def test_gradient_refinement_lowers_its_objective_and_stays_orthogonal():
 
 
 def test_greedy_cone_with_refinement_keeps_the_better_vector():
-    from refdir.cone import greedy_cone
+    from refdir.analyses.cone import greedy_cone
 
     model, tok, hb, lb, cands, d = _cone_setup()
     plain = greedy_cone(model, cands, d, hb, hb, lb, [5, 6], max_rank=2, pool_size=6, progress=False)
@@ -135,7 +135,7 @@ def test_greedy_cone_with_refinement_keeps_the_better_vector():
 
 
 def test_kl_budget_keeps_each_added_vector_within_it():
-    from refdir.cone import _SubspaceKL, greedy_cone
+    from refdir.analyses.cone import _SubspaceKL, greedy_cone
 
     model, tok, hb, lb, cands, d = _cone_setup()
     args = (model, cands, d, hb, hb, lb, [5, 6])
@@ -151,6 +151,6 @@ def test_kl_budget_keeps_each_added_vector_within_it():
     assert e["added"] != plain[1]["added"] and e["bypass"] >= plain[1]["bypass"] - 1e-9
     assert abs(kl_of(e["basis"]) - e["kl"]) < 1e-9  # the recorded KL is that basis's
     assert e["kl"] <= k1 + budget + 1e-12 or e.get("over_kl_budget")
-    from refdir.cone import _method
+    from refdir.analyses.cone import _method
 
     assert "KL <=" in _method(e)

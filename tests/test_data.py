@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refdir.data import load_builtin, load_prompts, parse_prompts, split_prompts
-from refdir.errors import RefdirError
+from refdir.core.errors import RefdirError
+from refdir.method.data import load_builtin, load_prompts, parse_prompts, split_prompts
 
 
 def test_builtin_sets_are_large_enough_and_categorised():
@@ -16,27 +16,33 @@ def test_builtin_sets_are_large_enough_and_categorised():
         assert len({p.category for p in ps}) >= 8
 
 
-@pytest.mark.parametrize("name,text", [
-    ("a.json", json.dumps(["x", {"instruction": "y", "category": "c"}])),
-    ("a.jsonl", '{"instruction": "x"}\n\n{"instruction": "y"}\n'),
-    ("a.csv", "instruction,category\nx,c1\ny,c2\n"),
-    ("a.txt", "x\n\ny\n"),
-])
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("a.json", json.dumps(["x", {"instruction": "y", "category": "c"}])),
+        ("a.jsonl", '{"instruction": "x"}\n\n{"instruction": "y"}\n'),
+        ("a.csv", "instruction,category\nx,c1\ny,c2\n"),
+        ("a.txt", "x\n\ny\n"),
+    ],
+)
 def test_loaders(tmp_path, name, text):
     f = tmp_path / name
     f.write_text(text)
     assert [p.instruction for p in load_prompts(str(f))] == ["x", "y"]
 
 
-@pytest.mark.parametrize("name,text,msg", [
-    ("e.json", "[]", "empty"),
-    ("m.json", "[\n\"a\",\n", "line"),
-    ("m.jsonl", '{"instruction": "a"}\n{oops\n', "line 2"),
-    ("d.txt", "a\nb\na\n", "duplicates"),
-    ("b.json", '["a", "  "]', "blank"),
-    ("c.csv", "text\na\n", "column"),
-    ("u.xml", "<a/>", "unsupported"),
-])
+@pytest.mark.parametrize(
+    "name,text,msg",
+    [
+        ("e.json", "[]", "empty"),
+        ("m.json", '[\n"a",\n', "line"),
+        ("m.jsonl", '{"instruction": "a"}\n{oops\n', "line 2"),
+        ("d.txt", "a\nb\na\n", "duplicates"),
+        ("b.json", '["a", "  "]', "blank"),
+        ("c.csv", "text\na\n", "column"),
+        ("u.xml", "<a/>", "unsupported"),
+    ],
+)
 def test_bad_datasets(tmp_path, name, text, msg):
     f = tmp_path / name
     f.write_text(text)
@@ -61,9 +67,14 @@ def test_splits_are_seeded_disjoint_and_checked():
         split_prompts(ps, [0], seed=0)
 
 
-texts = st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1,
-                         max_size=30).filter(lambda s: s.strip()),
-                 min_size=1, max_size=8, unique_by=str.strip)
+texts = st.lists(
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1, max_size=30
+    ).filter(lambda s: s.strip()),
+    min_size=1,
+    max_size=8,
+    unique_by=str.strip,
+)
 
 
 @settings(max_examples=60, deadline=None)

@@ -26,7 +26,7 @@ def _run(model, *extra):
 
 
 def _direction(tmp: Path, vec: torch.Tensor, model: str = "") -> str:
-    from refdir.directions import Direction
+    from refdir.method.directions import Direction
 
     Direction(vec, 1, -1, model).save(tmp / "dir" / "direction")
     return str(tmp / "dir")
@@ -79,7 +79,7 @@ def _prompts_only_run(tmp: Path, direction_model: str | None = None) -> str:
     (d / "config.json").write_text(json.dumps({"format": 1, "model": "x"}))
     (d / "prompts.json").write_text(json.dumps({"harmful_train": [], "eval_harmful": []}))
     if direction_model:
-        from refdir.directions import Direction
+        from refdir.method.directions import Direction
 
         Direction(torch.randn(64), 1, -1, direction_model).save(d / "direction")
     return str(d)
@@ -441,12 +441,12 @@ def _long_prompt(t: Path) -> str:
 
 
 def _oom(argv):
-    import refdir.pipeline
+    import refdir.run.pipeline
 
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    refdir.pipeline.prepare_prompts = boom  # restored by the test (the stage table calls it by this name)
+    refdir.run.pipeline.prepare_prompts = boom  # restored by the test (the stage table calls it by this name)
     return argv
 
 
@@ -492,9 +492,9 @@ def _snapshot(root: Path) -> set:
 def test_bad_input(case, argv, fragment, tmp_path, tiny_folder, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
-    import refdir.pipeline
+    import refdir.run.pipeline
 
-    monkeypatch.setattr(refdir.pipeline, "prepare_prompts", refdir.pipeline.prepare_prompts)
+    monkeypatch.setattr(refdir.run.pipeline, "prepare_prompts", refdir.run.pipeline.prepare_prompts)
     monkeypatch.setitem(sys.modules, "bitsandbytes", sys.modules.get("bitsandbytes"))
     try:  # imported first, so that the "not installed" case's None is undone (when it is installed)
         import lm_eval  # noqa: F401
@@ -533,7 +533,7 @@ class _nullctx:
 
 
 def test_missing_and_wrong_version_model_packages(monkeypatch, tmp_path, capsys):
-    from refdir import models
+    from refdir.core import models
 
     fake = models.OfflineModel("fake-model", ("refdir-no-such-package-part1",), 1, "0" * 64, "models-small")
     monkeypatch.setitem(models.OFFLINE_MODELS, "fake-model", fake)
@@ -557,7 +557,7 @@ def test_missing_and_wrong_version_model_packages(monkeypatch, tmp_path, capsys)
 def test_disk_full_during_export_leaves_nothing(tiny_folder, tmp_path, monkeypatch, capsys, in_memory):
     import transformers
 
-    import refdir.export
+    import refdir.outputs.export
 
     d = _direction(tmp_path, torch.randn(64))
 
@@ -567,7 +567,7 @@ def test_disk_full_during_export_leaves_nothing(tiny_folder, tmp_path, monkeypat
     if in_memory:
         monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
     else:  # the second tensor of the streamed checkpoint hits a full disk
-        monkeypatch.setattr(refdir.export._ShardWriter, "close", full)
+        monkeypatch.setattr(refdir.outputs.export._ShardWriter, "close", full)
     out = tmp_path / "exp"
     assert (
         main(
@@ -597,12 +597,12 @@ def render_table() -> str:
         (t / "tinyq").mkdir()
         model.save_pretrained(t / "tinyq")
         tok.save_pretrained(t / "tinyq")
-        import refdir.pipeline
+        import refdir.run.pipeline
 
         with contextlib.suppress(ImportError):
             import lm_eval  # noqa: F401  (so that the "not installed" case can be undone)
         screen, bnb, lme = (
-            refdir.pipeline.prepare_prompts,
+            refdir.run.pipeline.prepare_prompts,
             sys.modules.get("bitsandbytes"),
             sys.modules.get("lm_eval"),
         )
@@ -612,7 +612,7 @@ def render_table() -> str:
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
                 main(argv(work, t / "tinyq", None))
-            refdir.pipeline.prepare_prompts = screen  # the cases that simulate failures patch these
+            refdir.run.pipeline.prepare_prompts = screen  # the cases that simulate failures patch these
             if bnb is None:
                 sys.modules.pop("bitsandbytes", None)
             else:

@@ -1,17 +1,18 @@
 """Streaming export: tensor by tensor from the source safetensors, equal to the in-memory edit."""
+
 import copy
 
 import pytest
 import torch
-
-from refdir.directions import Direction
-from refdir.errors import RefdirError
-from refdir.export import export_orthogonalized, export_streaming
-from refdir.interventions import directional_ablation
-from refdir.models import load_model
-from refdir.refusal import last_logits
-from refdir.templates import tokenize_prompts
 from tiny import tiny_model
+
+from refdir.core.errors import RefdirError
+from refdir.core.models import load_model
+from refdir.core.templates import tokenize_prompts
+from refdir.method.directions import Direction
+from refdir.method.interventions import directional_ablation
+from refdir.method.refusal import last_logits
+from refdir.outputs.export import export_orthogonalized, export_streaming
 
 PROMPTS = ["Write a poem about rain.", "How do I sort a list in Python?", "Explain photosynthesis briefly."]
 
@@ -30,13 +31,23 @@ def _state(path):
     return m, {k: v.clone() for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("phi3", False),
-                                        ("qwen2_moe", False), ("mixtral", False), ("gpt_oss", False),
-                                        ("deepseek_v3", False)])
+@pytest.mark.parametrize(
+    "family,tie",
+    [
+        ("llama", True),
+        ("qwen2", False),
+        ("phi3", False),
+        ("qwen2_moe", False),
+        ("mixtral", False),
+        ("gpt_oss", False),
+        ("deepseek_v3", False),
+    ],
+)
 def test_streaming_export_equals_the_in_memory_edit(tmp_path, family, tie):
     model, tok, r = _setup(tmp_path, family, tie)
-    export_streaming(str(tmp_path / "src"), None, tmp_path / "dir", tmp_path / "stream",
-                     max_shard_bytes=40_000)
+    export_streaming(
+        str(tmp_path / "src"), None, tmp_path / "dir", tmp_path / "stream", max_shard_bytes=40_000
+    )
     assert len(list((tmp_path / "stream").glob("*.safetensors"))) > 1  # really sharded
     export_orthogonalized(copy.deepcopy(model), tok, tmp_path / "dir", tmp_path / "mem")
     streamed, a = _state(tmp_path / "stream")

@@ -1,15 +1,19 @@
 """The shared-prefix forward and greedy loop equal plain full forwards, on every family."""
 
 import torch
-
-from refdir.forward import end_token_ids, greedy_generate, last_logits_shared, split_prefix
-from refdir.interventions import activation_addition, directional_ablation
-from refdir.refusal import last_logits
-from refdir.templates import tokenize_prompts
 from tiny import tiny_model
 
-PROMPTS = ["Write a poem about rain.", "How do I sort a list in Python?", "Explain photosynthesis briefly.",
-           "Give me three tips for sleeping better, please, in a short list."]
+from refdir.core.forward import end_token_ids, greedy_generate, last_logits_shared, split_prefix
+from refdir.core.templates import tokenize_prompts
+from refdir.method.interventions import activation_addition, directional_ablation
+from refdir.method.refusal import last_logits
+
+PROMPTS = [
+    "Write a poem about rain.",
+    "How do I sort a list in Python?",
+    "Explain photosynthesis briefly.",
+    "Give me three tips for sleeping better, please, in a short list.",
+]
 
 
 def _full_greedy(model, ids, mask, n, end_ids):
@@ -37,7 +41,7 @@ def test_split_prefix_shares_the_template_head():
     assert pb.n_prefix >= 8
     for i in range(len(PROMPTS)):
         full = b.input_ids[i][b.attention_mask[i].bool()]
-        rest = pb.input_ids[i][pb.attention_mask[i, pb.n_prefix:].bool()]
+        rest = pb.input_ids[i][pb.attention_mask[i, pb.n_prefix :].bool()]
         assert torch.equal(torch.cat([pb.prefix, rest]), full)
     assert split_prefix(b, share=False).n_prefix == 0
 
@@ -47,8 +51,11 @@ def test_shared_prefix_logits_equal_full_forward(tiny, family):
     b = tokenize_prompts(tok, PROMPTS)
     pb = split_prefix(b, model=model)
     r = torch.randn(64, generator=torch.Generator().manual_seed(3))
-    for ctx in (lambda: torch.no_grad(), lambda: directional_ablation(model, r),
-                lambda: activation_addition(model, r, 1)):
+    for ctx in (
+        lambda: torch.no_grad(),
+        lambda: directional_ablation(model, r),
+        lambda: activation_addition(model, r, 1),
+    ):
         with ctx():
             full = last_logits(model, b.input_ids, b.attention_mask)
             shared = last_logits_shared(model, pb)
@@ -86,20 +93,32 @@ def test_no_sharing_across_a_sliding_window():
 
 def test_kl_and_ce_equal_a_direct_computation():
     """Streaming, prefix-shared KL/CE == full forwards of prompt+completion, one prompt at a time."""
-    from refdir.evaluation import kl_and_ce
-    from refdir.templates import PromptFormat, _add_special, format_prompt
+    from refdir.core.templates import PromptFormat, add_special, format_prompt
+    from refdir.evaluation.conditions import kl_and_ce
+
     model, tok = tiny_model("qwen2")
-    comps = ["Sure, here is a poem about rain", "", "Photosynthesis is how plants make food from light",
-             "1. Sleep"]
+    comps = [
+        "Sure, here is a poem about rain",
+        "",
+        "Photosynthesis is how plants make food from light",
+        "1. Sleep",
+    ]
     r = torch.randn(64, generator=torch.Generator().manual_seed(5))
     n = 6
-    got = kl_and_ce(model, tok, PROMPTS, comps, PromptFormat(),
-                    {"baseline": torch.no_grad, "ablation": lambda: directional_ablation(model, r)},
-                    n_tokens=n, batch_size=3)
+    got = kl_and_ce(
+        model,
+        tok,
+        PROMPTS,
+        comps,
+        PromptFormat(),
+        {"baseline": torch.no_grad, "ablation": lambda: directional_ablation(model, r)},
+        n_tokens=n,
+        batch_size=3,
+    )
     kl_first, kl_mean, ce, ce_n = [], [], 0.0, 0
     for p, c in zip(PROMPTS, comps):
         text = format_prompt(tok, p, PromptFormat())
-        pid = tok(text, add_special_tokens=_add_special(tok, text))["input_ids"]
+        pid = tok(text, add_special_tokens=add_special(tok, text))["input_ids"]
         cid = tok(c, add_special_tokens=False)["input_ids"][:n]
         ids = torch.tensor([pid + cid])
         lb = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
@@ -109,8 +128,9 @@ def test_kl_and_ce_equal_a_direct_computation():
         kl = (lb[sl].exp() * (lb[sl] - la[sl])).sum(-1)
         kl_first.append(float(kl[0]))
         kl_mean.append(float(kl.mean()))
-        ce += (float(-la[sl][torch.arange(len(cid)), torch.tensor(cid, dtype=torch.long)].sum())
-               if cid else 0.0)
+        ce += (
+            float(-la[sl][torch.arange(len(cid)), torch.tensor(cid, dtype=torch.long)].sum()) if cid else 0.0
+        )
         ce_n += len(cid)
     a = got["ablation"]
     assert abs(a["kl_first"] - sum(kl_first) / 4) < 1e-5 and abs(a["kl_mean"] - sum(kl_mean) / 4) < 1e-5
@@ -123,12 +143,14 @@ def test_single_prompt_keeps_its_post_instruction_tokens():
     b = tokenize_prompts(tok, PROMPTS[:1])
     pb = split_prefix(b)
     assert pb.input_ids.shape[1] == b.n_post
-    from refdir.activations import mean_activations
+    from refdir.method.activations import mean_activations
+
     assert (mean_activations(model, b) - mean_activations(model, b, share_prefix=False)).abs().max() < 1e-4
 
 
 def test_length_buckets_partition_rows_and_cut_padding():
-    from refdir.forward import length_buckets
+    from refdir.core.forward import length_buckets
+
     lengths = [5, 40, 6, 41, 7, 39, 5, 8]
     groups = length_buckets(lengths, max_rows=3, overhead=4)
     assert sorted(i for g in groups for i in g) == list(range(8)) and max(map(len, groups)) <= 3
@@ -137,14 +159,17 @@ def test_length_buckets_partition_rows_and_cut_padding():
     assert length_buckets(lengths, 8, overhead=10_000) == [sorted(range(8), key=lambda i: (lengths[i], i))]
 
 
-LONG = PROMPTS + ["Summarise, in plain words and at some length, the main differences between the economic "
-                  "policies of several countries over the last century, with examples from each decade and "
-                  "a closing paragraph on what historians still disagree about."]
+LONG = PROMPTS + [
+    "Summarise, in plain words and at some length, the main differences between the economic "
+    "policies of several countries over the last century, with examples from each decade and "
+    "a closing paragraph on what historians still disagree about."
+]
 
 
 def test_bucketed_prefill_equals_one_padded_pass(tiny, family):
     """Prompts of very different lengths: the prefill runs in buckets and decoding is unchanged."""
-    from refdir.forward import bucketed_prefill, length_buckets
+    from refdir.core.forward import bucketed_prefill, length_buckets
+
     model, tok = tiny_model(family)
     b = tokenize_prompts(tok, LONG)
     pb = split_prefix(b, model=model, extra=12)
@@ -162,15 +187,24 @@ def test_bucketed_prefill_equals_one_padded_pass(tiny, family):
 def test_actadd_teacher_forcing_from_its_layer_equals_the_full_pass(tiny, family):
     """kl_and_ce runs activation addition only from its layer on the baseline's residual stream: same
     numbers."""
-    from refdir.evaluation import ActAddFactory, kl_and_ce
-    from refdir.templates import PromptFormat
+    from refdir.core.templates import PromptFormat
+    from refdir.evaluation.conditions import ActAddFactory, kl_and_ce
+
     model, tok = tiny_model(family)
     comps = ["Sure, here is a poem about rain", "", "Photosynthesis is how plants make food", "1. Sleep"]
     v = 3 * torch.randn(64, generator=torch.Generator().manual_seed(7))
     fast = ActAddFactory(model, v, 1, -1.0)
     slow = lambda: activation_addition(model, v, 1, -1.0)  # noqa: E731
-    got = kl_and_ce(model, tok, PROMPTS, comps, PromptFormat(),
-                    {"baseline": torch.no_grad, "fast": fast, "slow": slow}, n_tokens=5, batch_size=3)
+    got = kl_and_ce(
+        model,
+        tok,
+        PROMPTS,
+        comps,
+        PromptFormat(),
+        {"baseline": torch.no_grad, "fast": fast, "slow": slow},
+        n_tokens=5,
+        batch_size=3,
+    )
     assert got["slow"]["kl_mean"] > 1e-3
     for key in ("kl_first", "kl_mean", "ce"):
         assert abs(got["fast"][key] - got["slow"][key]) < 1e-5, (key, got)
@@ -179,9 +213,10 @@ def test_actadd_teacher_forcing_from_its_layer_equals_the_full_pass(tiny, family
 def test_conditions_sharing_batches_equal_one_condition_at_a_time(tiny, family):
     """Rows of baseline, ablation and +-r in one batch (per-row hooks, per-condition prefix caches, rows
     leaving as they end) generate exactly what each condition generates alone."""
-    from refdir.directions import Direction
-    from refdir.evaluation import GenJob, condition, generate_conditions, generate_judged
-    from refdir.templates import PromptFormat
+    from refdir.core.templates import PromptFormat
+    from refdir.evaluation.conditions import GenJob, condition, generate_conditions, generate_judged
+    from refdir.method.directions import Direction
+
     model, tok = tiny_model(family)
     ends = end_token_ids(model, tok)
     with torch.no_grad():  # make some rows end early so that the batch shrinks
@@ -189,8 +224,10 @@ def test_conditions_sharing_batches_equal_one_condition_at_a_time(tiny, family):
     v = 4 * torch.randn(64, generator=torch.Generator().manual_seed(11))
     d = Direction(vector=v, layer=1, pos=-1)
     cats = [None] * len(PROMPTS)
-    jobs = [GenJob(f"j{i}", c, PROMPTS[i % 2:], cats[i % 2:]) for i, c in
-            enumerate(("baseline", "ablation", "actadd+", "actadd-", "baseline"))]
+    jobs = [
+        GenJob(f"j{i}", c, PROMPTS[i % 2 :], cats[i % 2 :])
+        for i, c in enumerate(("baseline", "ablation", "actadd+", "actadd-", "baseline"))
+    ]
     got = generate_conditions(model, tok, jobs, d, PromptFormat(), 10, batch_size=7)
     for job in jobs:
         with condition(model, job.condition, d):
@@ -208,8 +245,9 @@ def test_settled_rows_leave_with_what_they_have():
     ends = end_token_ids(model, tok)
     ref, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends)
     stop = ref[0][2]
-    got, _ = greedy_generate(model, split_prefix(b, model=model, extra=12), 12, ends,
-                             settled=lambda t: t[-1] == stop)
+    got, _ = greedy_generate(
+        model, split_prefix(b, model=model, extra=12), 12, ends, settled=lambda t: t[-1] == stop
+    )
     want = [r[: r.index(stop) + 1] if stop in r else r for r in ref]
     assert got == want and got != ref
 
@@ -238,7 +276,7 @@ def _full_logprob(model, seq, c):
 def test_continuation_logprobs_equal_full_forwards(tiny, family):
     """Benchmark scoring: a shared preamble, items whose answers share the question, a repeated input
     (one-token answers of one question), rows of different lengths, a greedy continuation."""
-    from refdir.forward import continuation_logprobs
+    from refdir.core.forward import continuation_logprobs
 
     model, _ = tiny_model(family)
     g = torch.Generator().manual_seed(5)
@@ -277,7 +315,7 @@ def test_room_cache_equals_a_growing_one():
     values at every step, through growth past the first room and through rows leaving the batch."""
     from transformers import DynamicCache
 
-    from refdir.forward import _make_room
+    from refdir.core.forward import _make_room
 
     g = torch.Generator().manual_seed(0)
 

@@ -2,17 +2,21 @@ import copy
 
 import pytest
 import torch
-
-from refdir.activations import mean_activations
-from refdir.adapter import get_adapter
-from refdir.errors import RefdirError
-from refdir.interventions import activation_addition, directional_ablation, orthogonalize_weights
-from refdir.refusal import last_logits
-from refdir.templates import tokenize_prompts
 from tiny import tiny_model
 
-PROMPTS = ["Write a poem about rain.", "How do I sort a list in Python?", "Explain photosynthesis briefly.",
-           "Give me three tips for sleeping better."]
+from refdir.core.adapter import get_adapter
+from refdir.core.errors import RefdirError
+from refdir.core.templates import tokenize_prompts
+from refdir.method.activations import mean_activations
+from refdir.method.interventions import activation_addition, directional_ablation, orthogonalize_weights
+from refdir.method.refusal import last_logits
+
+PROMPTS = [
+    "Write a poem about rain.",
+    "How do I sort a list in Python?",
+    "Explain photosynthesis briefly.",
+    "Give me three tips for sleeping better.",
+]
 
 
 def _direction(seed=1):
@@ -63,7 +67,7 @@ def test_per_row_directions_equal_separate_runs():
     for k, r in enumerate((r1, r2)):
         with directional_ablation(model, r):
             one = last_logits(model, b.input_ids, b.attention_mask)
-        assert (both[2 * k:2 * k + 2] - one).abs().max() < 1e-4
+        assert (both[2 * k : 2 * k + 2] - one).abs().max() < 1e-4
 
 
 def test_activation_addition_shifts_resid_by_vector():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from refdir.cli import main
-from refdir.io import read_jsonl
+from refdir.core.io import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_table_rows_match_the_evaluation_and_add_the_suffix_rows(judged_run, cap
     gen = read_jsonl(run / "jailbreak_completions.jsonl")
     assert len(gen) == n and {g["condition"] for g in gen} == {"random_suffix"}
     assert "Jailbreaks (paper Table 2)" in (run / "report.html").read_text()
-    from refdir.audit import build_audit, render_audit
+    from refdir.outputs.audit import build_audit, render_audit
 
     a = build_audit(run)  # the audit page carries the same table
     assert a["jailbreaks"]["rows"] == jb["rows"] and "paper Table 2" in render_audit(a)

@@ -1,24 +1,25 @@
 """Loading: devices, dtypes, device maps (disk offload as the CPU stand-in for several GPUs), bitsandbytes."""
+
 import copy
 import json
 import sys
 
 import pytest
 import torch
-
-from refdir.adapter import get_adapter
-from refdir.errors import RefdirError
-from refdir.interventions import directional_ablation, orthogonalize_weights
-from refdir.models import load_model, parse_max_memory, resolve_device, resolve_dtype
-from refdir.refusal import last_logits
-from refdir.templates import tokenize_prompts
 from tiny import tiny_model
+
+from refdir.core.adapter import get_adapter
+from refdir.core.errors import RefdirError
+from refdir.core.models import load_model, parse_max_memory, resolve_device, resolve_dtype
+from refdir.core.templates import tokenize_prompts
+from refdir.method.interventions import directional_ablation, orthogonalize_weights
+from refdir.method.refusal import last_logits
 
 PROMPTS = ["Write a poem about rain.", "How do I sort a list in Python?", "Explain photosynthesis briefly."]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 
 
-def _unit(seed=3, d=64):
+def unit_vector(seed=3, d=64):
     r = torch.randn(d, generator=torch.Generator().manual_seed(seed))
     return r / r.norm()
 
@@ -27,10 +28,15 @@ def _block_inputs_and_final(model, ids, mask):
     """The residual stream entering every block and leaving the last one, as the hooks leave it."""
     ad = get_adapter(model)
     seen = []
-    hs = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
-                                          with_kwargs=True) for layer in ad.layers]
-    hs.append(ad.layers[-1].register_forward_hook(
-        lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o)))
+    hs = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]), with_kwargs=True
+        )
+        for layer in ad.layers
+    ]
+    hs.append(
+        ad.layers[-1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    )
     try:
         model(input_ids=ids, attention_mask=mask)
     finally:
@@ -40,9 +46,15 @@ def _block_inputs_and_final(model, ids, mask):
 
 
 @no_cuda
-@pytest.mark.parametrize("device,msg", [("cuda", "CUDA is not available"),
-                                        ("cuda:3", "CUDA is not available"),
-                                        ("tpu", "unknown device"), ("cpu:1", "unknown device")])
+@pytest.mark.parametrize(
+    "device,msg",
+    [
+        ("cuda", "CUDA is not available"),
+        ("cuda:3", "CUDA is not available"),
+        ("tpu", "unknown device"),
+        ("cpu:1", "unknown device"),
+    ],
+)
 def test_bad_devices_are_one_line_errors(device, msg):
     with pytest.raises(RefdirError, match=msg):
         resolve_device(device)
@@ -52,6 +64,7 @@ def test_auto_dtype():
     class Cfg:
         def __init__(self, dtype, model_type="llama"):
             self.dtype, self.model_type = dtype, model_type
+
     assert resolve_dtype("auto", "cpu", Cfg(torch.bfloat16)) == torch.float32  # ~8x faster on this CPU
     assert resolve_dtype("auto", "cuda", Cfg(torch.bfloat16)) == torch.bfloat16
     assert resolve_dtype("auto", "cuda", Cfg(torch.float16)) == torch.float16
@@ -90,7 +103,8 @@ def test_missing_bitsandbytes_names_the_pip_command(tiny_folder, monkeypatch):
 
 
 def test_prompt_longer_than_the_context_is_an_input_error():
-    from refdir.refusal import generate
+    from refdir.method.refusal import generate
+
     model, tok = tiny_model("qwen2")  # 256 positions
     with pytest.raises(RefdirError, match="exceeds the model's context of 256"):
         generate(model, tok, ["word " * 400], max_new_tokens=8)
@@ -112,11 +126,12 @@ def test_ablation_on_a_disk_offloaded_device_map(family, tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     (tmp_path / "map.json").write_text(json.dumps(_offload_map(model)))
-    off, _ = load_model(str(tmp_path / "m"), device_map=str(tmp_path / "map.json"),
-                        offload_folder=str(tmp_path / "off"))
+    off, _ = load_model(
+        str(tmp_path / "m"), device_map=str(tmp_path / "map.json"), offload_folder=str(tmp_path / "off")
+    )
     assert any(p.device.type == "meta" for p in off.parameters())  # really offloaded
     b = tokenize_prompts(tok, PROMPTS)
-    r = _unit()
+    r = unit_vector()
     with directional_ablation(model, r):
         want = last_logits(model, b.input_ids, b.attention_mask)
     with directional_ablation(off, r):
@@ -132,7 +147,7 @@ def test_bf16_loading_path(tiny_folder):
     model, tok = load_model(str(tiny_folder), dtype="bfloat16")
     assert model.dtype == torch.bfloat16
     b = tokenize_prompts(tok, PROMPTS)
-    r = _unit()
+    r = unit_vector()
     with directional_ablation(model, r):
         ablated = last_logits(model, b.input_ids, b.attention_mask)
         for x in _block_inputs_and_final(model, b.input_ids, b.attention_mask):
@@ -151,7 +166,7 @@ def test_bitsandbytes_weights_take_hooks_not_edits(tiny_folder, bits):
     ad = get_adapter(model)
     assert any("quantized" in n for n in ad.notes)
     b = tokenize_prompts(tok, PROMPTS)
-    r = _unit()
+    r = unit_vector()
     with directional_ablation(model, r):
         for x in _block_inputs_and_final(model, b.input_ids, b.attention_mask):
             assert ((x.float() @ r).abs() / x.float().norm(dim=-1)).max() < 1e-5

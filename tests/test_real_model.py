@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from refdir.errors import RefdirError
-from refdir.models import OFFLINE_MODELS, offline_parts
+from refdir.core.errors import RefdirError
+from refdir.core.models import OFFLINE_MODELS, offline_parts
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 
@@ -25,12 +25,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE, reason=f"{MODEL} pa
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     from refdir.cli import main
+
     out = tmp_path_factory.mktemp("real") / "run"
     # Measured: on this model +r at coefficient 1 raises the harmless refusal log-odds from about -4.4 to
     # -2.5 at best, below its calibrated refusal threshold (about -0.6), so with default filters selection
     # stops ("every candidate filtered by induce"; see README). Disable the induce filter to test the rest.
-    assert main(["run", "--model", MODEL, "--preset", "quick", "--out", str(out),
-                 "--induce-threshold=-1e9"]) == 0
+    assert (
+        main(["run", "--model", MODEL, "--preset", "quick", "--out", str(out), "--induce-threshold=-1e9"])
+        == 0
+    )
     return out
 
 

@@ -13,13 +13,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from refdir.directions import load_direction
-from refdir.errors import RefdirError
+from refdir.core.errors import RefdirError
+from refdir.method.directions import load_direction
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-ARGS = ["--preset", "quick", "--filter", "none", "--kl-threshold", "100", "--induce-threshold=-1e9",
-        "--min-refusal-rate", "0", "--n-train", "24", "--n-val", "8", "--n-eval", "12",
-        "--max-new-tokens", "6"]
+ARGS = [
+    "--preset",
+    "quick",
+    "--filter",
+    "none",
+    "--kl-threshold",
+    "100",
+    "--induce-threshold=-1e9",
+    "--min-refusal-rate",
+    "0",
+    "--n-train",
+    "24",
+    "--n-val",
+    "8",
+    "--n-eval",
+    "12",
+    "--max-new-tokens",
+    "6",
+]
 ARTIFACTS = ["prompts.json", "candidates.safetensors", "direction.safetensors", "completions.jsonl"]
 
 
@@ -55,8 +71,9 @@ def test_same_seed_gives_bitwise_identical_candidates_and_direction(reference_ru
 @pytest.mark.parametrize("kill_after", ["prompts", "extract", "select"])
 def test_kill_9_and_resume_gives_identical_artifacts(reference_run, tiny_folder, tmp_path, kill_after):
     out = tmp_path / "killed"
-    p = subprocess.Popen(_cmd(tiny_folder, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=_env())
+    p = subprocess.Popen(
+        _cmd(tiny_folder, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
+    )
     stages = out / "stages.json"
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
@@ -82,6 +99,7 @@ def test_pt_direction_is_read_without_pickle_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
     torch.save({"x": Evil()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
     with pytest.raises(RefdirError):
         load_direction(tmp_path / "evil.pt")
@@ -98,6 +116,7 @@ def test_source_has_no_pickle_and_safe_defaults():
 
 def test_select_never_follows_paths_from_run_metadata(tiny_folder, tmp_path, capsys):
     from refdir.cli import main
+
     out = tmp_path / "r"
     assert main(["extract", "--model", str(tiny_folder), "--out", str(out), *ARGS]) == 0
     cfg = json.loads((out / "config.json").read_text())
@@ -110,18 +129,19 @@ def test_select_never_follows_paths_from_run_metadata(tiny_folder, tmp_path, cap
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-                           | st.text(max_size=8),
-                           lambda kids: st.lists(kids, max_size=3)
-                           | st.dictionaries(st.text(max_size=6), kids, max_size=3),
-                           max_leaves=8)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+    max_leaves=8,
+)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(config=json_values, stages=json_values, raw=st.binary(max_size=40))
 def test_run_folder_metadata_parser_accepts_or_rejects_cleanly(tmp_path_factory, config, stages, raw):
     """Arbitrary config.json / stages.json contents: either accepted or one RefdirError, never a crash."""
-    from refdir.pipeline import RunFolder, check_run_folder
+    from refdir.run.pipeline import RunFolder, check_run_folder
+
     d = tmp_path_factory.mktemp("meta")
     for name, value in (("config.json", config), ("stages.json", stages)):
         (d / name).write_text(json.dumps(value))

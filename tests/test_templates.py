@@ -1,17 +1,27 @@
 """Chat templates seen in the wild: trimming, printed dates, template variables, thinking blocks."""
-import pytest
 
-from refdir.errors import RefdirError
-from refdir.templates import (PromptFormat, format_prompt, post_instruction_count, post_instruction_tokens,
-                              template_kwargs_json, tokenize_prompts)
+import pytest
 from tiny import TEMPLATES, make_tokenizer
 
-DATED = ("{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
-         "<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
-         + TEMPLATES["llama3"])
-THINKING = TEMPLATES["chatml"].replace("assistant\n{% endif %}",
-                                       "assistant\n{% if enable_thinking is not defined or enable_thinking %}"
-                                       "<think>\n{% endif %}{% endif %}")
+from refdir.core.errors import RefdirError
+from refdir.core.prompt_format import canonical_json_object as template_kwargs_json
+from refdir.core.templates import (
+    PromptFormat,
+    format_prompt,
+    post_instruction_count,
+    post_instruction_tokens,
+    tokenize_prompts,
+)
+
+DATED = (
+    "{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+    "<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
+    + TEMPLATES["llama3"]
+)
+THINKING = TEMPLATES["chatml"].replace(
+    "assistant\n{% endif %}",
+    "assistant\n{% if enable_thinking is not defined or enable_thinking %}<think>\n{% endif %}{% endif %}",
+)
 
 
 @pytest.mark.parametrize("template", ["llama3", "gemma"])
@@ -28,7 +38,8 @@ def test_template_kwargs_reach_the_template_and_thinking_blocks_are_post_instruc
     tok.chat_template = THINKING
     on = post_instruction_tokens(tok)
     off = post_instruction_tokens(
-        tok, PromptFormat(template_kwargs=template_kwargs_json('{"enable_thinking": false}')))
+        tok, PromptFormat(template_kwargs=template_kwargs_json('{"enable_thinking": false}'))
+    )
     assert "".join(on).endswith("<think>\n") and "think" not in "".join(off)
     assert len(on) > len(off)
 
@@ -43,7 +54,8 @@ def test_a_pinned_date_keeps_the_prompt_fixed():
 
 
 def test_dates_in_rendered_prompts_are_detected_for_the_stage_key():
-    from refdir import pipeline
+    from refdir.run import pipeline
+
     assert pipeline._date_free("Today Date: 26 Jul 2024 x") != "Today Date: 26 Jul 2024 x"
     assert pipeline._date_free("no date here") == "no date here"
 

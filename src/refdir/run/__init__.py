@@ -1,0 +1,1 @@
+"""A run: the settings schema (flags, presets, TOML), the run folder and the stage table over it."""
