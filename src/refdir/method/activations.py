@@ -8,7 +8,9 @@ never computed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +18,11 @@ from tqdm.auto import tqdm
 from refdir.core.adapter import get_adapter, hidden_arg
 from refdir.core.forward import expand, forward_rest, prefix_cache, split_prefix
 from refdir.core.templates import Batch
+from refdir.core.types import Model
 from refdir.method.interventions import hooks
+
+# A decoder layer's forward pre-hook (registered with ``with_kwargs=True``): (module, args, kwargs).
+PreHook = Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], None]
 
 
 class _StopForward(Exception):
@@ -33,7 +39,7 @@ def _batch_sum(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_activations(
-    model,
+    model: Model,
     batch: Batch,
     n_post: int | None = None,
     batch_size: int = 16,
@@ -50,8 +56,8 @@ def mean_activations(
     # CPU, whatever the layers' devices
     total = torch.zeros(n_post, ad.n_layers, ad.d_model, dtype=torch.float64)
 
-    def make_hook(layer: int):
-        def pre(mod, args, kwargs):
+    def make_hook(layer: int) -> PreHook:
+        def pre(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = hidden_arg(args, kwargs)  # [B, T, d] on this layer's device
             total[:, layer] += _batch_sum(x[:, -n_post:, :])
             if layer == ad.n_layers - 1:
@@ -84,7 +90,7 @@ class PostActivationRecorder:
     float rounding. float32, ``n_post x n_layers x d_model`` per prompt (35 MB per 100 prompts for the 1.5B).
     """
 
-    def __init__(self, model, n_post: int):
+    def __init__(self, model: Model, n_post: int):
         self.ad = get_adapter(model)
         self.n_post = n_post
         self.rows: dict[int, torch.Tensor] = {}  # screened prompt index -> [n_post, n_layers, d]
@@ -95,8 +101,8 @@ class PostActivationRecorder:
     def attached(self) -> Iterator[None]:
         """Hooks on every decoder layer for the duration (they record only inside :meth:`rows_of`)."""
 
-        def make_hook(layer: int):
-            def pre(mod, args, kwargs):
+        def make_hook(layer: int) -> PreHook:
+            def pre(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 if self._buf is not None:
                     self._buf[:, :, layer] = hidden_arg(args, kwargs)[:, -self.n_post :, :].float()
 
@@ -109,7 +115,7 @@ class PostActivationRecorder:
         with hooks(handles):
             yield
 
-    def bucket(self, offset: int):
+    def bucket(self, offset: int) -> Callable[[torch.Tensor, int], AbstractContextManager[None]]:
         """A callback for the prompt pass of generation: records rows ``offset + idx`` of each bucket."""
 
         @contextlib.contextmanager
@@ -141,7 +147,7 @@ class PostActivationRecorder:
 
 
 @contextlib.contextmanager
-def recording_resid_pre(model, layers) -> Iterator[dict[int, torch.Tensor]]:
+def recording_resid_pre(model: Model, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
     """``{layer: [B, T, d]}``: the residual stream entering each of ``layers`` in the (last) pass run inside.
 
     For passes that later restart from a layer
@@ -150,8 +156,8 @@ def recording_resid_pre(model, layers) -> Iterator[dict[int, torch.Tensor]]:
     ad = get_adapter(model)
     seen: dict[int, torch.Tensor] = {}
 
-    def make_hook(layer: int):
-        def pre(mod, args, kwargs):
+    def make_hook(layer: int) -> PreHook:
+        def pre(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             seen[layer] = hidden_arg(args, kwargs).detach()
 
         return pre
@@ -162,7 +168,7 @@ def recording_resid_pre(model, layers) -> Iterator[dict[int, torch.Tensor]]:
 
 @torch.no_grad()
 def read_resid_pre(
-    model,
+    model: Model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     layers: list[int],
@@ -178,8 +184,8 @@ def read_resid_pre(
     ad = get_adapter(model)
     wanted, last = set(layers), max(layers)
 
-    def make(layer: int):
-        def pre(mod, args, kwargs):
+    def make(layer: int) -> PreHook:
+        def pre(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             read(layer, hidden_arg(args, kwargs))
             if layer == last:
                 raise _StopForward

@@ -26,11 +26,11 @@ class Prompt:
     instruction: str
     category: str | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, str | None]:
         return asdict(self)
 
 
-def _from_obj(obj, where: str, field: str) -> Prompt:
+def _from_obj(obj: object, where: str, field: str) -> Prompt:
     if isinstance(obj, str):
         return Prompt(obj)
     if isinstance(obj, dict):
@@ -60,7 +60,7 @@ def _parse_json(text: str, name: str, field: str) -> list[Prompt]:
 
 
 def _parse_jsonl(text: str, name: str, field: str) -> list[Prompt]:
-    out = []
+    out: list[Prompt] = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -74,7 +74,7 @@ def _parse_jsonl(text: str, name: str, field: str) -> list[Prompt]:
 
 def _parse_csv(text: str, name: str, field: str) -> list[Prompt]:
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    out = []
+    out: list[Prompt] = []
     try:
         if not reader.fieldnames or field not in reader.fieldnames:
             raise RefdirError(
@@ -123,7 +123,10 @@ def parse_prompts(text: str, suffix: str, name: str = "dataset", field: str = "i
 def load_builtin(which: str, field: str = "instruction") -> list[Prompt]:
     """The prompt sets shipped with refdir (280 harmful and 280 harmless instructions, and 32 harmless
     instruction + response pairs; written for this project, with categories)."""
-    text = resources.files("refdir").joinpath("datasets", f"{which}.json").read_text(encoding="utf-8")
+    # one joinpath step at a time: Traversable.joinpath takes a single segment before Python 3.11
+    text = (
+        resources.files("refdir").joinpath("datasets").joinpath(f"{which}.json").read_text(encoding="utf-8")
+    )
     return parse_prompts(text, ".json", f"builtin:{which}", field)
 
 
@@ -164,7 +167,7 @@ def load_text_pairs(source: str) -> list[tuple[str, str]]:
 def _load_hf(name: str, field: str, split: str) -> list[Prompt]:
     """A Hugging Face dataset by name (``owner/name``); users with internet only."""
     try:
-        import datasets  # type: ignore
+        import datasets
     except ImportError:
         raise RefdirError(
             f"dataset not found: {name} (not a file; for hub datasets pip install datasets)"
@@ -189,7 +192,8 @@ def split_prompts(
         )
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
-    out, start = [], 0
+    out: list[list[Prompt]] = []
+    start = 0
     for s in sizes:
         out.append([prompts[i] for i in order[start : start + s]])
         start += s
