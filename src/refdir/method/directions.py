@@ -2,10 +2,14 @@
 
 ``r[p, l] = mean_harmful[p, l] - mean_harmless[p, l]`` for every post-instruction position p and
 layer l (paper Eq. 1). The chosen direction is saved as safetensors + JSON metadata, never pickle.
+:class:`Direction` is also the value a notebook works with: it ablates, adds, orthogonalizes, moves,
+saves and loads itself, through the :mod:`refdir.method.edits` it builds on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +18,9 @@ import torch
 
 from refdir.core.errors import RefdirError
 from refdir.core.io import atomic_path, load_tensors, save_tensors
+from refdir.core.types import Model
+from refdir.method.edits import ActivationAddition, DirectionalAblation
+from refdir.run.folder import RunFolder
 
 
 def candidate_directions(mean_harmful: torch.Tensor, mean_harmless: torch.Tensor) -> torch.Tensor:
@@ -58,6 +65,54 @@ class Direction:
             "format": 1,
         }
 
+    def ablation(self) -> DirectionalAblation:
+        """This direction's ablation as an :class:`~refdir.method.edits.Edit` (hooks, weights, JSON)."""
+        return DirectionalAblation(self.vector)
+
+    def addition(self, coeff: float = 1.0, layer: int | None = None) -> ActivationAddition:
+        """Activation addition of ``coeff * vector`` as an :class:`~refdir.method.edits.Edit`, at this
+        direction's own layer unless ``layer`` is given (the paper's placement)."""
+        if layer is None:
+            if self.layer < 0:
+                raise RefdirError(
+                    "this direction has no layer (a bare .pt vector): pass layer= to add it somewhere"
+                )
+            layer = self.layer
+        return ActivationAddition(self.vector, layer, coeff)
+
+    def ablate(self, model: Model) -> contextlib.AbstractContextManager[None]:
+        """Directional ablation at every layer and position while the context is open (the hooks
+        ``refdir evaluate --intervention ablate`` uses); removed on exit."""
+        return self.ablation().hooks(model)
+
+    def add(
+        self, model: Model, coeff: float = 1.0, layer: int | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Activation addition (``coeff`` < 0 subtracts) while the context is open; removed on exit."""
+        return self.addition(coeff, layer).hooks(model)
+
+    def orthogonalize(self, model: Model, allow_approximate: bool = False) -> Model:
+        """Edit ``model``'s weights in place so no component writes along r (paper Eq. 5); see
+        :func:`~refdir.method.interventions.orthogonalize_weights`."""
+        return self.ablation().apply_to_weights(model, allow_approximate)
+
+    def to(self, device_or_dtype: torch.device | str | torch.dtype) -> Direction:
+        """A new Direction whose vector lives on that device or has that dtype (metadata copied)."""
+        return dataclasses.replace(
+            self, vector=self.vector.to(device_or_dtype), scores=dict(self.scores), extra=dict(self.extra)
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | RunFolder,
+        expect_d_model: int | None = None,
+        expect_model: str | None = None,
+    ) -> Direction:
+        """A run folder's direction (or a ``.safetensors`` / ``.pt`` file), checked as
+        :func:`load_direction` checks it."""
+        return load_direction(path, expect_d_model, expect_model)
+
     def save(self, path: str | Path) -> None:
         """``direction.safetensors`` (the vector) + ``direction.json`` (its metadata) beside it."""
         path = Path(path)
@@ -73,7 +128,7 @@ class Direction:
 def load_subspace(run: str | Path, rank: int, expect_d_model: int | None = None) -> torch.Tensor:
     """The first ``rank`` rows ``[rank, d]`` of the orthonormal refusal-cone basis ``RUN/cone.safetensors``
     (``refdir cone``); rank 1 is the run's direction."""
-    f = Path(run) / "cone.safetensors"
+    f = RunFolder(run).cone_basis
     if not f.is_file():
         raise RefdirError(
             f"{run} has no cone.safetensors: run `refdir cone --run {run}` first (or drop --rank)"
@@ -87,15 +142,17 @@ def load_subspace(run: str | Path, rank: int, expect_d_model: int | None = None)
 
 
 def load_direction(
-    path: str | Path, expect_d_model: int | None = None, expect_model: str | None = None
+    path: str | Path | RunFolder, expect_d_model: int | None = None, expect_model: str | None = None
 ) -> Direction:
     """Load a direction from a run folder, a ``.safetensors`` file, or a reference-code ``.pt``.
 
     ``.pt`` files are read with ``torch.load(weights_only=True)`` (no pickle code runs).
     """
+    if isinstance(path, RunFolder):
+        path = path.path
     p = Path(path)
     if p.is_dir():
-        p = p / "direction.safetensors"
+        p = RunFolder(p).direction
     meta: dict = {}
     if p.suffix == ".pt":
         try:

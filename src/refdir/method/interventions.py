@@ -8,12 +8,15 @@ per batch row ``[B, d]``: the latter lets selection score many candidates in one
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from refdir.core.adapter import (
+    ModelAdapter,
     ResidualWriter,
     first_tensor,
     get_adapter,
@@ -23,6 +26,7 @@ from refdir.core.adapter import (
     replace_output,
 )
 from refdir.core.errors import RefdirError
+from refdir.core.types import Model
 
 
 def _as_rows(direction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +55,7 @@ def unit_vector(direction: torch.Tensor, d_model: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def hooks(handles: list) -> Iterator[None]:
+def hooks(handles: list[RemovableHandle]) -> Iterator[None]:
     """Remove every hook handle on exit, whatever happens inside."""
     try:
         yield
@@ -60,16 +64,18 @@ def hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-def _ablation_handles(ad, unit_for) -> list:
+def _ablation_handles(
+    ad: ModelAdapter, unit_for: Callable[[torch.Tensor], torch.Tensor]
+) -> list[RemovableHandle]:
     """Hooks projecting ``unit_for(x)`` (a unit direction broadcastable against ``x``) out of the input of
     every decoder layer and the output of every attention and MLP write: directional ablation's placement,
     shared by the one-direction context and the per-row one."""
 
-    def pre(mod, args, kwargs):
+    def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = hidden_arg(args, kwargs)
         return replace_hidden_arg(args, kwargs, project_out(x, unit_for(x)))
 
-    def post(mod, args, out):
+    def post(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
         x = first_tensor(out)
         return replace_output(out, project_out(x, unit_for(x)))
 
@@ -77,10 +83,12 @@ def _ablation_handles(ad, unit_for) -> list:
     return handles + [m.register_forward_hook(post) for m in ad.attn_write + ad.mlp_write]
 
 
-def _addition_handle(ad, layer: int, vector_for):
+def _addition_handle(
+    ad: ModelAdapter, layer: int, vector_for: Callable[[torch.Tensor], torch.Tensor]
+) -> RemovableHandle:
     """A hook adding ``vector_for(x)`` to the residual stream entering ``layer``."""
 
-    def pre(mod, args, kwargs):
+    def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = hidden_arg(args, kwargs)
         return replace_hidden_arg(args, kwargs, x + vector_for(x))
 
@@ -88,7 +96,7 @@ def _addition_handle(ad, layer: int, vector_for):
 
 
 @contextlib.contextmanager
-def directional_ablation(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
+def directional_ablation(model: Model, direction: torch.Tensor) -> Iterator[None]:
     """Project the direction out of the residual stream at every layer and position.
 
     Hooks the input of every decoder layer and the outputs of every attention and MLP write,
@@ -115,7 +123,7 @@ def orthonormal_basis(vectors: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def subspace_ablation(model: nn.Module, vectors: torch.Tensor) -> Iterator[None]:
+def subspace_ablation(model: Model, vectors: torch.Tensor) -> Iterator[None]:
     """Project a whole subspace ``span(vectors)`` (``[k, d]``) out of the residual stream, everywhere.
 
     Refusal may span a cone of a few dimensions (Wollschläger et al. 2025); with one vector this is
@@ -133,10 +141,10 @@ def subspace_ablation(model: nn.Module, vectors: torch.Tensor) -> Iterator[None]
         b = placed[key]
         return x - (x @ b.T) @ b
 
-    def pre(mod, args, kwargs):
+    def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return replace_hidden_arg(args, kwargs, project(hidden_arg(args, kwargs)))
 
-    def post(mod, args, out):
+    def post(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
         return replace_output(out, project(first_tensor(out)))
 
     handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in ad.layers]
@@ -145,9 +153,7 @@ def subspace_ablation(model: nn.Module, vectors: torch.Tensor) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def activation_addition(
-    model: nn.Module, vector: torch.Tensor, layer: int, coeff: float = 1.0
-) -> Iterator[None]:
+def activation_addition(model: Model, vector: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
     """Add ``coeff * vector`` to the residual stream entering ``layer``, at every position.
 
     The vector is *not* normalized: the paper adds the difference-in-means itself (norm and all).
@@ -177,7 +183,7 @@ class RowInterventions:
     """
 
     def __init__(
-        self, model: nn.Module, groups: torch.Tensor, ablate: torch.Tensor, add: torch.Tensor, layer: int
+        self, model: Model, groups: torch.Tensor, ablate: torch.Tensor, add: torch.Tensor, layer: int
     ):
         ad = get_adapter(model)
         if ablate.shape[-1] != ad.d_model or add.shape[-1] != ad.d_model:
@@ -235,7 +241,7 @@ class _Passthrough(nn.Module):
 
 
 @contextlib.contextmanager
-def start_at_layer(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterator[None]:
+def start_at_layer(model: Model, layer: int, resid: torch.Tensor) -> Iterator[None]:
     """Run only layers >= ``layer``, feeding ``resid`` ``[B, T, d]`` as their input.
 
     Activation addition at layer l leaves layers < l untouched, so selection computes that
@@ -246,7 +252,7 @@ def start_at_layer(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterato
     for i in range(layer):
         ad.layers[i] = _Passthrough()
 
-    def pre(mod, args, kwargs):
+    def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = hidden_arg(args, kwargs)
         return replace_hidden_arg(
             args, kwargs, resid.to(x.dtype).expand_as(x) if resid.shape[0] == 1 else resid.to(x.dtype)
@@ -261,14 +267,12 @@ def start_at_layer(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterato
             ad.layers[i] = m
 
 
-def _embed_writer(ad) -> ResidualWriter:
+def _embed_writer(ad: ModelAdapter) -> ResidualWriter:
     return ResidualWriter("embed", ad.embed, "weight", 1)
 
 
 @torch.no_grad()
-def orthogonalize_weights(
-    model: nn.Module, direction: torch.Tensor, allow_approximate: bool = False
-) -> nn.Module:
+def orthogonalize_weights(model: Model, direction: torch.Tensor, allow_approximate: bool = False) -> Model:
     """Edit the weights in place so no component writes along r (paper Eq. 5).
 
     Projects r out of the token (and position) embeddings and out of every residual writer the
@@ -305,15 +309,17 @@ def orthogonalize_weights(
         unit_vector(direction, ad.d_model)[0] if direction.dim() == 2 else unit_vector(direction, ad.d_model)
     )
     if ad.tied:
-        ad.unembed.weight = nn.Parameter(ad.unembed.weight.detach().clone(), requires_grad=False)
+        old = ad.unembed.get_parameter("weight")  # [vocab, d], shared with the embedding until now
+        ad.unembed.weight = nn.Parameter(old.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
-        if hasattr(model.config, "get_text_config"):
-            model.config.get_text_config().tie_word_embeddings = False
+        text_config = getattr(model.config, "get_text_config", None)  # multimodal configs nest the flag
+        if text_config is not None:
+            text_config().tie_word_embeddings = False
         ad.tied = False
     project_out_axis_(ad.embed.weight.data, unit, 1)  # [vocab, d]
     if ad.pos_embed is not None:
         project_out_axis_(ad.pos_embed.weight.data, unit, 1)
     for w in ad.all_writers():
         project_out_axis_(w.tensor.data, unit, w.axis)
-    model._refdir_orthogonalized = True
+    setattr(model, "_refdir_orthogonalized", True)  # a flag for readers, not a module attribute
     return model
