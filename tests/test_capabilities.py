@@ -116,6 +116,28 @@ def test_mcnemar_exact_matches_the_binomial_by_hand():
     assert "mcnemar_p" not in paired_delta([0.3, 0.5], [0.4, 0.5])  # mc2 scores are not right/wrong
 
 
+def test_results_round_trip_and_table_3_row():
+    """results.py: per-item scores survive their JSON; one lost item of four is Δ −25 ± 49.0 points."""
+    from refdir.evaluation.capabilities import (
+        TaskScores,
+        compare,
+        scores_from_json,
+        scores_to_json,
+        table_rows,
+    )
+
+    base = {"mmlu": TaskScores("mmlu", "acc", [1.0, 1.0, 0.0, 1.0], 10.0)}
+    treated = {"mmlu": TaskScores("mmlu", "acc", [1.0, 0.0, 0.0, 1.0], 12.0)}
+    assert scores_from_json(scores_to_json(base)) == base
+    (row,) = compare(base, treated)
+    assert row["delta"] == pytest.approx(-0.25, abs=1e-12)
+    assert row["delta_stderr"] == pytest.approx(0.25, abs=1e-12)  # sd 0.5 of the differences / sqrt(4)
+    assert (row["lost"], row["gained"], row["mcnemar_p"]) == (1, 0, 1.0)
+    assert table_rows({"results": [row]}) == [
+        ("mmlu", "4", "50.0", "75.0 (-25.0 ± 49.0; 1 lost, 0 gained, exact p 1)")
+    ]
+
+
 def test_parse_tasks_expands_paper():
     assert parse_tasks("paper") == [
         "mmlu",
@@ -262,10 +284,10 @@ def _harness_pair(family: str):
     from lm_eval.models.huggingface import HFLM
     from tiny import tiny_model
 
-    from refdir.evaluation.capabilities import _harness_lm
+    from refdir.evaluation.capabilities.harness import harness_lm
 
     model, tok = tiny_model(family)
-    ours = _harness_lm(HFLM, model, tok, rows=3, gen_rows=2)
+    ours = harness_lm(HFLM, model, tok, rows=3, gen_rows=2)
     theirs = HFLM(pretrained=model, tokenizer=tok, batch_size=3)
     return ours, theirs
 
