@@ -13,22 +13,34 @@ harmless evaluation prompts, every number with its n.
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm.auto import tqdm
 
 from refdir.core.adapter import get_adapter
+from refdir.core.errors import RefdirError
 from refdir.core.forward import last_logits_shared, split_prefix
+from refdir.core.io import load_tensors, save_tensors, write_json
+from refdir.core.types import Model, Tokenizer
 from refdir.evaluation.conditions import generate_judged, refusal_rate
 from refdir.method.activations import read_resid_pre
 from refdir.method.interventions import orthonormal_basis, subspace_ablation
 from refdir.method.refusal import last_logits, last_logits_with_grad, refusal_metric
 from refdir.method.selection import kl_divergence
+from refdir.run.folder import RunFolder
+
+if TYPE_CHECKING:
+    from refdir.core.runtime import Runtime
+    from refdir.method.directions import Direction
 
 
 @torch.no_grad()
-def per_prompt_activations(model, batch, layer: int, pos: int, batch_size: int = 32) -> torch.Tensor:
+def per_prompt_activations(model: Model, batch, layer: int, pos: int, batch_size: int = 32) -> torch.Tensor:
     """resid_pre at ``layer`` and post-instruction position ``pos`` (from the end) of every prompt
     ``[N, d]`` (float64, CPU)."""
     out = []
@@ -39,7 +51,7 @@ def per_prompt_activations(model, batch, layer: int, pos: int, batch_size: int =
 
 
 def candidate_pool(
-    model,
+    model: Model,
     candidates: torch.Tensor,
     harmful_train,
     harmless_train,
@@ -71,7 +83,7 @@ def candidate_pool(
 class _SubspaceKL:
     """Mean first-token KL(baseline || span(basis) ablated) on fixed harmless prompts (baseline run once)."""
 
-    def __init__(self, model, harmless):
+    def __init__(self, model: Model, harmless):
         self.model, self.pb = model, split_prefix(harmless, True, model)
         self.base_logp = torch.log_softmax(last_logits_shared(model, self.pb).double(), -1)  # [N, V]
 
@@ -84,7 +96,7 @@ class _SubspaceKL:
 def _within_kl(scored: list[tuple], kl_of, limit: float) -> tuple[tuple, dict]:
     """The first of ``scored`` (sorted by bypass) whose ablation KL is <= ``limit``, lazily; the lowest-KL
     one if none is. Returns it and the entry's KL fields."""
-    seen = []
+    seen: list[tuple[float, tuple]] = []
     for item in scored:
         kl = kl_of(item[2])
         if kl <= limit:
@@ -94,7 +106,7 @@ def _within_kl(scored: list[tuple], kl_of, limit: float) -> tuple[tuple, dict]:
     return item, {"kl": kl, "kl_limit": limit, "kl_checked": len(seen), "over_kl_budget": True}
 
 
-def _refined(model, entry: dict, basis: torch.Tensor, pb, ids: torch.Tensor, refine: dict) -> dict:
+def _refined(model: Model, entry: dict, basis: torch.Tensor, pb, ids: torch.Tensor, refine: dict) -> dict:
     """The greedy rank's new vector refined by gradient (``refine``: :func:`refine_direction`'s options and
     the ``harmful``/``harmless`` batches); kept only when it lowers the bypass score on the full validation
     set (the greedy choice otherwise), and the entry says which."""
@@ -118,14 +130,14 @@ def _refined(model, entry: dict, basis: torch.Tensor, pb, ids: torch.Tensor, ref
 
 
 @torch.no_grad()
-def subspace_bypass(model, pb, basis: torch.Tensor, refusal_ids: torch.Tensor) -> float:
+def subspace_bypass(model: Model, pb, basis: torch.Tensor, refusal_ids: torch.Tensor) -> float:
     """Mean refusal metric on the prompts of ``pb`` with ``span(basis)`` ablated."""
     with subspace_ablation(model, basis):
         return float(refusal_metric(last_logits_shared(model, pb), refusal_ids).mean())
 
 
 def greedy_cone(
-    model,
+    model: Model,
     candidates: torch.Tensor,
     direction,
     harmful_val,
@@ -188,7 +200,8 @@ def greedy_cone(
         if not scored:
             break
         scored.sort(key=lambda x: x[0])
-        best, extra = scored[0], {}
+        best = scored[0]
+        extra: dict[str, Any] = {}
         if kl_of is not None:
             best, extra = _within_kl(scored, kl_of, ranks[-1]["kl"] + kl_budget)
         entry = {"rank": k, "basis": orthonormal_basis(best[2]), "added": best[1], "bypass": best[0], **extra}
@@ -203,7 +216,7 @@ def greedy_cone(
 
 
 def refine_direction(
-    model,
+    model: Model,
     basis: torch.Tensor,
     init: torch.Tensor,
     harmful,
@@ -278,8 +291,8 @@ def _method(r: dict) -> str:
 
 @torch.no_grad()
 def evaluate_ranks(
-    model,
-    tok,
+    model: Model,
+    tok: Tokenizer,
     ranks: list[dict],
     harmful: list[str],
     harmless: list[str],
@@ -312,3 +325,81 @@ def evaluate_ranks(
             }
         )
     return out
+
+
+@dataclass(frozen=True)
+class ConeSettings:
+    """What :func:`measure_cone` measures: ranks 1..``max_rank``, each judged on greedy completions of
+    ``max_new_tokens``; ``refine``: each added vector refined by gradient (at most ``refine_steps`` steps or
+    ``refine_time_budget`` seconds per rank); ``kl_budget``: each added vector may raise the first-token KL
+    on the run's harmless validation prompts by at most this much (None: greedy by bypass alone)."""
+
+    max_rank: int = 4
+    max_new_tokens: int = 64
+    refine: bool = False
+    refine_time_budget: float = 300.0
+    refine_steps: int = 200
+    kl_budget: float | None = None
+
+
+def measure_cone(
+    run: RunFolder,
+    rt: Runtime,
+    direction: Direction,
+    settings: ConeSettings,
+    harmful: list[str] | None = None,
+    out: Path | None = None,
+) -> dict:
+    """The refusal cone of a run: greedy bases of rank 1..K from its candidates and training prompts,
+    each evaluated on ``harmful`` (default: the run's harmful evaluation prompts) and the run's harmless
+    evaluation prompts. Writes ``cone.json`` and the last basis ``cone.safetensors`` into the run folder
+    (and the result to ``out`` when given); returns the result."""
+    if not run.candidates.is_file():
+        raise RefdirError(
+            f"{run.path} has no candidates.safetensors: run `refdir extract --out {run.path}` first"
+        )
+    data = json.loads(run.prompts.read_text())
+    cands = load_tensors(run.candidates)["directions"]  # [P, L, d]
+    ins = lambda split: rt.encode([x["instruction"] for x in data[split]])  # noqa: E731
+    t = time.time()
+    refine = None
+    if settings.refine:  # gradients on the training prompts, acceptance on the validation ones
+        refine = {
+            "harmful": ins("harmful_train"),
+            "harmless": ins("harmless_train"),
+            "time_budget": settings.refine_time_budget,
+            "max_steps": settings.refine_steps,
+        }
+    model, tok = cast(Model, rt.model), cast(Tokenizer, rt.tokenizer)
+    ranks = greedy_cone(
+        model,
+        cands,
+        direction,
+        ins("harmful_val"),
+        ins("harmful_train"),
+        ins("harmless_train"),
+        data["refusal_tokens"]["token_ids"],
+        settings.max_rank,
+        refine=refine,
+        kl_budget=settings.kl_budget,
+        harmless_val=ins("harmless_val") if settings.kl_budget is not None else None,
+    )
+    harmful = harmful or [x["instruction"] for x in data["eval_harmful"]]
+    harmless = [x["instruction"] for x in data["eval_harmless"]]
+    rows = evaluate_ranks(
+        model, tok, ranks, harmful, harmless, rt.fmt, settings.max_new_tokens, rt.batch.gen_rows
+    )
+    res = {
+        "model": rt.spec,
+        "direction": {"layer": direction.layer, "pos": direction.pos},
+        "ranks": rows,
+        "judge": "substring (paper)",
+        "max_new_tokens": settings.max_new_tokens,
+        "seconds": round(time.time() - t, 1),
+    }
+    basis = ranks[-1]["basis"].float().contiguous()  # [K, d]
+    save_tensors(run.cone_basis, {"basis": basis}, metadata={"model": str(rt.spec)})
+    if out is not None:
+        write_json(out, res)
+    write_json(run.cone, res)
+    return res

@@ -13,20 +13,31 @@ the run's harmful and harmless *training* prompts; AUROC and TPR at 1% FPR are m
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 
 from refdir.analyses.suffix_analysis import tokenize_with_suffix
 from refdir.core.adapter import get_adapter
+from refdir.core.io import write_json
 from refdir.core.templates import PromptFormat
+from refdir.core.types import Model, Tokenizer
 from refdir.method.activations import read_resid_pre
+from refdir.run.folder import RunFolder
+
+if TYPE_CHECKING:
+    from refdir.core.runtime import Runtime
+    from refdir.method.directions import Direction
 
 READS = ("direction", "last", "instruction_end", "instruction_mean")
 
 
 @torch.no_grad()
 def projection_scores(
-    model,
-    tok,
+    model: Model,
+    tok: Tokenizer,
     instructions: list[str],
     direction: torch.Tensor,
     pos: int = -1,
@@ -87,10 +98,10 @@ def youden_threshold(pos: torch.Tensor, neg: torch.Tensor) -> tuple[float, float
 
 
 def monitor_run(
-    model,
-    tok,
+    model: Model,
+    tok: Tokenizer,
     data: dict,
-    direction,
+    direction: Direction,
     fmt: PromptFormat,
     prompts: list[str] | None = None,
     suffix: str | None = None,
@@ -126,7 +137,7 @@ def monitor_run(
         for r in READS
     }
     t = thresholds["direction"][0]
-    out = {
+    out: dict[str, Any] = {
         "layer": layer,
         "position": direction.pos,
         "read": "direction",
@@ -166,3 +177,31 @@ def monitor_run(
             },
         }
     return out
+
+
+def monitor_folder(
+    run: RunFolder,
+    rt: Runtime,
+    direction: Direction,
+    prompts: list[str] | None = None,
+    out: Path | None = None,
+) -> dict:
+    """The monitor of a run (:func:`monitor_run` on its prompts, with its GCG suffix when ``suffix.json``
+    exists). Writes ``monitor.json`` (without the per-prompt items) into the run folder and the whole
+    result to ``out`` when given; returns the whole result."""
+    data = json.loads(run.prompts.read_text())
+    suffix = json.loads(run.suffix.read_text())["suffix"] if run.suffix.is_file() else None
+    res = monitor_run(
+        cast(Model, rt.model),
+        cast(Tokenizer, rt.tokenizer),
+        data,
+        direction,
+        rt.fmt,
+        prompts,
+        suffix,
+        rt.batch.prompt_rows,
+    )
+    if out is not None:
+        write_json(out, res)
+    write_json(run.monitor, {k: v for k, v in res.items() if k != "items"})
+    return res

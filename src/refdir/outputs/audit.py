@@ -13,33 +13,23 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from typing import Any
 
 from refdir.core.errors import RefdirError
 from refdir.core.io import write_json, write_text
+from refdir.run.folder import RunFolder
 
 
-def _load(run: Path, name: str):
-    f = run / name
-    return json.loads(f.read_text()) if f.is_file() else None
+def _load(path: Path) -> Any:
+    """A run-folder JSON artifact, or None when that analysis was not run."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def build_audit(run: str | Path) -> dict:
-    """audit.json: every finding with the number of prompts it rests on; None where not measured."""
-    run = Path(run)
-    ev, cfg, prompts = (
-        _load(run, "eval.json"),
-        _load(run, "config.json") or {},
-        _load(run, "prompts.json") or {},
-    )
-    if ev is None:
-        raise RefdirError(
-            f"{run} has no evaluation yet: run `refdir run --out {run}` first (or audit --model M)"
-        )
-    harm, harmless = ev["refusal"]["harmful"], ev["refusal"]["harmless"]
-    n_h = harm["baseline"]["n"]
+def _removals(harm: dict, suffix: dict | None) -> list[dict]:
+    """Each way of removing refusal with its harmful refusal rate, n and drop from the baseline."""
     base = harm["baseline"]["refusal_rate"]
 
-    def removal(name, rate, n, how):
+    def removal(name: str, rate: float | None, n: int, how: str) -> dict:
         return {
             "method": name,
             "refusal_rate": rate,
@@ -68,7 +58,6 @@ def build_audit(run: str | Path) -> dict:
             "add −r at one layer (hooks)",
         ),
     ]
-    suffix = _load(run, "suffix.json")
     if suffix:
         removals.append(
             removal(
@@ -78,8 +67,13 @@ def build_audit(run: str | Path) -> dict:
                 f"{suffix['n_tokens']} tokens appended to the prompt, found in {suffix['seconds']} s",
             )
         )
+    return removals
+
+
+def _cost(ev: dict, prompts: dict) -> dict:
+    """What ablation costs on harmless prompts (KL, CE), with the counts it rests on."""
     klce, text = ev["kl_ce_harmless"], ev.get("ce_harmless_text") or {}
-    cost = {
+    return {
         "kl_first_token": {c: klce[c]["kl_first"] for c in ("ablation", "actadd+")},
         "ce_own_completions": {c: klce[c]["ce"] for c in ("baseline", "ablation")},
         "ce_harmless_text": {c: text[c]["ce"] for c in ("baseline", "ablation")} if text else None,
@@ -87,16 +81,45 @@ def build_audit(run: str | Path) -> dict:
         "n_ce_text": len(prompts.get("ce_text", [])) or None,  # instruction+response pairs
         "ce_text_tokens": text["baseline"].get("ce_tokens") if text else None,
     }
-    caps, jb = _load(run, "capabilities.json"), _load(run, "jailbreaks.json")
-    cone, mon = _load(run, "cone.json"), _load(run, "monitor.json")
-    dims = None
-    if cone:
-        rows = cone["ranks"]
-        floor = min(r["refusal_rate"] for r in rows)
-        dims = {
-            "ranks": [{k: r[k] for k in ("rank", "refusal_rate", "kl", "n")} for r in rows],
-            "rank_needed": next(r["rank"] for r in rows if r["refusal_rate"] <= floor + 1e-9),
-        }
+
+
+def _cone_summary(cone: dict | None) -> dict | None:
+    """The cone's ranks and the first rank that reaches the lowest refusal rate."""
+    if not cone:
+        return None
+    rows = cone["ranks"]
+    floor = min(r["refusal_rate"] for r in rows)
+    return {
+        "ranks": [{k: r[k] for k in ("rank", "refusal_rate", "kl", "n")} for r in rows],
+        "rank_needed": next(r["rank"] for r in rows if r["refusal_rate"] <= floor + 1e-9),
+    }
+
+
+def _monitor_summary(mon: dict | None) -> dict | None:
+    if not mon:
+        return None
+    return {
+        "layer": mon["layer"],
+        "n": mon["n_evaluation"],
+        "reads": {
+            r: {"auroc": v["auroc"], "tpr_at_1pct_fpr": v["tpr_at_1pct_fpr"]}
+            for r, v in mon["evaluation"].items()
+        },
+        "gcg_flagged": (mon.get("suffix") or {}).get("flagged"),
+    }
+
+
+def build_audit(run: str | Path) -> dict:
+    """audit.json: every finding with the number of prompts it rests on; None where not measured."""
+    folder = RunFolder(run)
+    ev, cfg, prompts = _load(folder.eval), _load(folder.config) or {}, _load(folder.prompts) or {}
+    if ev is None:
+        raise RefdirError(
+            f"{folder.path} has no evaluation yet: run `refdir run --out {folder.path}` first "
+            "(or audit --model M)"
+        )
+    harm, harmless = ev["refusal"]["harmful"], ev["refusal"]["harmless"]
+    caps, jb = _load(folder.capabilities), _load(folder.jailbreaks)
     return {
         "model": cfg.get("model_spec") or cfg.get("model"),
         "revision": (cfg.get("load") or {}).get("revision"),
@@ -109,8 +132,8 @@ def build_audit(run: str | Path) -> dict:
             "token": ev["direction"].get("token"),
         },
         "baseline_refusal": {
-            "harmful": base,
-            "n": n_h,
+            "harmful": harm["baseline"]["refusal_rate"],
+            "n": harm["baseline"]["n"],
             "harmless": harmless["baseline"]["refusal_rate"],
             "n_harmless": harmless["baseline"]["n"],
         },
@@ -118,24 +141,12 @@ def build_audit(run: str | Path) -> dict:
             "refusal_rate": harmless["actadd+"]["refusal_rate"],
             "n": harmless["actadd+"]["n"],
         },
-        "removal": removals,
-        "cost": cost,
+        "removal": _removals(harm, _load(folder.suffix)),
+        "cost": _cost(ev, prompts),
         "capabilities": caps.get("results") if caps else None,
         "jailbreaks": ({k: jb[k] for k in ("n_prompts", "max_new_tokens", "judges", "rows")} if jb else None),
-        "cone": dims,
-        "monitor": (
-            None
-            if not mon
-            else {
-                "layer": mon["layer"],
-                "n": mon["n_evaluation"],
-                "reads": {
-                    r: {"auroc": v["auroc"], "tpr_at_1pct_fpr": v["tpr_at_1pct_fpr"]}
-                    for r, v in mon["evaluation"].items()
-                },
-                "gcg_flagged": (mon.get("suffix") or {}).get("flagged"),
-            }
-        ),
+        "cone": _cone_summary(_load(folder.cone)),
+        "monitor": _monitor_summary(_load(folder.monitor)),
         "judge": "substring (paper); second judge in the run report when run",
         "max_new_tokens": ev.get("max_new_tokens"),
     }
@@ -189,108 +200,112 @@ def _jailbreak_section(jb: dict | None) -> str:
     )
 
 
-def render_audit(a: dict) -> str:
-    from refdir.outputs.report import CSS
-
-    parts = [
-        f"<h1>Refusal audit: <code>{html.escape(str(a['model']))}</code></h1>",
-        f"<p><b>{html.escape(_verdict(a))}</b></p>",
-        "<h2>What removes refusal, and how easily</h2>",
-        _rows(
+def _removal_section(a: dict) -> str:
+    """What removes refusal, and the baseline and induced rates it is measured against."""
+    b, ind = a["baseline_refusal"], a["induced_refusal"]
+    return (
+        "<h2>What removes refusal, and how easily</h2>"
+        + _rows(
             ["method", "harmful refusal rate", "n", "drop from baseline", "what it takes"],
             [[r["method"], r["refusal_rate"], r["n"], r["drop"], r["how"]] for r in a["removal"]],
-        ),
-        f"<p>Baseline: {_fmt(a['baseline_refusal']['harmful'])} of harmful (n={a['baseline_refusal']['n']}), "
-        f"{_fmt(a['baseline_refusal']['harmless'])} of harmless (n={a['baseline_refusal']['n_harmless']}) "
-        f"refused. Adding r makes {_fmt(a['induced_refusal']['refusal_rate'])} of harmless requests refused "
-        f"(n={a['induced_refusal']['n']}).</p>",
-        "<h2>What it costs</h2>",
-        _rows(
-            ["measure", "baseline", "ablated", "n"],
-            [
-                [
-                    "first-token KL on harmless prompts",
-                    0.0,
-                    a["cost"]["kl_first_token"]["ablation"],
-                    a["cost"]["n"],
-                ],
-                [
-                    "CE of the model's own harmless completions",
-                    a["cost"]["ce_own_completions"]["baseline"],
-                    a["cost"]["ce_own_completions"]["ablation"],
-                    a["cost"]["n"],
-                ],
-            ]
-            + (
-                [
-                    [
-                        "CE on harmless instruction+response text",
-                        a["cost"]["ce_harmless_text"]["baseline"],
-                        a["cost"]["ce_harmless_text"]["ablation"],
-                        f"{a['cost'].get('n_ce_text')} texts, {a['cost'].get('ce_text_tokens')} tokens",
-                    ]
-                ]
-                if a["cost"]["ce_harmless_text"]
-                else []
-            ),
-        ),
-    ]
-    if a["capabilities"]:
-        parts.append(
-            _rows(
-                ["task", "metric", "n", "baseline", "orthogonalized", "Δ", "95% CI"],
-                [
-                    [
-                        c["task"],
-                        c["metric"],
-                        c["n"],
-                        c["baseline"],
-                        c["orthogonalized"],
-                        c["delta"],
-                        c["delta_ci95"],
-                    ]
-                    for c in a["capabilities"]
-                ],
-            )
         )
-    else:
-        parts.append("<p class=note>Capability benchmarks: not measured in this run.</p>")
-    parts.append(_jailbreak_section(a["jailbreaks"]))
-    parts.append("<h2>How many dimensions refusal needs</h2>")
-    parts.append(
-        _rows(
-            ["rank", "refusal rate", "KL", "n"],
-            [[r["rank"], r["refusal_rate"], r["kl"], r["n"]] for r in a["cone"]["ranks"]],
-        )
-        + f"<p>Lowest refusal first reached at rank {a['cone']['rank_needed']}.</p>"
-        if a["cone"]
-        else "<p class=note>Refusal cone: not measured (refdir cone).</p>"
+        + f"<p>Baseline: {_fmt(b['harmful'])} of harmful (n={b['n']}), "
+        f"{_fmt(b['harmless'])} of harmless (n={b['n_harmless']}) "
+        f"refused. Adding r makes {_fmt(ind['refusal_rate'])} of harmless requests refused "
+        f"(n={ind['n']}).</p>"
     )
-    parts.append("<h2>Does the direction detect harmful prompts?</h2>")
-    if a["monitor"]:
-        m = a["monitor"]
-        g = m["gcg_flagged"] or {}
-        parts.append(
-            _rows(
-                ["read", "AUROC", "TPR at 1% FPR", "GCG-suffixed harmful flagged"],
-                [
-                    [r, v["auroc"], v["tpr_at_1pct_fpr"], (g.get(r) or {}).get("with_gcg_suffix")]
-                    for r, v in m["reads"].items()
-                ],
-            )
-            + f"<p class=note>layer {m['layer']}; {m['n']['harmful']} harmful vs {m['n']['harmless']} "
-            "harmless held-out prompts.</p>"
+
+
+def _cost_section(a: dict) -> str:
+    """KL and CE on harmless prompts, then the capability deltas when measured."""
+    c = a["cost"]
+    rows = [
+        ["first-token KL on harmless prompts", 0.0, c["kl_first_token"]["ablation"], c["n"]],
+        [
+            "CE of the model's own harmless completions",
+            c["ce_own_completions"]["baseline"],
+            c["ce_own_completions"]["ablation"],
+            c["n"],
+        ],
+    ]
+    if c["ce_harmless_text"]:
+        rows.append(
+            [
+                "CE on harmless instruction+response text",
+                c["ce_harmless_text"]["baseline"],
+                c["ce_harmless_text"]["ablation"],
+                f"{c.get('n_ce_text')} texts, {c.get('ce_text_tokens')} tokens",
+            ]
         )
-    else:
-        parts.append("<p class=note>Monitor: not measured (refdir monitor).</p>")
+    out = "<h2>What it costs</h2>" + _rows(["measure", "baseline", "ablated", "n"], rows)
+    if not a["capabilities"]:
+        return out + "<p class=note>Capability benchmarks: not measured in this run.</p>"
+    keys = ("task", "metric", "n", "baseline", "orthogonalized", "delta", "delta_ci95")
+    return out + _rows(
+        ["task", "metric", "n", "baseline", "orthogonalized", "Δ", "95% CI"],
+        [[cap[k] for k in keys] for cap in a["capabilities"]],
+    )
+
+
+def _cone_section(cone: dict | None) -> str:
+    head = "<h2>How many dimensions refusal needs</h2>"
+    if not cone:
+        return head + "<p class=note>Refusal cone: not measured (refdir cone).</p>"
+    return (
+        head
+        + _rows(
+            ["rank", "refusal rate", "KL", "n"],
+            [[r["rank"], r["refusal_rate"], r["kl"], r["n"]] for r in cone["ranks"]],
+        )
+        + f"<p>Lowest refusal first reached at rank {cone['rank_needed']}.</p>"
+    )
+
+
+def _monitor_section(m: dict | None) -> str:
+    head = "<h2>Does the direction detect harmful prompts?</h2>"
+    if not m:
+        return head + "<p class=note>Monitor: not measured (refdir monitor).</p>"
+    g = m["gcg_flagged"] or {}
+    return (
+        head
+        + _rows(
+            ["read", "AUROC", "TPR at 1% FPR", "GCG-suffixed harmful flagged"],
+            [
+                [r, v["auroc"], v["tpr_at_1pct_fpr"], (g.get(r) or {}).get("with_gcg_suffix")]
+                for r, v in m["reads"].items()
+            ],
+        )
+        + f"<p class=note>layer {m['layer']}; {m['n']['harmful']} harmful vs {m['n']['harmless']} "
+        "harmless held-out prompts.</p>"
+    )
+
+
+def _provenance_section(a: dict) -> str:
+    """Exactly what was measured: model, revision, refdir, loading, direction, decoding, judge, format."""
     pf = a["prompt_format"] or {}
-    parts.append(
+    return (
         f"<h2>Exactly what was measured</h2><p>model <code>{html.escape(str(a['model']))}</code>, revision "
         f"{html.escape(str(a['revision']))}, refdir {html.escape(str(a['refdir']))}, loaded as "
         f"<code>{html.escape(json.dumps(a['load']))}</code>; direction at layer {a['direction']['layer']}, "
         f"position {a['direction']['pos']}; greedy, {a['max_new_tokens']} new tokens; judge: "
         f"{html.escape(a['judge'])}.</p><pre>{html.escape(str(pf.get('example')))}</pre>"
     )
+
+
+def render_audit(a: dict) -> str:
+    """The self-contained page (no scripts): verdict, removal, cost, attacks, cone, monitor, provenance."""
+    from refdir.outputs.report import CSS
+
+    parts = [
+        f"<h1>Refusal audit: <code>{html.escape(str(a['model']))}</code></h1>",
+        f"<p><b>{html.escape(_verdict(a))}</b></p>",
+        _removal_section(a),
+        _cost_section(a),
+        _jailbreak_section(a["jailbreaks"]),
+        _cone_section(a["cone"]),
+        _monitor_section(a["monitor"]),
+        _provenance_section(a),
+    ]
     return (
         "<!doctype html><html><head><meta charset=utf-8><title>refusal audit</title>"
         f"<style>{CSS}</style></head>"

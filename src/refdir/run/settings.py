@@ -12,15 +12,19 @@ Torch-free on purpose: ``refdir --help`` builds its flags from this module witho
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import sys
+from collections.abc import Iterator
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from refdir.core.errors import RefdirError
 from refdir.core.prompt_format import PromptFormat, canonical_json_object
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized defaults (documented in the README): the paper's sizes, 64 new tokens.
     "default": {},
     "quick": {"n_train": 32, "n_val": 8, "n_eval": 16, "max_new_tokens": 24},
@@ -28,14 +32,22 @@ PRESETS = {
 }
 
 
-def _s(default, help: str = "", flag: str | None = None, group: str = "run", read: str | None = None, **arg):
-    """A setting: ``flag`` (None: no flag, TOML only), its argparse keywords, and ``read`` (how a text is
-    read)."""
+def _s(
+    default: Any,
+    help: str = "",
+    flag: str | None = None,
+    group: str = "run",
+    read: str | None = None,
+    **arg: Any,
+) -> Any:
+    """A setting: ``flag`` (None: no flag, TOML only), its argparse keywords (``type``/``choices`` also check
+    a TOML-only setting's value), and ``read`` (how a text is read)."""
     kw = {"default_factory": default} if callable(default) else {"default": default}
     return field(**kw, metadata={"help": help, "flag": flag, "group": group, "read": read, "arg": arg})
 
 
 def positive_int(v: str) -> int:
+    """argparse ``type=`` of every size: an integer above zero (one message for a flag and a TOML value)."""
     try:
         n = int(v)
     except ValueError:
@@ -47,7 +59,7 @@ def positive_int(v: str) -> int:
 
 @dataclass
 class SelectionConfig:
-    max_layer_frac: float = _s(0.8, "discard candidates from layers >= int(frac * L)")
+    max_layer_frac: float = _s(0.8, "discard candidates from layers >= int(frac * L)", type=float)
     kl_threshold: float = _s(
         0.1,
         "discard candidates whose ablation moves harmless next-token KL above this",
@@ -60,9 +72,9 @@ class SelectionConfig:
         "--induce-threshold",
         type=float,
     )
-    batch_rows: int = _s(64, "rows (candidate x prompt) per forward pass")
+    batch_rows: int = _s(64, "rows (candidate x prompt) per forward pass", type=positive_int)
     prune: bool = _s(True, "score every eligible candidate fully", "--no-prune", action="store_false")
-    chunk: int = _s(8, "candidates given a full bypass score per round, in screen order")
+    chunk: int = _s(8, "candidates given a full bypass score per round, in screen order", type=positive_int)
     exhaustive: bool = _s(
         False, "score all candidates, late layers too (full heatmaps)", "--exhaustive", action="store_true"
     )
@@ -275,7 +287,7 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("group") == "load"}
 
 
-def _settings(groups: tuple[str, ...]):
+def _settings(groups: tuple[str, ...]) -> Iterator[tuple[str, Field]]:
     """(owner, field) of every setting with a flag in ``groups`` (``selection`` names SelectionConfig's)."""
     for f in fields(RunConfig):
         if f.metadata.get("flag") and f.metadata["group"] in groups:
@@ -306,7 +318,19 @@ def add_arguments(
         p.add_argument(m["flag"], dest=f.name if owner == "run" else f"selection.{f.name}", **kw)
 
 
-def read_value(f, value):
+def add_setting(p: argparse.ArgumentParser, name: str, flag: str | None = None, **override: Any) -> None:
+    """One setting's flag on a command outside ``run`` (``refdir evaluate --max-new-tokens``): its type,
+    choices and help from the schema, so the same value is checked the same way everywhere. ``flag``
+    renames it (``--limit`` for ``capabilities_limit``); ``override``: argparse keywords that differ for
+    this command (its own default or help). The attribute is named after the flag, as argparse does."""
+    f = next(f for f in fields(RunConfig) if f.name == name)
+    m = f.metadata
+    default = f.default if f.default is not MISSING else None
+    kw = {**m["arg"], "help": m["help"], "default": default, **override}
+    p.add_argument(flag or m["flag"], **kw)
+
+
+def read_value(f: Field, value: Any) -> Any:
     """A setting's value as given in a flag or the TOML file, read as its metadata says."""
     how = f.metadata.get("read")
     if value is None:
@@ -323,20 +347,74 @@ def read_value(f, value):
     return value
 
 
-def load_toml(path: str) -> dict:
-    import tomllib
+def _toml() -> ModuleType:
+    """``tomllib`` (Python 3.11+), else the ``tomli`` backport pyproject declares for Python 3.10."""
+    if sys.version_info >= (3, 11):
+        import tomllib
 
+        return tomllib
+    import tomli
+
+    return tomli
+
+
+def load_toml(path: str) -> dict:
+    toml = _toml()
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            return toml.load(fh)
     except OSError as e:
         raise RefdirError(f"cannot read --config {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    except toml.TOMLDecodeError as e:
         raise RefdirError(f"--config {path} is not valid TOML: {e}") from None
 
 
+def _converted(f: Field, value: Any, bad: Any) -> Any:
+    """One scalar through the flag's ``type=`` and ``choices=``, as argparse checks the flag's text."""
+    arg = f.metadata.get("arg", {})
+    conv = arg.get("type")
+    if conv is None:  # a text setting; a JSON setting may also be a TOML table
+        if not isinstance(value, str) and not (f.metadata.get("read") == "json" and isinstance(value, dict)):
+            raise bad(f"expected a string, got {value!r}")
+        v = value
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad(f"expected a number, got {value!r}")
+        try:
+            v = conv(str(value))
+        except argparse.ArgumentTypeError as e:
+            raise bad(str(e)) from None
+        except ValueError:
+            raise bad(f"invalid {getattr(conv, '__name__', 'value')} value: {str(value)!r}") from None
+    choices = arg.get("choices")
+    if choices is not None and v not in choices:
+        raise bad(f"invalid choice: {v!r} (choose from {', '.join(repr(c) for c in choices)})")
+    return v
+
+
+def check_value(f: Field, value: Any, key: str, where: str) -> Any:
+    """A settings-file value through the same checks as its flag (type conversion, choices, positive
+    sizes; a switch must be true or false, a list a list of strings), then read as the setting says.
+    A bad value is one :class:`RefdirError` naming ``key``, before any model loads or folder is made."""
+
+    def bad(msg: str) -> RefdirError:
+        return RefdirError(f"{where}: {key}: {msg}")
+
+    arg = f.metadata.get("arg", {})
+    if arg.get("action") in ("store_true", "store_false") or isinstance(f.default, bool):
+        if not isinstance(value, bool):
+            raise bad(f"expected true or false, got {value!r}")
+        return value
+    if arg.get("nargs"):
+        if not isinstance(value, list) or not value:
+            raise bad(f"expected a non-empty list, got {value!r}")
+        return [_converted(f, v, bad) for v in value]
+    return read_value(f, _converted(f, value, bad))
+
+
 def resolve(given: dict, config_file: str | None = None, preset: str | None = None) -> RunConfig:
-    """Defaults < preset < TOML file < ``given`` (flags as parsed: ``selection.X`` keys for selection)."""
+    """Defaults < preset < TOML file < ``given`` (flags as parsed: ``selection.X`` keys for selection).
+    The file's values pass the flags' checks (:func:`check_value`); ``given`` ones were parsed already."""
     table = load_toml(config_file) if config_file else {}
     preset = preset or table.pop("preset", None) or "default"
     table.pop("preset", None)
@@ -346,6 +424,8 @@ def resolve(given: dict, config_file: str | None = None, preset: str | None = No
     sel_fields = {f.name: f for f in fields(SelectionConfig)}
     sel_table = table.pop("selection", {})
     where = f"--config {config_file}"
+    if not isinstance(sel_table, dict):
+        raise RefdirError(f"{where}: selection: expected a [selection] table, got {sel_table!r}")
     unknown = [k for k in table if k not in run_fields] + [
         f"selection.{k}" for k in sel_table if k not in sel_fields
     ]
@@ -354,10 +434,12 @@ def resolve(given: dict, config_file: str | None = None, preset: str | None = No
             f"{where}: unknown setting '{unknown[0]}' (settings: {', '.join(run_fields)}, "
             f"[selection] {', '.join(sel_fields)})"
         )
+    values = {k: check_value(run_fields[k], v, k, where) for k, v in table.items()}
+    sel_values = {k: check_value(sel_fields[k], v, f"selection.{k}", where) for k, v in sel_table.items()}
     cfg = RunConfig(**PRESETS[preset])
-    for k, v in table.items():
-        setattr(cfg, k, read_value(run_fields[k], v))
-    for k, v in sel_table.items():
+    for k, v in values.items():
+        setattr(cfg, k, v)
+    for k, v in sel_values.items():
         setattr(cfg.selection, k, v)
     for k, v in given.items():
         if k.startswith("selection."):

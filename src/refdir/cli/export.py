@@ -1,0 +1,77 @@
+"""``refdir export``: an orthogonalized checkpoint that plain transformers loads (streamed by default)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from refdir.cli.common import add_model_args, check_writable, load_options, log, positive_int
+from refdir.core.errors import RefdirError
+
+
+def add_parser(sub: Any) -> None:
+    x = sub.add_parser("export", help="write an orthogonalized checkpoint loadable with plain transformers")
+    add_model_args(x)
+    x.add_argument("--direction", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    x.add_argument(
+        "--allow-approximate",
+        action="store_true",
+        help="edit projections even where writes pass through a norm (not equal to ablation)",
+    )
+    x.add_argument(
+        "--rank",
+        type=positive_int,
+        default=1,
+        help="project out the first RANK vectors of the run's refusal "
+        "cone (refdir cone) instead of its direction alone",
+    )
+    x.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the model, edit it and save_pretrained (default: stream the source safetensors tensor "
+        "by tensor, peak memory about one tensor)",
+    )
+    x.set_defaults(func=cmd_export)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from refdir.core.models import load_model
+    from refdir.method.directions import load_direction
+    from refdir.outputs.export import export_orthogonalized, export_streaming
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.force:
+        raise RefdirError(f"output folder {out} is not empty; pass --force to replace it")
+    check_writable(out)
+    load_direction(a.direction)  # validate before loading the model
+    if a.rank > 1:
+        from refdir.method.directions import load_subspace
+
+        load_subspace(a.direction, a.rank)
+    if a.in_memory:
+        if a.load_in_4bit or a.load_in_8bit:
+            raise RefdirError(
+                "--in-memory cannot edit quantized weights; drop it: the default streaming export "
+                "re-reads the full-precision source"
+            )
+        model, tok = load_model(a.model, **load_options(a))
+        path = export_orthogonalized(
+            model, tok, a.direction, out, allow_approximate=a.allow_approximate, rank=a.rank
+        )
+    else:  # quantization and placement flags do not matter: the source tensors are read from disk
+        path = export_streaming(
+            a.model,
+            None,
+            a.direction,
+            out,
+            allow_approximate=a.allow_approximate,
+            revision=a.revision,
+            trust_remote_code=a.trust_remote_code,
+            log=log,
+            rank=a.rank,
+        )
+    print(f"exported orthogonalized checkpoint to {path}")
+    return 0
