@@ -28,3 +28,23 @@ def tiny_folder(tmp_path_factory):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+REAL_MODEL = "qwen2.5-coder-0.5b-instruct"
+# Measured: on this model +r at coefficient 1 raises the harmless refusal log-odds from about -4.4 to -2.5 at
+# best, below its calibrated refusal threshold (about -0.6), so with default filters selection stops ("every
+# candidate filtered by induce"; see README). Disable the induce filter to test the rest. test_api.py's
+# find_direction uses the same settings (preset="quick", induce_threshold=-1e9): keep them in step.
+QUICK_RUN_FLAGS = ["--preset", "quick", "--induce-threshold=-1e9"]
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """``refdir run --preset quick`` on the real 0.5B, once per session: test_real_model.py and test_api.py
+    share this one run (about 3 minutes on a 2-core CPU). Only slow tests, skipped without the model
+    packages, ask for it."""
+    from refdir.cli import main
+
+    out = tmp_path_factory.mktemp("real") / "run"
+    assert main(["run", "--model", REAL_MODEL, *QUICK_RUN_FLAGS, "--out", str(out)]) == 0
+    return out

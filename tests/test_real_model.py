@@ -10,6 +10,7 @@ import pytest
 
 from refdir.core.errors import RefdirError
 from refdir.core.models import OFFLINE_MODELS, offline_parts
+from refdir.run.folder import RunFolder
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 
@@ -22,24 +23,9 @@ except RefdirError:
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE, reason=f"{MODEL} packages not installed")]
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    from refdir.cli import main
-
-    out = tmp_path_factory.mktemp("real") / "run"
-    # Measured: on this model +r at coefficient 1 raises the harmless refusal log-odds from about -4.4 to
-    # -2.5 at best, below its calibrated refusal threshold (about -0.6), so with default filters selection
-    # stops ("every candidate filtered by induce"; see README). Disable the induce filter to test the rest.
-    assert (
-        main(["run", "--model", MODEL, "--preset", "quick", "--out", str(out), "--induce-threshold=-1e9"])
-        == 0
-    )
-    return out
-
-
 def test_quick_run_refusal_falls_under_ablation(quick_run):
-    ev = json.loads((quick_run / "eval.json").read_text())
-    d = json.loads((quick_run / "direction.json").read_text())
+    ev = json.loads(RunFolder(quick_run).eval.read_text())
+    d = json.loads(RunFolder(quick_run).direction_meta.read_text())
     harmful, harmless = ev["refusal"]["harmful"], ev["refusal"]["harmless"]
     # measured with these settings: baseline 0.31, ablation 0.25, -r 0.12 on 16 unfiltered prompts;
     # +r 0.12 -> 0.50
@@ -52,11 +38,11 @@ def test_quick_run_refusal_falls_under_ablation(quick_run):
 
 
 def test_orthogonalization_equals_ablation_on_the_real_model(quick_run):
-    ev = json.loads((quick_run / "eval.json").read_text())
+    ev = json.loads(RunFolder(quick_run).eval.read_text())
     assert ev["ortho_check"]["max_abs_logit_diff_vs_ablation"] <= 1e-3
 
 
 def test_selected_direction_passes_the_filters(quick_run):
-    d = json.loads((quick_run / "direction.json").read_text())
+    d = json.loads(RunFolder(quick_run).direction_meta.read_text())
     assert d["scores"]["kl"] < 0.1
     assert d["layer"] < int(0.8 * 24)
