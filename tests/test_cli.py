@@ -517,3 +517,64 @@ def test_audit_of_a_finished_run(tiny_run, tiny_folder, tmp_path):
 def test_audit_needs_a_run_or_a_model(tmp_path, capsys):
     assert main(["audit", "--out", str(tmp_path / "a")]) == 2
     assert "pass --run RUN" in capsys.readouterr().err
+
+
+def test_audit_measures_what_is_missing_on_one_loaded_model(tiny_run, tiny_folder, tmp_path, monkeypatch):
+    """The cone and the monitor are library calls on one runtime: the model loads once for both."""
+    import shutil
+
+    import refdir.core.runtime
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    for name in ("cone.json", "cone.safetensors", "monitor.json", "monitor_items.json"):
+        (run / name).unlink(missing_ok=True)
+    loads = []
+    real = refdir.core.runtime.Runtime.load.__func__
+
+    def counted(cls, *a, **k):
+        loads.append(a[0])
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(refdir.core.runtime.Runtime, "load", classmethod(counted))
+    argv = ["audit", "--run", str(run), "--model", str(tiny_folder), "--max-rank", "2", "--out"]
+    assert main([*argv, str(tmp_path / "a")]) == 0
+    assert loads == [str(tiny_folder)]
+    prompts = json.loads((run / "prompts.json").read_text())
+    cone = json.loads((run / "cone.json").read_text())
+    assert [r["rank"] for r in cone["ranks"]] == [1, 2] and cone["max_new_tokens"] == 64
+    assert {r["n"] for r in cone["ranks"]} == {len(prompts["eval_harmful"])}
+    mon = json.loads((run / "monitor.json").read_text())
+    assert mon["n_evaluation"] == {
+        "harmful": len(prompts["eval_harmful"]),
+        "harmless": len(prompts["eval_harmless"]),
+    }
+    assert json.loads((run / "monitor_items.json").read_text())["items"] == [] and "items" not in mon
+    assert main([*argv, str(tmp_path / "b")]) == 0 and len(loads) == 1  # nothing missing: no model
+
+
+def test_evaluate_reads_the_direction_once(tiny_run, tiny_folder, tmp_path, monkeypatch):
+    import refdir.method.directions
+
+    calls = []
+    real = refdir.method.directions.load_direction
+
+    def counted(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(refdir.method.directions, "load_direction", counted)
+    out = tmp_path / "e.json"
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_folder),
+        "--direction",
+        str(tiny_run),
+        "--prompts",
+        "builtin:harmful",
+    ]
+    assert (
+        main([*argv, "--n", "2", "--max-new-tokens", "2", "--intervention", "none", "--out", str(out)]) == 0
+    )
+    assert calls == [str(tiny_run)] and json.loads(out.read_text())["n"] == 2
