@@ -2,9 +2,9 @@ import pytest
 import torch
 from tiny import tiny_model
 
+from refdir.analyses.base_vs_chat import base_vs_chat_cosines
 from refdir.analyses.suffix_analysis import (
     attention_mass,
-    base_vs_chat_cosines,
     cosine_per_layer,
     head_attributions,
     random_suffixes,

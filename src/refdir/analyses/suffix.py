@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +19,11 @@ from tqdm.auto import tqdm
 from refdir.core.adapter import get_adapter, input_device
 from refdir.core.forward import PrefixBatch, expand, forward_rest, prefix_cache
 from refdir.core.templates import PromptFormat, add_special, format_prompt
+from refdir.core.types import Model, Tokenizer
+from refdir.method.refusal import decode_text
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import Cache
 
 MARK = "\u0000SUFFIX\u0000"
 
@@ -31,7 +37,9 @@ class GCGResult:
     seconds: float = 0.0
 
 
-def _pieces(tok, instruction: str, target: str, fmt: PromptFormat) -> tuple[list[int], list[int], list[int]]:
+def _pieces(
+    tok: Tokenizer, instruction: str, target: str, fmt: PromptFormat
+) -> tuple[list[int], list[int], list[int]]:
     """Token ids before the suffix, after it (template), and of the target completion."""
     text = format_prompt(tok, f"{instruction} {MARK}", fmt)
     before, after = text.split(MARK)
@@ -41,20 +49,32 @@ def _pieces(tok, instruction: str, target: str, fmt: PromptFormat) -> tuple[list
     return pre, post, tgt
 
 
-def _allowed_tokens(tok, vocab_rows: int) -> torch.Tensor:
+def _allowed_tokens(tok: Tokenizer, vocab_rows: int) -> torch.Tensor:
     """Printable, non-special tokens: a suffix a user could paste. ``[vocab_rows]`` (embedding rows)."""
     special = set(tok.all_special_ids)
     ok = torch.zeros(vocab_rows, dtype=torch.bool)
     for i in range(min(len(tok), vocab_rows)):
         if i in special:
             continue
-        s = tok.decode([i])
+        s = decode_text(tok, [i], skip_special_tokens=False)
         ok[i] = s.isprintable() and s.strip() != "" and s.isascii()
     return ok
 
 
+def _round_trips(tok: Tokenizer, ids: torch.Tensor) -> bool:
+    """Whether the text of suffix ``ids`` ``[n]`` encodes back to the same ids (so the saved text
+    reproduces the optimized tokens)."""
+    text = decode_text(tok, ids, skip_special_tokens=False)
+    return bool(tok(text, add_special_tokens=False)["input_ids"] == ids.tolist())
+
+
 def _batch_loss(
-    model, pre_cache, n_pre: int, suffixes: list[torch.Tensor], post: list[int], tgt: list[int]
+    model: Model,
+    pre_cache: Cache | None,
+    n_pre: int,
+    suffixes: list[torch.Tensor],
+    post: list[int],
+    tgt: list[int],
 ) -> torch.Tensor:
     """Mean target cross-entropy ``[K]`` of one prompt with each candidate suffix.
 
@@ -76,8 +96,8 @@ def _batch_loss(
 
 
 def gcg(
-    model,
-    tok,
+    model: Model,
+    tok: Tokenizer,
     instructions: list[str],
     targets: list[str],
     n_tokens: int = 20,
@@ -97,7 +117,7 @@ def gcg(
     allowed = _allowed_tokens(tok, embed.weight.shape[0])
     init = tok(" !" * n_tokens, add_special_tokens=False)["input_ids"][:n_tokens]
     suffix = torch.tensor(init + init[-1:] * (n_tokens - len(init)))
-    res = GCGResult(tok.decode(suffix), suffix.tolist())
+    res = GCGResult(decode_text(tok, suffix, skip_special_tokens=False), suffix.tolist())
     t0 = time.time()
     dev = embed.weight.device
     pre_caches = [prefix_cache(model, torch.tensor(pre, device=dev)) for pre, _, _ in pieces]  # fixed all run
@@ -122,6 +142,7 @@ def gcg(
                 loss = -lp[torch.arange(n), torch.tensor(tgt, device=lp.device)].mean()
                 loss.backward()
                 total += float(loss.detach())
+        assert one_hot.grad is not None  # filled by the backward passes above
         grad = one_hot.grad.clone()  # [n, V]
         grad[:, ~allowed.to(grad.device)] = float("inf")
         top = (-grad).topk(topk, dim=-1).indices.cpu()  # [n, k]
@@ -130,7 +151,7 @@ def gcg(
         choice = top[pos, torch.randint(topk, (batch,), generator=g)]
         cands = suffix.repeat(batch, 1)
         cands[torch.arange(batch), pos] = choice
-        keep = [c for c in cands if tok(tok.decode(c), add_special_tokens=False)["input_ids"] == c.tolist()]
+        keep = [c for c in cands if _round_trips(tok, c)]
         if not keep:
             res.losses.append(total / len(pieces))
             continue
@@ -144,7 +165,7 @@ def gcg(
         res.losses.append(min(total, float(cand_loss[best])) / len(pieces))
         bar.set_postfix(loss=f"{res.losses[-1]:.3f}")
         res.steps = step + 1
-    res.suffix, res.token_ids = tok.decode(suffix), suffix.tolist()
+    res.suffix, res.token_ids = decode_text(tok, suffix, skip_special_tokens=False), suffix.tolist()
     res.seconds = time.time() - t0
     return res
 
@@ -156,7 +177,14 @@ def affirmative_target(instruction: str) -> str:
 
 
 def universality_screen(
-    model, tok, held: list[str], suffix: str, n_tokens: int, seed: int, fmt: PromptFormat, max_new_tokens: int
+    model: Model,
+    tok: Tokenizer,
+    held: list[str],
+    suffix: str,
+    n_tokens: int,
+    seed: int,
+    fmt: PromptFormat,
+    max_new_tokens: int,
 ) -> dict[str, float]:
     """Refusal rate on held-out harmful prompts with no suffix, a random suffix of the same length
     (resampled per prompt) and the optimized suffix (paper §5.1's universality check)."""
@@ -164,7 +192,7 @@ def universality_screen(
     from refdir.evaluation.conditions import generate_judged, refusal_rate
 
     rand = random_suffixes(tok, len(held), n_tokens, seed)
-    rates = {}
+    rates: dict[str, float] = {}
     for name, prompts in (
         ("none", held),
         ("random", [f"{p} {r}" for p, r in zip(held, rand)]),

@@ -1,25 +1,46 @@
-"""How adversarial suffixes suppress the refusal direction (paper §5, Fig. 5-6) and base vs chat (App. J).
+"""How adversarial suffixes suppress the refusal direction (paper §5, Fig. 5-6).
 
 * :func:`cosine_per_layer` — cosine between the last-position residual stream and r̂ at every layer.
 * :func:`head_attributions` — direct feature attribution of every attention head's output at the last
   position onto r̂ (the attention-output projection split by head).
 * :func:`attention_mass` — for chosen heads, attention from the last position onto the instruction
   tokens vs the suffix tokens vs the rest.
-* :func:`base_vs_chat_cosines` — App. J: activations at a "\\n" appended to the instruction.
+
+Base vs chat (App. J) lives in :mod:`refdir.analyses.base_vs_chat`; its names still import from here.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from refdir.core.adapter import get_adapter, hidden_arg
 from refdir.core.errors import RefdirError
 from refdir.core.templates import Batch, PromptFormat, add_special, format_prompt
+from refdir.core.types import Model, Tokenizer
 from refdir.method.interventions import hooks
-from refdir.method.refusal import position_ids
+from refdir.method.refusal import decode_text, position_ids
+
+if TYPE_CHECKING:  # the re-export below, seen by type checkers (at run time: __getattr__)
+    from refdir.analyses.base_vs_chat import base_vs_chat_cosines as base_vs_chat_cosines
+    from refdir.analyses.base_vs_chat import compare_base as compare_base
+
+# Moved to base_vs_chat.py, which imports this module: resolved on first use so that neither module
+# imports the other at load time (no import cycle).
+MOVED_TO_BASE_VS_CHAT = ("base_vs_chat_cosines", "compare_base")
+
+
+def __getattr__(name: str) -> Any:
+    """The base-vs-chat names, for importers that still take them from here (PEP 562)."""
+    if name in MOVED_TO_BASE_VS_CHAT:
+        from refdir.analyses import base_vs_chat
+
+        return getattr(base_vs_chat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -36,11 +57,16 @@ class SuffixBatch:
 
 
 def tokenize_with_suffix(
-    tokenizer, instructions: list[str], suffixes: list[str] | None, fmt: PromptFormat = PromptFormat()
+    tokenizer: Tokenizer,
+    instructions: list[str],
+    suffixes: list[str] | None,
+    fmt: PromptFormat = PromptFormat(),
 ) -> SuffixBatch:
     """Tokenize ``instruction + " " + suffix`` in the chat template and locate both regions by offsets."""
     suffixes = suffixes or [""] * len(instructions)
-    rows, imasks, smasks = [], [], []
+    rows: list[list[int]] = []  # token ids of each prompt, unpadded
+    imasks: list[list[bool]] = []  # per token: inside the instruction
+    smasks: list[list[bool]] = []  # per token: inside the suffix
     for ins, suf in zip(instructions, suffixes):
         user = f"{ins} {suf}" if suf else ins
         text = format_prompt(tokenizer, user, fmt)
@@ -56,7 +82,7 @@ def tokenize_with_suffix(
     T = max(map(len, rows))
     pad = tokenizer.pad_token_id or 0
 
-    def left(x, v):
+    def left(x: list[list[Any]], v: object) -> list[list[Any]]:
         return [[v] * (T - len(r)) + list(r) for r in x]
 
     return SuffixBatch(
@@ -68,14 +94,14 @@ def tokenize_with_suffix(
 
 
 @torch.no_grad()
-def cosine_per_layer(model, batch, direction: torch.Tensor) -> torch.Tensor:
+def cosine_per_layer(model: Model, batch: Batch | SuffixBatch, direction: torch.Tensor) -> torch.Tensor:
     """Cosine of the last-position resid_pre with r̂ at every layer ``[B, L]`` (Fig. 5)."""
     ad = get_adapter(model)
     unit = (direction / direction.norm()).float()
     out = torch.zeros(batch.input_ids.shape[0], ad.n_layers)
 
-    def make(layer):
-        def pre(mod, args, kwargs):
+    def make(layer: int) -> Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def pre(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = hidden_arg(args, kwargs)[:, -1].float()  # [B, d]
             out[:, layer] = torch.nn.functional.cosine_similarity(x, unit[None].to(x.device), dim=-1).cpu()
 
@@ -95,7 +121,9 @@ def cosine_per_layer(model, batch, direction: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_attributions(model, batch, direction: torch.Tensor) -> dict[str, torch.Tensor]:
+def head_attributions(
+    model: Model, batch: Batch | SuffixBatch, direction: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Direct feature attribution onto r̂ of each head's output at the last position.
 
     Returns ``heads`` ``[B, L, H]``, ``bias`` ``[L]`` (the projection bias' share) and ``total`` ``[B, L]``
@@ -110,10 +138,10 @@ def head_attributions(model, batch, direction: torch.Tensor) -> dict[str, torch.
     heads, total = torch.zeros(B, L, H), torch.zeros(B, L)
     bias = torch.zeros(L)
 
-    def make(layer):
+    def make(layer: int) -> tuple[Callable[..., None], Callable[..., None]]:
         proj = ad.attn_out[layer]
 
-        def pre(mod, args):
+        def pre(mod: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             z = args[0][:, -1].float()  # [B, H*dh]: concatenated head outputs at the last position
             w = proj.weight.float()  # [d, H*dh]
             per = (z.view(B, H, dh) * (unit.to(w.device) @ w).view(1, H, dh)).sum(-1)  # [B, H]
@@ -121,12 +149,12 @@ def head_attributions(model, batch, direction: torch.Tensor) -> dict[str, torch.
             b = float(proj.bias.float() @ unit.to(w.device)) if proj.bias is not None else 0.0
             bias[layer] = b
 
-        def post(mod, args, out):
+        def post(mod: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             total[:, layer] = (out[:, -1].float() @ unit.to(out.device)).cpu()
 
         return pre, post
 
-    handles = []
+    handles: list[torch.utils.hooks.RemovableHandle] = []
     for i in range(L):
         pre, post = make(i)
         handles += [ad.attn_out[i].register_forward_pre_hook(pre), ad.attn_out[i].register_forward_hook(post)]
@@ -142,7 +170,7 @@ def head_attributions(model, batch, direction: torch.Tensor) -> dict[str, torch.
 
 
 @contextlib.contextmanager
-def eager_attention(model):
+def eager_attention(model: Model) -> Iterator[None]:
     """Temporarily compute attention explicitly so the probabilities can be read."""
     old = getattr(model.config, "_attn_implementation", None)
     model.set_attn_implementation("eager")
@@ -154,13 +182,13 @@ def eager_attention(model):
 
 
 @torch.no_grad()
-def attention_mass(model, batch: SuffixBatch, heads: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+def attention_mass(model: Model, batch: SuffixBatch, heads: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
     """Attention from the last position onto instruction / suffix / other tokens, per head ``[B, K]`` each."""
     ad = get_adapter(model)
     probs: dict[int, torch.Tensor] = {}
 
-    def make(layer):
-        def post(mod, args, out):
+    def make(layer: int) -> Callable[[torch.nn.Module, tuple[Any, ...], Any], None]:
+        def post(mod: torch.nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if isinstance(out, tuple) and len(out) > 1 and out[1] is not None:
                 probs[layer] = out[1][:, :, -1, :].float().cpu()  # [B, H, T]
 
@@ -178,7 +206,7 @@ def attention_mass(model, batch: SuffixBatch, heads: list[tuple[int, int]]) -> d
     if set(probs) != set(layers):
         raise RefdirError("this model's attention modules do not return attention probabilities")
     inst, suf = batch.instr_mask.float(), batch.suffix_mask.float()
-    out = {"instruction": [], "suffix": [], "other": []}
+    out: dict[str, list[torch.Tensor]] = {"instruction": [], "suffix": [], "other": []}  # [B] per head
     for l, h in heads:
         p = probs[l][:, h]  # [B, T]
         out["instruction"].append((p * inst).sum(-1))
@@ -194,77 +222,25 @@ def top_heads(attr: torch.Tensor, k: int = 8) -> list[tuple[int, int]]:
     return [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in idx]
 
 
-def random_suffixes(tokenizer, n: int, n_tokens: int, seed: int) -> list[str]:
+def random_suffixes(tokenizer: Tokenizer, n: int, n_tokens: int, seed: int) -> list[str]:
     """Random token suffixes of the same length, resampled per prompt (the control)."""
     g = torch.Generator().manual_seed(seed)
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
-    out = []
+    out: list[str] = []
     for _ in range(n):
         ids = [vocab[int(j)] for j in torch.randint(len(vocab), (n_tokens,), generator=g)]
-        out.append(tokenizer.decode(ids))
+        out.append(decode_text(tokenizer, ids, skip_special_tokens=False))
     return out
 
 
-@torch.no_grad()
-def base_vs_chat_cosines(
-    chat,
-    chat_tok,
-    base,
-    base_tok,
-    instructions: list[str],
-    direction: torch.Tensor,
-    fmt: PromptFormat = PromptFormat(),
-) -> dict[str, torch.Tensor]:
-    """App. J: cosine with the chat model's r̂ of activations at a "\\n" appended to each instruction.
-
-    The chat model sees only the pre-instruction part of its template (plus the instruction and "\\n");
-    the base model sees the instruction and "\\n" alone. Returns ``chat`` and ``base`` ``[N, L]``.
-    """
-    marker = "\u0000REFDIR\u0000"
-    text = format_prompt(chat_tok, marker, fmt)
-    prefix = text[: text.index(marker)]
-
-    def run(model, tok, texts):
-        enc = tok(texts, add_special_tokens=True, padding=True, return_tensors="pt")
-        return cosine_per_layer(model, Batch(enc["input_ids"], enc["attention_mask"], 0), direction)
-
-    for t in (chat_tok, base_tok):
-        t.padding_side = "left"
-        if t.pad_token is None:
-            t.pad_token = t.eos_token
-    chat_cos = run(chat, chat_tok, [prefix + s + "\n" for s in instructions])
-    if get_adapter(base).d_model != direction.numel():
-        raise RefdirError(
-            f"base model d_model {get_adapter(base).d_model} differs from the direction's "
-            f"{direction.numel()}: compare-base needs a base/chat pair of the same "
-            "architecture"
-        )
-    base_cos = run(base, base_tok, [s + "\n" for s in instructions])
-    return {"chat": chat_cos, "base": base_cos}
-
-
-def compare_base(
-    chat, chat_tok, base, base_tok, harmful: list[str], harmless: list[str], direction: torch.Tensor
-) -> dict:
-    """App. J: per-layer cosine with r̂ of the chat and the base model's activations, mean and sd over
-    prompts, for harmful and harmless instructions."""
-    res = {}
-    for name, ins in (("harmful", harmful), ("harmless", harmless)):
-        cos = base_vs_chat_cosines(chat, chat_tok, base, base_tok, ins, direction)
-        res[name] = {
-            k: {"mean": v.mean(0).tolist(), "sd": v.std(0, unbiased=False).tolist()} for k, v in cos.items()
-        }
-    return res
-
-
-def _mean_sd(x: torch.Tensor) -> dict:
+def _mean_sd(x: torch.Tensor) -> dict[str, list[float]]:
     return {"mean": x.mean(0).tolist(), "sd": x.std(0, unbiased=False).tolist()}
 
 
 def suffix_analysis(
-    model,
-    tok,
+    model: Model,
+    tok: Tokenizer,
     harmful: list[str],
     harmless: list[str],
     direction: torch.Tensor,
@@ -273,7 +249,7 @@ def suffix_analysis(
     top_k: int = 8,
     seed: int = 0,
     fmt: PromptFormat = PromptFormat(),
-) -> dict:
+) -> dict[str, Any]:
     """Fig. 5 and 6 on refusal-eliciting harmful prompts: plain, + random suffix, + adversarial suffix."""
     rand = random_suffixes(tok, len(harmful), n_suffix_tokens, seed)
     batches = {

@@ -8,6 +8,9 @@ derives the tokens from the model's own greedy refusals and records them.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +18,10 @@ from tqdm.auto import tqdm
 from refdir.core.adapter import input_device
 from refdir.core.forward import end_token_ids, greedy_generate, split_prefix
 from refdir.core.templates import PromptFormat, tokenize_prompts
+from refdir.core.types import Model, Tokenizer
+
+if TYPE_CHECKING:  # annotations only
+    from refdir.method.interventions import RowInterventions
 
 # The paper's refusal substrings (App. D.1), matched case-insensitively.
 REFUSAL_PHRASES = (
@@ -55,12 +62,22 @@ def refusal_metric(logits: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Ten
     return torch.cat(out) if out else logits.new_zeros(0)
 
 
+def decode_text(tokenizer: Tokenizer, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+    """The text of one row of token ids (``[T]``), special tokens dropped unless asked otherwise.
+
+    The cast: transformers types ``decode`` as ``str | list[str]`` for every input, but one flat row of
+    ids always decodes to one string."""
+    return cast(str, tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore left padding, so a padded prompt sees the same positions as alone."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def last_logits_with_grad(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_logits_with_grad(
+    model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Logits at the last position only ``[B, V]``: the unembedding of other positions is wasted work.
 
     Differentiable (gradient-based refinement needs it); :func:`last_logits` is the no-grad form."""
@@ -81,16 +98,16 @@ last_logits = torch.no_grad()(last_logits_with_grad)
 
 @torch.no_grad()
 def generate_batch(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     instructions: list[str],
     fmt: PromptFormat = PromptFormat(),
     max_new_tokens: int = 64,
     first_logits: bool = False,
-    on_bucket=None,
-    rows=None,
+    on_bucket: Callable[[torch.Tensor, int], AbstractContextManager[Any]] | None = None,
+    rows: RowInterventions | None = None,
     stop_at_refusal: bool = False,
-    on_done=None,
+    on_done: Callable[[int], object] | None = None,
 ) -> tuple[list[str], torch.Tensor | None]:
     """Greedy completions of one batch, and (if asked) the logits at the first generated position ``[B, V]``.
 
@@ -102,9 +119,7 @@ def generate_batch(
     """
     b = tokenize_prompts(tokenizer, instructions, fmt, input_device(model))
     pb = split_prefix(b, True, model, extra=max_new_tokens)
-    settled = (
-        (lambda t: is_refusal(tokenizer.decode(t, skip_special_tokens=True))) if stop_at_refusal else None
-    )
+    settled = (lambda t: is_refusal(decode_text(tokenizer, t))) if stop_at_refusal else None
     new, first = greedy_generate(
         model,
         pb,
@@ -116,18 +131,18 @@ def generate_batch(
         settled,
         on_done,
     )
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in new], first
+    return [decode_text(tokenizer, t) for t in new], first
 
 
-def length_order(tokenizer, instructions: list[str]) -> list[int]:
+def length_order(tokenizer: Tokenizer, instructions: list[str]) -> list[int]:
     """Indices sorting prompts by length: batches of similar lengths waste little on padding."""
     lens = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in instructions]
     return sorted(range(len(instructions)), key=lambda i: (lens[i], i))
 
 
 def generate(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     instructions: list[str],
     fmt: PromptFormat = PromptFormat(),
     max_new_tokens: int = 64,
@@ -136,7 +151,7 @@ def generate(
 ) -> list[str]:
     """Greedy completions in the input order, batched by length with left padding."""
     order = length_order(tokenizer, instructions)
-    out: list[str | None] = [None] * len(instructions)
+    out = [""] * len(instructions)  # every slot is filled: ``order`` is a permutation
     bar = tqdm(total=len(order), desc=desc, disable=desc is None, leave=False)  # counts finished rows
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
@@ -146,18 +161,18 @@ def generate(
         for j, c in zip(idx, comps):
             out[j] = c
     bar.close()
-    return out  # type: ignore[return-value]
+    return out
 
 
 def derive_refusal_tokens(
-    tokenizer, completions: list[str], min_share: float = 0.1, max_tokens: int = 4
-) -> tuple[list[int], dict]:
+    tokenizer: Tokenizer, completions: list[str], min_share: float = 0.1, max_tokens: int = 4
+) -> tuple[list[int], dict[str, Any]]:
     """First tokens of the model's own refusals: the tokens whose log-odds the metric measures.
 
     Keeps each first token that starts at least ``min_share`` of the refusals (at most
     ``max_tokens``). Falls back to the paper's "I" when the model produced no refusal.
     """
-    firsts = Counter()
+    firsts: Counter[int] = Counter()  # first token id -> refusals starting with it
     n_ref = 0
     for c in completions:
         if is_refusal(c):
@@ -166,7 +181,7 @@ def derive_refusal_tokens(
             if ids:
                 firsts[ids[0]] += 1
     chosen = [t for t, k in firsts.most_common(max_tokens) if k >= min_share * max(n_ref, 1)]
-    info = {
+    info: dict[str, Any] = {
         "n_completions": len(completions),
         "n_refusals": n_ref,
         "first_token_counts": {tokenizer.decode([t]): k for t, k in firsts.most_common(10)},
