@@ -14,10 +14,11 @@ import sys
 import tempfile
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from refdir.core.errors import RefdirError
 from refdir.core.prompt_format import PromptFormat, canonical_json_object
+from refdir.core.types import Model, Tokenizer
 from refdir.run.folder import RunFolder
 from refdir.run.settings import DEFAULT_MODEL, RunConfig, add_arguments, positive_int, read_value
 
@@ -36,6 +37,7 @@ __all__ = [
     "load_for_run",
     "load_options",
     "log",
+    "model_and_tokenizer",
     "positive_int",
     "print_summary",
     "prompt_format",
@@ -166,6 +168,11 @@ def load_for_run(a: argparse.Namespace, run: RunFolder) -> tuple[dict, Runtime, 
     rt = Runtime.load(spec, fmt, **load_options(a))
     direction = load_direction(run.path, expect_d_model=rt.adapter.d_model, expect_model=rt.spec)
     return data, rt, direction
+
+
+def model_and_tokenizer(rt: Runtime) -> tuple[Model, Tokenizer]:
+    """The runtime's model and tokenizer under the type names the library's functions take."""
+    return cast(Model, rt.model), cast(Tokenizer, rt.tokenizer)
 
 
 def rate(v: float | None) -> str:

@@ -7,7 +7,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from refdir.cli.common import (
     add_load_args,
@@ -15,10 +15,10 @@ from refdir.cli.common import (
     check_writable,
     load_for_run,
     load_options,
+    model_and_tokenizer,
     positive_int,
 )
 from refdir.core.errors import RefdirError
-from refdir.core.types import Tokenizer
 from refdir.run.folder import RunFolder
 from refdir.run.settings import add_setting
 
@@ -69,7 +69,7 @@ def cmd_suffix(a: argparse.Namespace) -> int:
 
     run = RunFolder(a.run)
     data, rt, _ = load_for_run(a, run)
-    model, tok, fmt = rt.model, rt.tokenizer, rt.fmt
+    (model, tok), fmt = model_and_tokenizer(rt), rt.fmt
     train = [x["instruction"] for x in data["harmful_train"][: a.n_prompts]]
     targets = [affirmative_target(x) for x in train]
     res = gcg(
@@ -123,7 +123,7 @@ def cmd_analyze_suffix(a: argparse.Namespace) -> int:
     run = RunFolder(a.run)
     suffix = _suffix_text(a, run)
     data, rt, direction = load_for_run(a, run)
-    model, tok, fmt = rt.model, cast(Tokenizer, rt.tokenizer), rt.fmt
+    (model, tok), fmt = model_and_tokenizer(rt), rt.fmt
     harmful = [x["instruction"] for x in data["harmful_val"] + data["harmful_train"]][: a.n]
     harmless = [x["instruction"] for x in data["harmless_val"] + data["harmless_train"]][: a.n]
     n_tok = len(tok(suffix, add_special_tokens=False)["input_ids"])
