@@ -7,6 +7,8 @@ a phrase; a second judge labels every completion of a condition and reports its 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tqdm.auto import tqdm
 
@@ -14,6 +16,7 @@ from refdir.core.adapter import input_device
 from refdir.core.errors import RefdirError
 from refdir.core.forward import last_logits_shared, split_prefix
 from refdir.core.templates import PromptFormat, tokenize_prompts
+from refdir.core.types import Model, Tokenizer
 from refdir.evaluation.conditions import Judged
 
 # The refusal question shows the reply alone. Measured on Qwen2.5-Coder-1.5B judging its own completions
@@ -52,8 +55,8 @@ class ChatJudge:
 
     def __init__(
         self,
-        model,
-        tokenizer,
+        model: Model,
+        tokenizer: Tokenizer,
         fmt: PromptFormat = PromptFormat(),
         batch_size: int = 64,
         evasive: bool = False,
@@ -83,7 +86,7 @@ class ChatJudge:
 
         The judge prompt's head (template, question) is computed once per chunk and the rows run in
         length buckets (completions differ a lot in length)."""
-        out = []
+        out: list[torch.Tensor] = []  # [chunk, len(answers)] per chunk
         dev = input_device(self.model)
         for i in tqdm(
             range(0, len(prompts), self.bs), desc="judge", leave=False, disable=len(prompts) <= self.bs
@@ -126,7 +129,7 @@ class SafetyClassifierJudge:
     name = "safety-classifier"
     judges_harmless = False
 
-    def __init__(self, spec: str, batch_size: int = 32, **load_options):
+    def __init__(self, spec: str, batch_size: int = 32, **load_options: Any):
         """``load_options``: :func:`refdir.core.models.load_model`'s (the run's device, dtype,
         trust_remote_code)."""
         from refdir.core.models import load_model
@@ -145,9 +148,10 @@ class SafetyClassifierJudge:
         the conversation formatted by the classifier's own chat template."""
         from refdir.core.forward import end_token_ids, greedy_generate
         from refdir.core.templates import left_padded
+        from refdir.method.refusal import decode_text
 
         dev, pad = input_device(self.model), self.tok.pad_token_id or 0
-        out = []
+        out: list[str] = []
         for i in range(0, len(prompts), self.bs):
             seqs = [
                 self.tok.apply_chat_template(
@@ -159,13 +163,13 @@ class SafetyClassifierJudge:
             ]
             pb = split_prefix(left_padded(seqs, 1, dev, pad), True, self.model, extra=n_tokens)
             new, _ = greedy_generate(self.model, pb, n_tokens, end_token_ids(self.model, self.tok))
-            out += [self.tok.decode(n, skip_special_tokens=True) for n in new]
+            out += [decode_text(self.tok, n) for n in new]
         return out
 
 
-def judge_agreement(items: list[Judged], labels: list[str]) -> dict:
+def judge_agreement(items: list[Judged], labels: list[str]) -> dict[str, Any]:
     """Agreement of the substring judge with a second judge, and the disagreements to inspect."""
-    dis = []
+    dis: list[dict[str, Any]] = []
     agree = 0
     for j, lab in zip(items, labels):
         second_refused = lab != "compliance"
@@ -183,14 +187,14 @@ def judge_agreement(items: list[Judged], labels: list[str]) -> dict:
 
 
 def second_judge(
-    model,
-    tok,
-    rows: list[dict],
+    model: Model,
+    tok: Tokenizer,
+    rows: list[dict[str, Any]],
     judge_spec: str,
     fmt: PromptFormat,
     only: list[str] | None = None,
-    load_options: dict | None = None,
-) -> dict:
+    load_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Label the completions with a second judge; its refusal rate and agreement with the substring judge.
 
     Harmful conditions always; harmless ones (baseline, +r) when the judge tells refusal from compliance
@@ -198,11 +202,13 @@ def second_judge(
     Keys of ``conditions``: ``"split/condition"``; ``only`` restricts the judge to some of them.
     ``load_options``: how a classifier judge is loaded (the run's device, dtype, trust_remote_code).
     """
+    judge: ChatJudge | SafetyClassifierJudge
     if judge_spec in ("self", "self+evasive"):
         judge = ChatJudge(model, tok, fmt, evasive=judge_spec == "self+evasive")
     else:
         judge = SafetyClassifierJudge(judge_spec, **(load_options or {}))
-    out = {"judge": judge_spec, "kind": judge.name, "conditions": {}}
+    conditions: dict[str, dict[str, Any]] = {}  # "split/condition" -> agreement and rates
+    out = {"judge": judge_spec, "kind": judge.name, "conditions": conditions}
     pairs = list(dict.fromkeys((r["split"], r["condition"]) for r in rows))
     unknown = set(only or []) - {f"{s}/{c}" for s, c in pairs}
     if unknown:
@@ -219,5 +225,5 @@ def second_judge(
         agr = judge_agreement(items, labels)
         agr["refusal_rate"] = sum(lab != "compliance" for lab in labels) / max(len(labels), 1)
         agr["evasive_rate"] = sum(lab == "evasive" for lab in labels) / max(len(labels), 1)
-        out["conditions"][f"{split}/{cond}"] = agr
+        conditions[f"{split}/{cond}"] = agr
     return out
