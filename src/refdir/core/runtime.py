@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from refdir.core.adapter import ModelAdapter, get_adapter
 from refdir.core.templates import Batch, PromptFormat, tokenize_prompts
+from refdir.core.types import Model, Tokenizer
 from refdir.run.settings import BatchPolicy
 
 
@@ -24,13 +28,14 @@ from refdir.run.settings import BatchPolicy
 class Runtime:
     """What every stage needs to run the model; build it with :meth:`load` or from a loaded model."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: Model
+    tokenizer: Tokenizer
     fmt: PromptFormat = field(default_factory=PromptFormat)
     batch: BatchPolicy = field(default_factory=BatchPolicy)
 
     @property
     def adapter(self) -> ModelAdapter:
+        """The model's layer map (built once and cached on the model)."""
         return get_adapter(self.model)
 
     @property
@@ -40,14 +45,16 @@ class Runtime:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The activations' dtype (the embedding's)."""
         return self.adapter.dtype
 
     @property
     def spec(self) -> str | None:
+        """The name or folder the model was loaded from; None for a model built in memory."""
         return getattr(self.model, "refdir_spec", None)
 
     @property
-    def load_info(self) -> dict:
+    def load_info(self) -> dict[str, Any]:
         """How the model was loaded (device, device map, dtype, revision, quantization), for run metadata."""
         return getattr(
             self.model,
@@ -60,6 +67,7 @@ class Runtime:
         return tokenize_prompts(self.tokenizer, instructions, self.fmt, self.device)
 
     def with_format(self, fmt: PromptFormat) -> Runtime:
+        """The same model under another prompt format (a copy: stages never change a shared runtime)."""
         return replace(self, fmt=fmt)
 
     @classmethod
@@ -69,7 +77,7 @@ class Runtime:
         fmt: PromptFormat = PromptFormat(),
         batch: BatchPolicy | None = None,
         tune: bool = True,
-        **load_options,
+        **load_options: Any,
     ) -> Runtime:
         """Load a model (:func:`refdir.core.models.load_model` options) and settle its batch policy."""
         from refdir.core.models import load_model
@@ -81,13 +89,15 @@ class Runtime:
         return rt
 
 
-def _cache_file():
+def _cache_file() -> Path:
+    """Where tuned batch policies persist across runs, beside the model cache."""
     from refdir.core.models import cache_dir
 
     return cache_dir() / "batch_policy.json"
 
 
 def _policy_key(rt: Runtime) -> str:
+    """What a tuned policy depends on: the model, the device's name, dtype, quantization, device map."""
     dev = rt.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     info = rt.load_info
@@ -123,7 +133,7 @@ def autotune(rt: Runtime, max_rows: int = 1024, cache: bool = True) -> BatchPoli
     return policy
 
 
-def _grow(rate, max_rows: int) -> int:
+def _grow(rate: Callable[[int], float], max_rows: int) -> int:
     """The batch size (powers of two from 16) after which throughput stops rising by >= 5% or memory runs
     out."""
     best_n, best = 16, 0.0
@@ -144,6 +154,7 @@ def _grow(rate, max_rows: int) -> int:
 
 
 def _probe_prompts(n: int) -> list[str]:
+    """``n`` built-in harmless prompts (repeated as needed): realistic lengths for the measurement."""
     from refdir.method.data import load_builtin
 
     pool = [p.instruction for p in load_builtin("harmless")]
@@ -151,12 +162,14 @@ def _probe_prompts(n: int) -> list[str]:
 
 
 def _sync(dev: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock times measure the work itself."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
 @torch.no_grad()
 def _decode_rate(rt: Runtime, n: int, steps: int = 8) -> float:
+    """Generated tokens per second for a batch of ``n`` prompts."""
     from refdir.core.forward import greedy_generate, split_prefix
 
     pb = split_prefix(rt.encode(_probe_prompts(n)), True, rt.model, extra=steps)
@@ -169,6 +182,7 @@ def _decode_rate(rt: Runtime, n: int, steps: int = 8) -> float:
 
 @torch.no_grad()
 def _forward_rate(rt: Runtime, n: int) -> float:
+    """Prompt tokens per second of one prompt pass over ``n`` prompts."""
     from refdir.core.forward import last_logits_shared, split_prefix
 
     b = rt.encode(_probe_prompts(n))
