@@ -154,3 +154,43 @@ def test_kl_budget_keeps_each_added_vector_within_it():
     from refdir.analyses.cone import _method
 
     assert "KL <=" in _method(e)
+
+
+def test_measure_cone_writes_the_run_folder_artifacts(tmp_path):
+    """The library call behind `refdir cone` and `refdir audit`: candidates and prompts from the folder,
+    cone.json and the last basis in cone.safetensors out; rank 1 is r̂."""
+    import json
+
+    from refdir.analyses.cone import ConeSettings, measure_cone
+    from refdir.core.io import load_tensors, save_tensors
+    from refdir.core.runtime import BatchPolicy, Runtime
+    from refdir.run.folder import RunFolder
+
+    model, tok, _, _, cands, d = _cone_setup()
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    save_tensors(run.candidates, {"directions": cands.contiguous()})
+    split = lambda xs: [{"instruction": x} for x in xs]  # noqa: E731
+    data = {
+        "harmful_train": split(HARM),
+        "harmless_train": split(PROMPTS),
+        "harmful_val": split(HARM[:2]),
+        "harmless_val": split(PROMPTS[:2]),
+        "eval_harmful": split(HARM[:3]),
+        "eval_harmless": split(PROMPTS),
+        "refusal_tokens": {"token_ids": [5, 6]},
+    }
+    run.prompts.write_text(json.dumps(data))
+    rt = Runtime(model, tok, PromptFormat(), BatchPolicy(gen_rows=8))
+    res = measure_cone(run, rt, d, ConeSettings(max_rank=2, max_new_tokens=3), out=tmp_path / "c.json")
+    assert [r["rank"] for r in res["ranks"]] == [1, 2] and [r["n"] for r in res["ranks"]] == [3, 3]
+    assert json.loads(run.cone.read_text()) == json.loads((tmp_path / "c.json").read_text()) == res
+    basis = load_tensors(run.cone_basis)["basis"]
+    assert list(basis.shape) == [2, 64]
+    assert torch.allclose(basis[0], (d.vector / d.vector.norm()).float(), atol=1e-6)
+    from refdir.analyses.cone import subspace_bypass
+    from refdir.core.forward import split_prefix
+
+    val = split_prefix(tokenize_prompts(tok, HARM[:2]), True, model)  # the run's harmful_val
+    want = subspace_bypass(model, val, basis[:1].double(), torch.tensor([5, 6]))
+    assert abs(res["ranks"][0]["bypass"] - want) < 1e-4

@@ -77,3 +77,40 @@ def test_a_difference_of_means_direction_separates_its_prompts():
     assert [i["flagged"] for i in res["items"]] == [i["score"] > res["threshold"] for i in res["items"]]
     assert set(res["suffix"]["flagged"]) == {"direction", "last", "instruction_end", "instruction_mean"}
     assert len(res["sweep"]["last"]["auroc"]) == 4
+
+
+def test_monitor_folder_is_monitor_run_on_the_folder(tmp_path):
+    """The library call behind `refdir monitor` and `refdir audit`: the run's prompts and suffix.json in,
+    monitor.json (no items) and the whole result out, the same numbers as monitor_run."""
+    import json
+
+    from refdir.analyses.monitor import monitor_folder
+    from refdir.core.runtime import BatchPolicy, Runtime
+    from refdir.run.folder import RunFolder
+
+    model, tok = tiny_model("llama")
+    d = Direction(torch.randn(64, generator=torch.Generator().manual_seed(3)), 2, -1)
+    data = {
+        k: [{"instruction": p} for p in v]
+        for k, v in (
+            ("harmful_train", HARM),
+            ("harmless_train", SAFE),
+            ("eval_harmful", HARM),
+            ("eval_harmless", SAFE),
+        )
+    }
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.prompts.write_text(json.dumps(data))
+    run.suffix.write_text(json.dumps({"suffix": "zq zq"}))
+    rt = Runtime(model, tok, PromptFormat(), BatchPolicy(prompt_rows=4))
+    res = monitor_folder(run, rt, d, prompts=SAFE[:3], out=tmp_path / "m.json")
+    want = monitor_run(model, tok, data, d, PromptFormat(), SAFE[:3], "zq zq", 4)
+    assert (
+        json.loads((tmp_path / "m.json").read_text())
+        == json.loads(json.dumps(want))
+        == json.loads(json.dumps(res))
+    )
+    stored = json.loads(run.monitor.read_text())
+    assert "items" not in stored and stored["threshold"] == want["threshold"] and len(res["items"]) == 3
+    assert stored["suffix"]["n"] == 6
