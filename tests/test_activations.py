@@ -31,7 +31,8 @@ def test_extraction_recorded_by_the_prompt_screen_equals_a_separate_pass(tmp_pat
     without that file, extraction runs mean_activations: the same candidates."""
     from refdir.core.io import load_tensors
     from refdir.method.selection import SelectionConfig
-    from refdir.run.pipeline import SCREEN_MEANS, RunConfig, run_pipeline
+    from refdir.run.folder import RunFolder
+    from refdir.run.pipeline import RunConfig, run_pipeline
 
     model, tok = tiny_model("qwen2")
     cfg = RunConfig(
@@ -48,7 +49,7 @@ def test_extraction_recorded_by_the_prompt_screen_equals_a_separate_pass(tmp_pat
     run_pipeline(cfg, tmp_path / "fused", model, tok, log=logs.append, stop_after="extract")
     assert any("recorded by the prompt screen" in m for m in logs)
     run_pipeline(cfg, tmp_path / "plain", model, tok, log=logs.append, stop_after="prompts")
-    (tmp_path / "plain" / SCREEN_MEANS).unlink()
+    RunFolder(tmp_path / "plain").screen_means.unlink()
     logs.clear()
     run_pipeline(cfg, tmp_path / "plain", model, tok, log=logs.append, stop_after="extract")
     assert not any("recorded by the prompt screen" in m for m in logs)

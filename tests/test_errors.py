@@ -125,6 +125,21 @@ CASES = [
         "requested",
     ),
     ("non-positive sizes", lambda t, m, r: _run(m, "--n-train", "0"), "positive"),
+    (
+        "settings file: a size that is not a number",
+        lambda t, m, r: _config(t, 'n_eval = "abc"\n'),
+        "n_eval: expected a positive integer",
+    ),
+    (
+        "settings file: a model that is not a string",
+        lambda t, m, r: _config(t, "model = 3\n"),
+        "model: expected a string",
+    ),
+    (
+        "settings file: a selection threshold that is not a number",
+        lambda t, m, r: _config(t, '[selection]\nkl_threshold = "x"\n'),
+        "selection.kl_threshold: invalid float value",
+    ),
     ("unknown model id", lambda t, m, r: _run("no-such-model"), "unknown model"),
     ("model folder without config", lambda t, m, r: _run(str(t)), "config.json"),
     ("model without chat template", lambda t, m, r: _run(_no_template_folder(t, m)), "chat template"),
@@ -400,6 +415,11 @@ CASES = [
 ]
 
 
+def _config(t: Path, text: str) -> list[str]:
+    """``refdir run --config FILE`` with a settings file holding ``text`` (its values checked like flags)."""
+    return ["run", "--config", _write(t / "run.toml", text), "--out", str(t / "r")]
+
+
 def _caps(t: Path, m, *extra) -> list[str]:
     return ["capabilities", "--model", str(m), "--out", str(t / "caps.json"), *extra]
 
@@ -441,12 +461,12 @@ def _long_prompt(t: Path) -> str:
 
 
 def _oom(argv):
-    import refdir.run.pipeline
+    import refdir.run.stages
 
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    refdir.run.pipeline.prepare_prompts = boom  # restored by the test (the stage table calls it by this name)
+    refdir.run.stages.prepare_prompts = boom  # restored by the test (the stage table calls it by this name)
     return argv
 
 
@@ -492,9 +512,9 @@ def _snapshot(root: Path) -> set:
 def test_bad_input(case, argv, fragment, tmp_path, tiny_folder, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
-    import refdir.run.pipeline
+    import refdir.run.stages
 
-    monkeypatch.setattr(refdir.run.pipeline, "prepare_prompts", refdir.run.pipeline.prepare_prompts)
+    monkeypatch.setattr(refdir.run.stages, "prepare_prompts", refdir.run.stages.prepare_prompts)
     monkeypatch.setitem(sys.modules, "bitsandbytes", sys.modules.get("bitsandbytes"))
     try:  # imported first, so that the "not installed" case's None is undone (when it is installed)
         import lm_eval  # noqa: F401
@@ -522,6 +542,17 @@ def test_bad_input(case, argv, fragment, tmp_path, tiny_folder, capsys, monkeypa
     if case == "out of memory during a stage":  # the run folder stays, with only completed stages: none
         created -= {"r", "r/config.json"}
     assert not created, created
+
+
+def test_docs_errors_md_has_a_row_for_every_case():
+    """docs/errors.md is rendered from CASES (``python tests/test_errors.py``): a new case needs its row,
+    with its fragment in the message shown."""
+    doc = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    rows = {
+        line.split(" | ")[0].removeprefix("| "): line for line in doc.splitlines() if line.startswith("| ")
+    }
+    missing = [case for case, _, fragment in CASES if fragment.lower() not in rows.get(case, "").lower()]
+    assert missing == []
 
 
 class _nullctx:
@@ -597,12 +628,12 @@ def render_table() -> str:
         (t / "tinyq").mkdir()
         model.save_pretrained(t / "tinyq")
         tok.save_pretrained(t / "tinyq")
-        import refdir.run.pipeline
+        import refdir.run.stages
 
         with contextlib.suppress(ImportError):
             import lm_eval  # noqa: F401  (so that the "not installed" case can be undone)
         screen, bnb, lme = (
-            refdir.run.pipeline.prepare_prompts,
+            refdir.run.stages.prepare_prompts,
             sys.modules.get("bitsandbytes"),
             sys.modules.get("lm_eval"),
         )
@@ -612,7 +643,7 @@ def render_table() -> str:
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
                 main(argv(work, t / "tinyq", None))
-            refdir.run.pipeline.prepare_prompts = screen  # the cases that simulate failures patch these
+            refdir.run.stages.prepare_prompts = screen  # the cases that simulate failures patch these
             if bnb is None:
                 sys.modules.pop("bitsandbytes", None)
             else:

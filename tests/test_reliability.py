@@ -140,7 +140,7 @@ json_values = st.recursive(
 @given(config=json_values, stages=json_values, raw=st.binary(max_size=40))
 def test_run_folder_metadata_parser_accepts_or_rejects_cleanly(tmp_path_factory, config, stages, raw):
     """Arbitrary config.json / stages.json contents: either accepted or one RefdirError, never a crash."""
-    from refdir.run.pipeline import RunFolder, check_run_folder
+    from refdir.run.folder import RunFolder, StageLedger, check_run_folder
 
     d = tmp_path_factory.mktemp("meta")
     for name, value in (("config.json", config), ("stages.json", stages)):
@@ -148,7 +148,7 @@ def test_run_folder_metadata_parser_accepts_or_rejects_cleanly(tmp_path_factory,
     for attempt in range(2):
         try:
             check_run_folder(d, "some-model")
-            RunFolder(d).fresh("prompts", "k", "prompts.json")
+            StageLedger(RunFolder(d)).fresh("prompts", "k", RunFolder(d).prompts)
         except RefdirError:
             pass
         (d / "stages.json").write_bytes(raw)  # then raw bytes, not even JSON

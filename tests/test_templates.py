@@ -64,3 +64,12 @@ def test_dates_in_rendered_prompts_are_detected_for_the_stage_key():
 def test_bad_template_kwargs(bad):
     with pytest.raises(RefdirError, match="template-kwargs"):
         template_kwargs_json(bad)
+
+
+def test_tokenize_prompts_pads_left_and_leaves_the_callers_tokenizer_alone():
+    tok = make_tokenizer()
+    tok.padding_side = "right"
+    b = tokenize_prompts(tok, ["Hi.", "A much longer instruction than the first one, with more words."])
+    assert tok.padding_side == "right"
+    assert b.attention_mask[0, 0] == 0 and b.attention_mask[0, -1] == 1  # left-padded short row
+    assert int(b.attention_mask[1].sum()) == b.attention_mask.shape[1]

@@ -130,8 +130,8 @@ def tokenize_prompts(
             "the chat template puts no tokens after the user's text; no post-instruction positions"
         )
     add = add_special(tokenizer, texts[0])
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, add_special_tokens=add, padding=True, return_tensors="pt")
+    # left padding for this call only: the caller's tokenizer keeps its own padding side
+    enc = tokenizer(texts, add_special_tokens=add, padding=True, padding_side="left", return_tensors="pt")
     return Batch(enc["input_ids"].to(device), enc["attention_mask"].to(device), n_post)
 
 

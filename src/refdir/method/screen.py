@@ -8,6 +8,7 @@ screen's prompt passes also record the post-instruction activations, so extracti
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -62,7 +63,20 @@ def validate_inputs(cfg: RunConfig) -> dict[str, list[Prompt]]:
     return sets
 
 
-def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorder | None = None) -> dict:
+@dataclass
+class ScreenedPrompts:
+    """The prompt screen's artifact: ``data`` is what ``prompts.json`` holds (splits, refusal tokens, filter
+    counts, the exact prompt format); ``train_rows`` says which rows of the screen's activation recorder are
+    the training prompts (harmful prompt i is row i, harmless prompt i row ``HARMLESS_ROW + i``), so
+    extraction can average what the screen already computed. Not written: the means are."""
+
+    data: dict
+    train_rows: dict[str, list[int]]
+
+
+def prepare_prompts(
+    rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorder | None = None
+) -> ScreenedPrompts:
     """Train/val/eval splits after the paper's filtering, the refusal tokens, and what was measured.
 
     Filtering keeps harmful prompts the model refuses and harmless ones it answers. Two rules:
@@ -73,7 +87,7 @@ def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorde
 
     With a ``recorder`` attached, the screen's prompt passes also record the post-instruction
     activations (harmful prompt i as row i, harmless prompt i as row ``HARMLESS_ROW + i``) and the
-    returned dict's ``"_train_rows"`` says which rows are the training prompts: extraction is then free.
+    returned ``train_rows`` say which rows are the training prompts: extraction is then free.
     """
     model, tok, fmt, rows = rt.model, rt.tokenizer, rt.fmt, rt.batch.gen_rows
     sets = validate_inputs(cfg)
@@ -171,7 +185,7 @@ def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorde
     htr, hva, hk, h_rows = pick(harm, keep_h)
     ltr, lva, lk, l_rows = pick(harmless, keep_l)
     example = format_prompt(tok, "<instruction>", fmt)
-    return {
+    data = {
         "harmful_train": [p.to_json() for p in htr],
         "harmful_val": [p.to_json() for p in hva],
         "harmless_train": [p.to_json() for p in ltr],
@@ -202,8 +216,8 @@ def prepare_prompts(rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorde
             "example": example,
             "post_instruction_tokens": post_instruction_tokens(tok, fmt),
         },
-        "_train_rows": {"harmful": h_rows, "harmless": [HARMLESS_ROW + i for i in l_rows]},  # not written
     }
+    return ScreenedPrompts(data, {"harmful": h_rows, "harmless": [HARMLESS_ROW + i for i in l_rows]})
 
 
 def calibrate_threshold(metric: torch.Tensor, refused: list[bool]) -> tuple[float, float]:

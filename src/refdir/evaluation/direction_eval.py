@@ -1,0 +1,198 @@
+"""The run's evaluation of its direction (paper §3-4, Table 7): refusal under each condition, KL and CE.
+
+Two steps, so that no caller's model is edited behind its back:
+
+* :func:`evaluate_conditions` — hooks only: the five generated conditions (harmful baseline / ablation /
+  −r, harmless baseline / +r), the optional second judge, KL and CE on harmless prompts and text. The
+  model's weights are untouched.
+* :func:`check_orthogonalized` — orthogonalizes the weights of a model the caller hands over for that
+  purpose (the run's own), checks them against ablation on logits and, with ``--preset paper``,
+  regenerates and re-scores the orthogonalized condition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from refdir.core.adapter import get_adapter
+from refdir.core.models import release_memory
+from refdir.core.runtime import Runtime
+from refdir.evaluation.conditions import (
+    GenJob,
+    Judged,
+    condition,
+    condition_factory,
+    generate_conditions,
+    generate_judged,
+    kl_and_ce,
+    per_category,
+    refusal_rate,
+)
+from refdir.evaluation.judges import second_judge
+from refdir.method.directions import Direction
+from refdir.method.interventions import orthogonalize_weights
+from refdir.method.refusal import REFUSAL_PHRASES, last_logits
+from refdir.run.settings import RunConfig
+
+# all five conditions in shared batches, a refusing condition next to an answering one (rows that refuse
+# leave the batch after a dozen tokens; the answers keep it wide)
+CONDITIONS = (
+    ("harmful", "baseline"),
+    ("harmful", "ablation"),
+    ("harmless", "actadd+"),
+    ("harmful", "actadd-"),
+    ("harmless", "baseline"),
+)
+REPORT_ORDER = (
+    ("harmful", "baseline"),
+    ("harmful", "ablation"),
+    ("harmful", "actadd-"),
+    ("harmless", "baseline"),
+    ("harmless", "actadd+"),
+)
+
+
+@dataclass
+class Evaluation:
+    """The evaluate stage's artifact: ``ev`` is ``eval.json``, ``rows`` are ``completions.jsonl``."""
+
+    ev: dict
+    rows: list[dict] = field(default_factory=list)
+
+    def record(self, cond: str, split: str, items: list[Judged]) -> None:
+        """Add one condition's refusal rate and its completions."""
+        self.ev.setdefault("refusal", {}).setdefault(split, {})[cond] = {
+            "refusal_rate": refusal_rate(items),
+            "n": len(items),
+            "per_category": per_category(items),
+        }
+        self.rows.extend(
+            {
+                "split": split,
+                "condition": cond,
+                "prompt": j.prompt,
+                "category": j.category,
+                "refused": j.refused,
+                "completion": j.completion,
+            }
+            for j in items
+        )
+
+
+def _instructions(items: list[dict]) -> list[str]:
+    return [x["instruction"] for x in items]
+
+
+def judge_load(cfg: RunConfig) -> dict:
+    """A classifier judge goes where the run's model computes, in its dtype (a device map is the model's
+    own)."""
+    return {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
+
+
+def evaluate_conditions(
+    rt: Runtime, direction: Direction, data: dict, cfg: RunConfig, log=lambda message: None
+) -> Evaluation:
+    """Refusal rates per condition and KL/CE on harmless prompts, through hooks: weights untouched."""
+    model, tok, fmt = rt.model, rt.tokenizer, rt.fmt
+    harm, harmless = data["eval_harmful"], data["eval_harmless"]
+    prompts = {"harmful": _instructions(harm), "harmless": _instructions(harmless)}
+    cats = {"harmful": [x.get("category") for x in harm], "harmless": [x.get("category") for x in harmless]}
+    out = Evaluation({"direction": direction.meta(), "refusal": {}})
+    jobs = [GenJob(f"{s}/{c}", c, prompts[s], cats[s]) for s, c in CONDITIONS]
+    judged = generate_conditions(model, tok, jobs, direction, fmt, cfg.max_new_tokens, rt.batch.gen_rows)
+    for split, cond in REPORT_ORDER:
+        out.record(cond, split, judged[f"{split}/{cond}"])
+    if cfg.judge:
+        log(f"evaluate: second judge ({cfg.judge})")
+    out.ev["judge"] = (
+        second_judge(model, tok, out.rows, cfg.judge, fmt, load_options=judge_load(cfg))
+        if cfg.judge
+        else None
+    )
+    log("evaluate: KL and cross-entropy on harmless prompts and text")
+    ctx = {c: condition_factory(model, c, direction) for c in ("baseline", "ablation", "actadd+")}
+    # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
+    base = _baseline_completions(out.rows)
+    bs = rt.batch.prompt_rows
+    out.ev["kl_ce_harmless"] = kl_and_ce(
+        model, tok, prompts["harmless"], base, fmt, ctx, n_tokens=16, batch_size=bs
+    )
+    # CE on harmless instruction + response text written by people (paper Table 7), first 64 tokens
+    pairs = data.get("ce_text") or []
+    ins, resp = [x["instruction"] for x in pairs], [x["response"] for x in pairs]
+    out.ev["ce_harmless_text"] = (
+        kl_and_ce(model, tok, ins, resp, fmt, ctx, n_tokens=64, batch_size=bs) if pairs else {}
+    )
+    out.ev["max_new_tokens"] = cfg.max_new_tokens
+    out.ev["refusal_phrases"] = list(REFUSAL_PHRASES)
+    return out
+
+
+def _baseline_completions(rows: list[dict]) -> list[str]:
+    return [r["completion"] for r in rows if r["split"] == "harmless" and r["condition"] == "baseline"]
+
+
+def check_orthogonalized(
+    owned: Runtime, direction: Direction, data: dict, cfg: RunConfig, out: Evaluation, log=lambda m: None
+) -> None:
+    """Orthogonalize ``owned.model``'s weights in place and add the orthogonalized condition to ``out``.
+
+    ``owned`` must be a model the caller has handed over for editing (the run's own copy): its weights are
+    orthogonalized (a second copy would double peak memory). Orthogonalized logits are checked against
+    ablation on 16 harmful prompts; with ``regenerate_ortho`` the condition is regenerated and re-scored,
+    otherwise it takes ablation's scores (logit-equivalent, checked).
+    """
+    model = owned.model
+    hp = _instructions(data["eval_harmful"])
+    b = owned.encode(hp[:16])
+    with condition(model, "ablation", direction):
+        la = last_logits(model, b.input_ids, b.attention_mask)
+    log("evaluate: orthogonalizing the weights, checked against ablation")
+    release_memory()  # untying the unembedding allocates a vocab x d copy: not on top of freed buffers
+    orthogonalize_weights(model, direction.vector, allow_approximate=True)
+    lo = last_logits(model, b.input_ids, b.attention_mask)
+    out.ev["ortho_check"] = {
+        "max_abs_logit_diff_vs_ablation": float((la - lo).abs().max()),
+        "n_prompts": b.input_ids.shape[0],
+        "exact_by_construction": get_adapter(model).linear_writes,
+    }
+    if cfg.regenerate_ortho:
+        _regenerate_ortho(owned, data, cfg, out)
+    else:  # ortho ≡ ablation: its completions and scores are those of ablation (checked on logits above)
+        same = "ablation (logit-equivalent)"
+        ev = out.ev
+        ev["refusal"]["harmful"]["ortho"] = {**ev["refusal"]["harmful"]["ablation"], "from": same}
+        ev["kl_ce_harmless"]["ortho"] = {**ev["kl_ce_harmless"]["ablation"], "from": same}
+        if ev["ce_harmless_text"]:
+            ev["ce_harmless_text"]["ortho"] = {**ev["ce_harmless_text"]["ablation"], "from": same}
+
+
+def _regenerate_ortho(owned: Runtime, data: dict, cfg: RunConfig, out: Evaluation) -> None:
+    """``--preset paper``: generate the orthogonalized condition and score CE under the edited weights."""
+    model, tok, fmt, bs = owned.model, owned.tokenizer, owned.fmt, owned.batch.prompt_rows
+    harm = data["eval_harmful"]
+    hp, hcat = _instructions(harm), [x.get("category") for x in harm]
+    n_new = cfg.max_new_tokens
+    out.record(
+        "ortho",
+        "harmful",
+        generate_judged(model, tok, hp, hcat, fmt, n_new, owned.batch.gen_rows, "harmful/ortho"),
+    )
+    # the baseline is gone from memory: CE of the baseline completions under the orthogonalized weights
+    plain = {"baseline": contextlib.nullcontext}
+    lp = _instructions(data["eval_harmless"])
+    ce = kl_and_ce(model, tok, lp, _baseline_completions(out.rows), fmt, plain, 16, bs)["baseline"]
+    klce = out.ev["kl_ce_harmless"]
+    klce["ortho"] = {
+        **klce["ablation"],
+        "ce": ce["ce"],
+        "ce_tokens": ce["ce_tokens"],
+        "kl_from": "ablation (logit-equivalent; the baseline weights are gone)",
+    }
+    pairs = data.get("ce_text") or []
+    if pairs:
+        ins, resp = [x["instruction"] for x in pairs], [x["response"] for x in pairs]
+        ce_t = kl_and_ce(model, tok, ins, resp, fmt, plain, 64, bs)["baseline"]
+        text = out.ev["ce_harmless_text"]
+        text["ortho"] = {**text["ablation"], "ce": ce_t["ce"], "kl_from": "ablation (logit-equivalent)"}
