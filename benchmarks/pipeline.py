@@ -260,7 +260,7 @@ def main() -> None:
             str(shared / "harmless_val.json"),
         )
     rss.log("run: started")
-    run_pipeline(cfg, out, model, tok, log=rss.log)
+    run_pipeline(cfg, out, model, tok, log=rss.log, owns_model=True)  # no second copy for the ortho check
     print("peak RSS by phase (GiB):", rss.stop(), flush=True)
     counter.remove()
     shapes.remove()
