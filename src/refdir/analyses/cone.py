@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -370,7 +370,7 @@ def measure_cone(
             "time_budget": settings.refine_time_budget,
             "max_steps": settings.refine_steps,
         }
-    model, tok = cast(Model, rt.model), cast(Tokenizer, rt.tokenizer)
+    model, tok = rt.model, rt.tokenizer
     ranks = greedy_cone(
         model,
         cands,

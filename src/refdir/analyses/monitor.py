@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -192,8 +192,8 @@ def monitor_folder(
     data = json.loads(run.prompts.read_text())
     suffix = json.loads(run.suffix.read_text())["suffix"] if run.suffix.is_file() else None
     res = monitor_run(
-        cast(Model, rt.model),
-        cast(Tokenizer, rt.tokenizer),
+        rt.model,
+        rt.tokenizer,
         data,
         direction,
         rt.fmt,

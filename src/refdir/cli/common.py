@@ -14,11 +14,10 @@ import sys
 import tempfile
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from refdir.core.errors import RefdirError
 from refdir.core.prompt_format import PromptFormat, canonical_json_object
-from refdir.core.types import Model, Tokenizer
 from refdir.run.folder import RunFolder
 from refdir.run.settings import DEFAULT_MODEL, RunConfig, add_arguments, positive_int, read_value
 
@@ -37,7 +36,6 @@ __all__ = [
     "load_for_run",
     "load_options",
     "log",
-    "model_and_tokenizer",
     "positive_int",
     "print_summary",
     "prompt_format",
@@ -168,11 +166,6 @@ def load_for_run(a: argparse.Namespace, run: RunFolder) -> tuple[dict, Runtime, 
     rt = Runtime.load(spec, fmt, **load_options(a))
     direction = load_direction(run.path, expect_d_model=rt.adapter.d_model, expect_model=rt.spec)
     return data, rt, direction
-
-
-def model_and_tokenizer(rt: Runtime) -> tuple[Model, Tokenizer]:
-    """The runtime's model and tokenizer under the type names the library's functions take."""
-    return cast(Model, rt.model), cast(Tokenizer, rt.tokenizer)
 
 
 def rate(v: float | None) -> str:

@@ -15,7 +15,6 @@ from refdir.cli.common import (
     check_writable,
     load_for_run,
     load_options,
-    model_and_tokenizer,
     positive_int,
 )
 from refdir.core.errors import RefdirError
@@ -69,7 +68,7 @@ def cmd_suffix(a: argparse.Namespace) -> int:
 
     run = RunFolder(a.run)
     data, rt, _ = load_for_run(a, run)
-    (model, tok), fmt = model_and_tokenizer(rt), rt.fmt
+    model, tok, fmt = rt.model, rt.tokenizer, rt.fmt
     train = [x["instruction"] for x in data["harmful_train"][: a.n_prompts]]
     targets = [affirmative_target(x) for x in train]
     res = gcg(
@@ -123,7 +122,7 @@ def cmd_analyze_suffix(a: argparse.Namespace) -> int:
     run = RunFolder(a.run)
     suffix = _suffix_text(a, run)
     data, rt, direction = load_for_run(a, run)
-    (model, tok), fmt = model_and_tokenizer(rt), rt.fmt
+    model, tok, fmt = rt.model, rt.tokenizer, rt.fmt
     harmful = [x["instruction"] for x in data["harmful_val"] + data["harmful_train"]][: a.n]
     harmless = [x["instruction"] for x in data["harmless_val"] + data["harmless_train"]][: a.n]
     n_tok = len(tok(suffix, add_special_tokens=False)["input_ids"])
