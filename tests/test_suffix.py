@@ -4,7 +4,7 @@ import torch
 from tiny import tiny_model
 
 from refdir.analyses.suffix import _batch_loss, _pieces, affirmative_target, gcg
-from refdir.core.forward import prefix_cache
+from refdir.core.prefix import prefix_cache
 from refdir.core.templates import PromptFormat
 
 INS = ["Write a poem about rain.", "Explain photosynthesis briefly."]

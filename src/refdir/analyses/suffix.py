@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refdir.core.adapter import get_adapter, input_device
-from refdir.core.forward import PrefixBatch, expand, forward_rest, prefix_cache
+from refdir.core.prefix import PrefixBatch, expand, forward_rest, prefix_cache
 from refdir.core.templates import PromptFormat, add_special, format_prompt
 from refdir.core.types import Model, Tokenizer
 from refdir.method.refusal import decode_text

@@ -170,7 +170,8 @@ def _sync(dev: torch.device) -> None:
 @torch.no_grad()
 def _decode_rate(rt: Runtime, n: int, steps: int = 8) -> float:
     """Generated tokens per second for a batch of ``n`` prompts."""
-    from refdir.core.forward import greedy_generate, split_prefix
+    from refdir.core.forward import greedy_generate
+    from refdir.core.prefix import split_prefix
 
     pb = split_prefix(rt.encode(_probe_prompts(n)), True, rt.model, extra=steps)
     _sync(rt.device)
@@ -183,7 +184,7 @@ def _decode_rate(rt: Runtime, n: int, steps: int = 8) -> float:
 @torch.no_grad()
 def _forward_rate(rt: Runtime, n: int) -> float:
     """Prompt tokens per second of one prompt pass over ``n`` prompts."""
-    from refdir.core.forward import last_logits_shared, split_prefix
+    from refdir.core.prefix import last_logits_shared, split_prefix
 
     b = rt.encode(_probe_prompts(n))
     pb = split_prefix(b, True, rt.model)

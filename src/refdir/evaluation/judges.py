@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from refdir.core.adapter import input_device
 from refdir.core.errors import RefdirError
-from refdir.core.forward import last_logits_shared, split_prefix
+from refdir.core.prefix import last_logits_shared, split_prefix
 from refdir.core.templates import PromptFormat, tokenize_prompts
 from refdir.core.types import Model, Tokenizer
 from refdir.evaluation.conditions import Judged

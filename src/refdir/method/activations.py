@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refdir.core.adapter import get_adapter, hidden_arg
-from refdir.core.forward import expand, forward_rest, prefix_cache, split_prefix
+from refdir.core.prefix import expand, forward_rest, prefix_cache, split_prefix
 from refdir.core.templates import Batch
 from refdir.core.types import Model
 from refdir.method.interventions import hooks

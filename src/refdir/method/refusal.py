@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from refdir.core.adapter import input_device
-from refdir.core.forward import end_token_ids, greedy_generate, split_prefix
+from refdir.core.forward import end_token_ids, greedy_generate
+from refdir.core.prefix import split_prefix
 from refdir.core.templates import PromptFormat, tokenize_prompts
 from refdir.core.types import Model, Tokenizer
 
