@@ -22,6 +22,7 @@ from refdir.method.refusal import derive_refusal_tokens, generate_batch, is_refu
 from refdir.run.settings import RunConfig
 
 HARMLESS_ROW = 1 << 20  # recorder row of the first harmless prompt (harmful prompts are rows 0, 1, ...)
+SCREEN_TOKENS = 8  # "I'm sorry, but I can't" fits: enough to judge a refusal
 
 
 def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
@@ -74,6 +75,111 @@ class ScreenedPrompts:
     train_rows: dict[str, list[int]]
 
 
+def _screen_until(
+    rt: Runtime,
+    prompts: list[Prompt],
+    wanted,
+    target: int,
+    need: int,
+    desc: str,
+    row0: int,
+    recorder: PostActivationRecorder | None,
+) -> tuple[torch.Tensor, list[str]]:
+    """Screen prompts until ``target`` completions satisfy ``wanted``: the rest stays unscreened.
+
+    The first chunk is what a perfect rate would need (plus a margin); later chunks are sized from the
+    rate seen so far, so the screen reads few prompts it does not use. Returns the first-token logits
+    ``[n_screened, V]`` and the completions.
+    """
+    rows, n_new = rt.batch.gen_rows, SCREEN_TOKENS
+    logits, comps = [], []
+    bar = tqdm(total=len(prompts), desc=desc, leave=False)
+    i, step = 0, target + 8
+    while i < len(prompts):
+        chunk = [p.instruction for p in prompts[i : i + step]]
+        for j in range(0, len(chunk), rows):
+            rec = recorder.bucket(row0 + i + j) if recorder is not None else None
+            cp, lg = generate_batch(
+                rt.model,
+                rt.tokenizer,
+                chunk[j : j + rows],
+                rt.fmt,
+                n_new,
+                first_logits=True,
+                stop_at_refusal=True,
+                on_bucket=rec,
+                on_done=bar.update,
+            )  # the bar counts finished rows, not batches
+            logits.append(lg)
+            comps += cp
+        i += len(chunk)
+        hits = sum(map(wanted, comps))
+        if len(comps) >= need + 8 and hits >= target:
+            break
+        rate = max(hits, 1) / len(comps)
+        step = int((max(target - hits, 0) / rate) * 1.1) + 8
+    bar.close()
+    return torch.cat(logits), comps
+
+
+def _refusal_tokens(rt: Runtime, cfg: RunConfig, refusals: list[str]) -> tuple[list[int], dict]:
+    """The user's refusal tokens, or the first tokens of the model's own greedy refusals."""
+    if cfg.refusal_tokens:
+        ids = [rt.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in cfg.refusal_tokens]
+        return ids, {"tokens": cfg.refusal_tokens, "token_ids": ids, "source": "user"}
+    ids, info = derive_refusal_tokens(rt.tokenizer, refusals)
+    info["source"] = "greedy refusals on the screened harmful training pool"
+    return ids, info
+
+
+def _pick(prompts: list[Prompt], keep: list[bool], n_train: int, need: int):
+    """Train and val prompts among the kept ones, topped up in order with unkept ones when too few
+    survive; also how many were kept and the training prompts' screen rows."""
+    kept = [i for i, k in enumerate(keep) if k]
+    if len(kept) < need:
+        kept += [i for i, k in enumerate(keep) if not k][: need - len(kept)]
+    return (
+        [prompts[i] for i in kept[:n_train]],
+        [prompts[i] for i in kept[n_train:need]],
+        sum(keep),
+        kept[:n_train],
+    )
+
+
+@dataclass
+class _Verdicts:
+    """What the screen measured on the screened prompts: the refusal metric and the generation judge."""
+
+    h_metric: torch.Tensor  # [n_harmful_screened] refusal log-odds at the first token
+    l_metric: torch.Tensor  # [n_harmless_screened]
+    h_gen: list[bool]  # greedy completion judged a refusal
+    l_gen: list[bool]
+
+
+def _filter_rule(cfg: RunConfig, v: _Verdicts) -> tuple[str, float, list[bool], float, float]:
+    """The filter the run uses (``auto``: the paper's metric rule when it agrees with generation on >= 90%
+    of harmful prompts), its agreement, the metric's harmful keep mask and the calibrated threshold."""
+    m_keep_h = (v.h_metric > 0).tolist()
+    agreement = sum(a == b for a, b in zip(m_keep_h, v.h_gen)) / len(v.h_gen)
+    rule = cfg.filter if cfg.filter != "auto" else ("metric" if agreement >= 0.9 else "generation")
+    tau, tau_acc = calibrate_threshold(torch.cat([v.h_metric, v.l_metric]), v.h_gen + v.l_gen)
+    if rule == "metric" and agreement >= 0.9:
+        tau = 0.0  # the paper's threshold is calibrated for this model: keep it
+    return rule, agreement, m_keep_h, tau, tau_acc
+
+
+def _keep_masks(
+    rule: str, cfg: RunConfig, v: _Verdicts, m_keep_h: list[bool]
+) -> tuple[list[bool], list[bool]]:
+    if rule == "metric":
+        return m_keep_h, (v.l_metric < 0).tolist()
+    if rule == "generation":
+        return v.h_gen, [not r for r in v.l_gen]
+    if rule == "none":
+        return [True] * len(v.h_gen), [True] * len(v.l_gen)
+    raise RefdirError(f"unknown --filter '{cfg.filter}' (use auto, metric, generation or none)")
+
+
 def prepare_prompts(
     rt: Runtime, cfg: RunConfig, recorder: PostActivationRecorder | None = None
 ) -> ScreenedPrompts:
@@ -89,102 +195,34 @@ def prepare_prompts(
     activations (harmful prompt i as row i, harmless prompt i as row ``HARMLESS_ROW + i``) and the
     returned ``train_rows`` say which rows are the training prompts: extraction is then free.
     """
-    model, tok, fmt, rows = rt.model, rt.tokenizer, rt.fmt, rt.batch.gen_rows
     sets = validate_inputs(cfg)
     need = cfg.n_train + cfg.n_val
     harm, harmless = sets["harmful"], sets["harmless"]
-    n_new = 8  # "I'm sorry, but I can't" fits: enough to judge a refusal
-
-    def screen(
-        prompts: list[Prompt], wanted, target: int, desc: str, row0: int
-    ) -> tuple[torch.Tensor, list[str]]:
-        """Screen prompts until ``target`` completions satisfy ``wanted``: the rest stays unscreened.
-
-        The first chunk is what a perfect rate would need (plus a margin); later chunks are sized from
-        the rate seen so far, so the screen reads few prompts it does not use.
-        """
-        logits, comps = [], []
-        bar = tqdm(total=len(prompts), desc=desc, leave=False)
-        i, step = 0, target + 8
-        while i < len(prompts):
-            chunk = [p.instruction for p in prompts[i : i + step]]
-            for j in range(0, len(chunk), rows):
-                rec = recorder.bucket(row0 + i + j) if recorder is not None else None
-                cp, lg = generate_batch(
-                    model,
-                    tok,
-                    chunk[j : j + rows],
-                    fmt,
-                    n_new,
-                    first_logits=True,
-                    stop_at_refusal=True,
-                    on_bucket=rec,
-                    on_done=bar.update,
-                )  # the bar counts finished rows, not batches
-                logits.append(lg)
-                comps += cp
-            i += len(chunk)
-            hits = sum(map(wanted, comps))
-            if len(comps) >= need + 8 and hits >= target:
-                break
-            rate = max(hits, 1) / len(comps)
-            step = int((max(target - hits, 0) / rate) * 1.1) + 8
-        bar.close()
-        return torch.cat(logits), comps
-
     # enough refusals to fill train+val with a margin (the generation rule is the inclusive one)
+    target = need + need // 8
     with recorder.attached() if recorder is not None else contextlib.nullcontext():
-        hl, hc = screen(harm, is_refusal, need + need // 8, "screen harmful", 0)
-        ll, lc = screen(
-            harmless, lambda c: not is_refusal(c), need + need // 8, "screen harmless", HARMLESS_ROW
-        )
+        hl, hc = _screen_until(rt, harm, is_refusal, target, need, "screen harmful", 0, recorder)
+        answers = lambda c: not is_refusal(c)  # noqa: E731
+        ll, lc = _screen_until(rt, harmless, answers, target, need, "screen harmless", HARMLESS_ROW, recorder)
     harm, harmless = harm[: len(hc)], harmless[: len(lc)]
-    if cfg.refusal_tokens:
-        ids = [tok(t, add_special_tokens=False)["input_ids"][0] for t in cfg.refusal_tokens]
-        tok_info = {"tokens": cfg.refusal_tokens, "token_ids": ids, "source": "user"}
-    else:
-        ids, tok_info = derive_refusal_tokens(tok, hc)
-        tok_info["source"] = "greedy refusals on the screened harmful training pool"
+    ids, tok_info = _refusal_tokens(rt, cfg, hc)
     idt = torch.tensor(ids)
-    h_metric, l_metric = refusal_metric(hl, idt), refusal_metric(ll, idt)
-    h_gen = [is_refusal(c) for c in hc]
-    l_gen = [is_refusal(c) for c in lc]
-    gen_rate = sum(h_gen) / len(h_gen)
-    if gen_rate < cfg.min_refusal_rate:
+    v = _Verdicts(
+        refusal_metric(hl, idt),
+        refusal_metric(ll, idt),
+        [is_refusal(c) for c in hc],
+        [is_refusal(c) for c in lc],
+    )
+    if sum(v.h_gen) / len(v.h_gen) < cfg.min_refusal_rate:
         raise RefdirError(
-            f"the model barely refuses: {sum(h_gen)} of {len(h_gen)} harmful prompts refused "
+            f"the model barely refuses: {sum(v.h_gen)} of {len(v.h_gen)} harmful prompts refused "
             f"by greedy generation (< {cfg.min_refusal_rate:.0%}); "
             "there is no refusal behaviour to find a direction for"
         )
-    m_keep_h = (h_metric > 0).tolist()
-    agreement = sum(a == b for a, b in zip(m_keep_h, h_gen)) / len(h_gen)
-    rule = cfg.filter if cfg.filter != "auto" else ("metric" if agreement >= 0.9 else "generation")
-    tau, tau_acc = calibrate_threshold(torch.cat([h_metric, l_metric]), h_gen + l_gen)
-    if rule == "metric" and agreement >= 0.9:
-        tau = 0.0  # the paper's threshold is calibrated for this model: keep it
-    if rule == "metric":
-        keep_h, keep_l = m_keep_h, (l_metric < 0).tolist()
-    elif rule == "generation":
-        keep_h, keep_l = h_gen, [not r for r in l_gen]
-    elif rule == "none":
-        keep_h, keep_l = [True] * len(harm), [True] * len(harmless)
-    else:
-        raise RefdirError(f"unknown --filter '{cfg.filter}' (use auto, metric, generation or none)")
-
-    def pick(prompts, keep):
-        kept = [i for i, k in enumerate(keep) if k]
-        if len(kept) < need:  # not enough survive: top up with unfiltered prompts, in order
-            kept += [i for i, k in enumerate(keep) if not k][: need - len(kept)]
-        return (
-            [prompts[i] for i in kept[: cfg.n_train]],
-            [prompts[i] for i in kept[cfg.n_train : need]],
-            sum(keep),
-            kept[: cfg.n_train],
-        )
-
-    htr, hva, hk, h_rows = pick(harm, keep_h)
-    ltr, lva, lk, l_rows = pick(harmless, keep_l)
-    example = format_prompt(tok, "<instruction>", fmt)
+    rule, agreement, m_keep_h, tau, tau_acc = _filter_rule(cfg, v)
+    keep_h, keep_l = _keep_masks(rule, cfg, v, m_keep_h)
+    htr, hva, hk, h_rows = _pick(harm, keep_h, cfg.n_train, need)
+    ltr, lva, lk, l_rows = _pick(harmless, keep_l, cfg.n_train, need)
     data = {
         "harmful_train": [p.to_json() for p in htr],
         "harmful_val": [p.to_json() for p in hva],
@@ -206,15 +244,15 @@ def prepare_prompts(
             "harmful_kept": hk,
             "harmless_kept": lk,
             "harmful_kept_by_metric": int(sum(m_keep_h)),
-            "harmful_refused_by_generation": int(sum(h_gen)),
-            "harmless_refused_by_generation": int(sum(l_gen)),
+            "harmful_refused_by_generation": int(sum(v.h_gen)),
+            "harmless_refused_by_generation": int(sum(v.l_gen)),
             "harmful_topped_up": max(0, need - hk),
             "harmless_topped_up": max(0, need - lk),
         },
         "prompt_format": {
-            **fmt.to_json(),
-            "example": example,
-            "post_instruction_tokens": post_instruction_tokens(tok, fmt),
+            **rt.fmt.to_json(),
+            "example": format_prompt(rt.tokenizer, "<instruction>", rt.fmt),
+            "post_instruction_tokens": post_instruction_tokens(rt.tokenizer, rt.fmt),
         },
     }
     return ScreenedPrompts(data, {"harmful": h_rows, "harmless": [HARMLESS_ROW + i for i in l_rows]})
