@@ -98,7 +98,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """``import refdir.selection`` gives the module at its new path (the same object, so patching either
     name patches both) and warns once with that path."""
 
-    def find_spec(self, fullname: str, path=None, target=None):  # type: ignore[override]
+    def find_spec(self, fullname: str, path=None, target=None):
         old = fullname.removeprefix(__name__ + ".")
         if fullname.startswith(__name__ + ".") and old in MOVED:
             return importlib.util.spec_from_loader(fullname, self)

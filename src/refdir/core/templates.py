@@ -23,6 +23,7 @@ import torch
 
 from refdir.core.errors import RefdirError
 from refdir.core.prompt_format import PromptFormat
+from refdir.core.types import Tokenizer
 
 
 def _messages(instruction: str, system: str | None) -> list[dict]:
@@ -30,7 +31,13 @@ def _messages(instruction: str, system: str | None) -> list[dict]:
     return msgs + [{"role": "user", "content": instruction}]
 
 
-def format_prompt(tokenizer, instruction: str, fmt: PromptFormat = PromptFormat()) -> str:
+def _text(rendered: object) -> str:
+    """``apply_chat_template(tokenize=False)`` returns the rendered text; its declared type is a union."""
+    assert isinstance(rendered, str)
+    return rendered
+
+
+def format_prompt(tokenizer: Tokenizer, instruction: str, fmt: PromptFormat = PromptFormat()) -> str:
     """The chat-formatted text of one instruction, ending where the assistant starts to speak."""
     template = fmt.chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
@@ -40,33 +47,37 @@ def format_prompt(tokenizer, instruction: str, fmt: PromptFormat = PromptFormat(
         )
     extra = fmt.kwargs()
     try:
-        return tokenizer.apply_chat_template(
-            _messages(instruction, fmt.system),
-            chat_template=template,
-            tokenize=False,
-            add_generation_prompt=True,
-            **extra,
+        return _text(
+            tokenizer.apply_chat_template(
+                _messages(instruction, fmt.system),
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=True,
+                **extra,
+            )
         )
     except Exception as e:  # templates without a system role raise from Jinja
         if fmt.system is None:
             raise RefdirError(f"the chat template failed: {str(e)[:200]}") from e
         merged = f"{fmt.system}\n\n{instruction}" if fmt.system else instruction
-        return tokenizer.apply_chat_template(
-            _messages(merged, None),
-            chat_template=template,
-            tokenize=False,
-            add_generation_prompt=True,
-            **extra,
+        return _text(
+            tokenizer.apply_chat_template(
+                _messages(merged, None),
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=True,
+                **extra,
+            )
         )
 
 
-def add_special(tokenizer, text: str) -> bool:
+def add_special(tokenizer: Tokenizer, text: str) -> bool:
     """Templates usually write BOS themselves; add special tokens only when they did not."""
     bos = getattr(tokenizer, "bos_token", None)
     return not (bos and text.startswith(bos))
 
 
-def post_instruction_count(tokenizer, text: str, instruction: str) -> int:
+def post_instruction_count(tokenizer: Tokenizer, text: str, instruction: str) -> int:
     """How many tokens at the end of ``text`` come strictly after the instruction's last character.
 
     A token that straddles the boundary contains instruction text and is *not* post-instruction.
@@ -120,7 +131,10 @@ def left_padded(seqs: list[list[int]], n_post: int, device, pad: int = 0) -> Bat
 
 
 def tokenize_prompts(
-    tokenizer, instructions: list[str], fmt: PromptFormat = PromptFormat(), device: str | torch.device = "cpu"
+    tokenizer: Tokenizer,
+    instructions: list[str],
+    fmt: PromptFormat = PromptFormat(),
+    device: str | torch.device = "cpu",
 ) -> Batch:
     """Chat-format and left-pad a list of instructions (so position -1 is the last template token)."""
     texts = [format_prompt(tokenizer, s, fmt) for s in instructions]
@@ -135,10 +149,10 @@ def tokenize_prompts(
     return Batch(enc["input_ids"].to(device), enc["attention_mask"].to(device), n_post)
 
 
-def post_instruction_tokens(tokenizer, fmt: PromptFormat = PromptFormat()) -> list[str]:
+def post_instruction_tokens(tokenizer: Tokenizer, fmt: PromptFormat = PromptFormat()) -> list[str]:
     """The post-instruction tokens as strings, for reports (computed on a probe instruction)."""
     probe = "Name a color."
     text = format_prompt(tokenizer, probe, fmt)
     n = post_instruction_count(tokenizer, text, probe)
     ids = tokenizer(text, add_special_tokens=add_special(tokenizer, text))["input_ids"]
-    return [tokenizer.decode([i]) for i in ids[len(ids) - n :]]
+    return [str(tokenizer.decode([i])) for i in ids[len(ids) - n :]]  # one flat row: a str

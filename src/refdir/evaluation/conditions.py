@@ -9,7 +9,7 @@ generation and scoring code serves all of them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from refdir.core.adapter import input_device
 from refdir.core.forward import PrefixBatch, expand, forward_rest, length_buckets, prefix_cache, split_prefix
 from refdir.core.templates import Batch, PromptFormat, add_special, format_prompt, left_padded
+from refdir.core.types import Model, Tokenizer
 from refdir.method.activations import recording_resid_pre
 from refdir.method.directions import Direction
 from refdir.method.interventions import (
@@ -37,7 +38,7 @@ class ActAddFactory:
     the baseline on the same tokens (:func:`kl_and_ce`) recomputes only layers >= ``layer`` from the
     baseline's recorded residual stream: for the chosen layer 21 of 28, a quarter of the work."""
 
-    model: object
+    model: Model
     vector: torch.Tensor  # [d]
     layer: int
     coeff: float = 1.0
@@ -57,7 +58,7 @@ def _parse_condition(name: str, coeff: float = 1.0) -> tuple[bool, float | None]
     raise ValueError(f"unknown intervention '{name}' (use none, ablate, actadd or ortho)")
 
 
-def condition_factory(model, name: str, direction: Direction, coeff: float = 1.0):
+def condition_factory(model: Model, name: str, direction: Direction, coeff: float = 1.0):
     """A zero-argument factory of :func:`condition` (an :class:`ActAddFactory` for activation addition)."""
     _, add = _parse_condition(name, coeff)
     if add is not None:
@@ -66,7 +67,7 @@ def condition_factory(model, name: str, direction: Direction, coeff: float = 1.0
 
 
 def condition(
-    model, name: str, direction: Direction, coeff: float = 1.0
+    model: Model, name: str, direction: Direction, coeff: float = 1.0
 ) -> contextlib.AbstractContextManager:
     """The intervention context for a condition name (``none`` and ``baseline`` are the same)."""
     ablate, add = _parse_condition(name, coeff)
@@ -97,8 +98,8 @@ def per_category(items: list[Judged]) -> dict[str, float]:
 
 
 def generate_judged(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     prompts: list[str],
     categories: list[str | None],
     fmt: PromptFormat,
@@ -137,8 +138,8 @@ def _row_tables(
 
 
 def generate_conditions(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     jobs: list[GenJob],
     direction: Direction,
     fmt: PromptFormat,
@@ -156,7 +157,7 @@ def generate_conditions(
     """
     ablate, add = _row_tables(jobs, direction, coeff)
     flat = [(g, i) for g, job in enumerate(jobs) for i in range(len(job.prompts))]
-    comps: list[list[str | None]] = [[None] * len(job.prompts) for job in jobs]
+    comps: list[list[str]] = [[""] * len(job.prompts) for job in jobs]  # every slot filled below
     bar = tqdm(total=len(flat), desc="generate " + ", ".join(j.name for j in jobs), leave=False)
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
@@ -193,7 +194,7 @@ def generate_conditions(
 
 
 def _teacher_forced_ids(
-    tokenizer, prompts: list[str], completions: list[str], fmt: PromptFormat, n_tokens: int
+    tokenizer: Tokenizer, prompts: list[str], completions: list[str], fmt: PromptFormat, n_tokens: int
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of each chat-formatted prompt and of its completion cut to ``n_tokens``."""
     texts = [format_prompt(tokenizer, p, fmt) for p in prompts]
@@ -218,7 +219,7 @@ def _teacher_forced_batch(
 
 @torch.no_grad()
 def _completion_logits(
-    model, pb: PrefixBatch, n_tokens: int, record: tuple[int, ...] = ()
+    model: Model, pb: PrefixBatch, n_tokens: int, record: tuple[int, ...] = ()
 ) -> tuple[torch.Tensor, int, dict]:
     """Logits ``[B, k, V]`` (float32) at the last ``k = min(n_tokens + 1, T)`` positions, under current hooks,
     and the residual stream entering each layer in ``record`` at the rest tokens ``{layer: [B, T, d]}``."""
@@ -231,7 +232,7 @@ def _completion_logits(
 
 @torch.no_grad()
 def _actadd_from_resid(
-    model, pb: PrefixBatch, n_tokens: int, f: ActAddFactory, resid: torch.Tensor
+    model: Model, pb: PrefixBatch, n_tokens: int, f: ActAddFactory, resid: torch.Tensor
 ) -> torch.Tensor:
     """:func:`_completion_logits` under activation addition, running only layers >= ``f.layer`` on the rest
     tokens: their input there is the baseline's ``resid`` ``[B, T, d]`` plus the vector. The shared prefix
@@ -258,12 +259,12 @@ def _row_logp(logits: torch.Tensor, b: int, k: int, c: int) -> torch.Tensor:
 
 
 def kl_and_ce(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     prompts: list[str],
     completions: list[str],
     fmt: PromptFormat,
-    ctx_factories: dict[str, Callable[[], contextlib.AbstractContextManager]],
+    ctx_factories: Mapping[str, Callable[[], contextlib.AbstractContextManager]],
     n_tokens: int = 16,
     batch_size: int = 8,
     max_positions: int = 256,

@@ -53,7 +53,8 @@ def _load_sets(cfg: RunConfig) -> dict[str, list[Prompt]]:
 def validate_inputs(cfg: RunConfig) -> dict[str, list[Prompt]]:
     """Load every prompt source and check the sizes: all before any model is loaded."""
     sets = _load_sets(cfg)
-    sets["ce_text"] = load_text_pairs(cfg.ce_text) if cfg.ce_text else []
+    if cfg.ce_text:
+        load_text_pairs(cfg.ce_text)  # a bad file fails here, before any model is loaded
     need = cfg.n_train + cfg.n_val
     if len(sets["harmful"]) < need or len(sets["harmless"]) < need:
         raise RefdirError(
@@ -92,7 +93,8 @@ def _screen_until(
     ``[n_screened, V]`` and the completions.
     """
     rows, n_new = rt.batch.gen_rows, SCREEN_TOKENS
-    logits, comps = [], []
+    logits: list[torch.Tensor] = []  # [rows, V] first-token logits per batch
+    comps: list[str] = []
     bar = tqdm(total=len(prompts), desc=desc, leave=False)
     i, step = 0, target + 8
     while i < len(prompts):
@@ -110,6 +112,7 @@ def _screen_until(
                 on_bucket=rec,
                 on_done=bar.update,
             )  # the bar counts finished rows, not batches
+            assert lg is not None  # asked for with first_logits=True
             logits.append(lg)
             comps += cp
         i += len(chunk)
@@ -196,6 +199,7 @@ def prepare_prompts(
     returned ``train_rows`` say which rows are the training prompts: extraction is then free.
     """
     sets = validate_inputs(cfg)
+    ce_pairs = load_text_pairs(cfg.ce_text) if cfg.ce_text else []  # checked by validate_inputs
     need = cfg.n_train + cfg.n_val
     harm, harmless = sets["harmful"], sets["harmless"]
     # enough refusals to fill train+val with a margin (the generation rule is the inclusive one)
@@ -230,7 +234,7 @@ def prepare_prompts(
         "harmless_val": [p.to_json() for p in lva],
         "eval_harmful": [p.to_json() for p in sets["eval_harmful"]],
         "eval_harmless": [p.to_json() for p in sets["eval_harmless"]],
-        "ce_text": [{"instruction": i, "response": r} for i, r in sets["ce_text"]],
+        "ce_text": [{"instruction": i, "response": r} for i, r in ce_pairs],
         "refusal_tokens": tok_info,
         # log-odds above which the model's own generations are refusals: the induce threshold
         "metric_threshold": round(float(tau), 4),

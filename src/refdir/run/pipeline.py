@@ -24,6 +24,7 @@ from refdir.core.models import release_memory
 from refdir.core.prompt_format import canonical_json_object
 from refdir.core.runtime import BatchPolicy, Runtime
 from refdir.core.templates import PromptFormat, format_prompt
+from refdir.core.types import Model, Tokenizer
 from refdir.evaluation.judges import second_judge
 from refdir.method.directions import load_direction
 from refdir.method.interventions import orthogonalize_weights
@@ -76,11 +77,13 @@ def _stage_key(stage: Stage, folder: RunFolder, cfg: RunConfig, base: dict) -> s
     return stage_key({**base, **stage.settings(cfg), **hashes})
 
 
-def _runtime(cfg: RunConfig, model, tok, runtime: Runtime | None) -> Runtime:
+def _runtime(cfg: RunConfig, model: Model | None, tok: Tokenizer | None, runtime: Runtime | None) -> Runtime:
     if runtime is None:
         if model is None:
             runtime = Runtime.load(cfg.model, cfg.fmt, cfg.batch_policy(), **cfg.load_options())
         else:
+            if tok is None:
+                raise RefdirError("run_pipeline: a model was passed without its tokenizer (tok=...)")
             runtime = Runtime(model, tok, cfg.fmt, cfg.batch_policy() or BatchPolicy())
     return runtime.with_format(cfg.fmt)
 
@@ -129,8 +132,8 @@ def _stopped(name: str, folder: RunFolder) -> dict:
 def run_pipeline(
     cfg: RunConfig,
     out: str | Path,
-    model=None,
-    tok=None,
+    model: Model | None = None,
+    tok: Tokenizer | None = None,
     log=print,
     stop_after: str | None = None,
     must_reuse: tuple[str, ...] = (),
@@ -188,6 +191,7 @@ class CapabilityStage:
     def __init__(self, cfg: RunConfig, log):
         from refdir.evaluation.capabilities import plan_tasks
 
+        assert cfg.capabilities, "only built for a run with capability tasks"
         self.log, self.key, self.done = log, "", False
         self._stack = contextlib.ExitStack()
         self.plan = self._stack.enter_context(
@@ -260,8 +264,8 @@ class CapabilityStage:
 def judge_run(
     run_path: Path,
     judge_spec: str,
-    model,
-    tok,
+    model: Model,
+    tok: Tokenizer,
     fmt: PromptFormat | None = None,
     only: list[str] | None = None,
     load_options: dict | None = None,
