@@ -8,67 +8,39 @@ attention write and the MLP write. That single rule covers pre-norm blocks (Llam
 Mistral, Phi-3), scaled residuals (Granite) and sandwich norms (Gemma 2/3, OLMo 2), and it
 fails loudly on anything it does not understand instead of silently skipping a write.
 
-Weight orthogonalization edits every *residual writer*: each parameter whose output space is the
-residual stream (:class:`ResidualWriter`: the attention output projection, the MLP down projection,
-every routed expert's down projection — per-expert ``nn.Linear`` modules or fused 3-D parameters
-``[E, d_model, ff]`` / ``[E, ff, d_model]`` — shared experts, and their biases). The set is checked
-numerically for each kind of decoder layer (dense and MoE layers of one model differ): with the
-writers of one layer edited in place for a random r̂, the attention and MLP blocks must output exactly
-P·(their unedited output), P = I - r̂r̂ᵀ, on the same input. A family where that fails (writes through
-a post-norm) is marked approximate; nothing is ever edited partially without saying so.
+Weight orthogonalization edits every *residual writer* (:mod:`refdir.core.writers`: output projections,
+routed and shared experts, fused expert parameters, biases). The set is checked numerically for each kind
+of decoder layer (dense and MoE layers of one model differ): with the writers of one layer edited in
+place for a random r̂, the attention and MLP blocks must output exactly P·(their unedited output),
+P = I - r̂r̂ᵀ, on the same input. A family where that fails (writes through a post-norm) is marked
+approximate; nothing is ever edited partially without saying so.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
 
 from refdir.core.errors import RefdirError
-
-# Names under which transformers models keep output projections (a vocabulary, not a family table).
-ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "out")
-MLP_OUT_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2", "fc_out", "wo", "proj_out")
-# Fused expert parameters ([E, ., .]) whose name contains one of these write the residual stream.
-EXPERT_OUT_WORDS = ("down", "w2", "wo", "output")
+from refdir.core.types import Model
+from refdir.core.writers import (  # ResidualWriter, project_out_axis_: importable from here as before
+    ATTN_OUT_NAMES,
+    ResidualWriter,
+    is_linear_like,
+    linear_writers,
+    mlp_writers,
+    out_features,
+    project_out_axis_,
+)
 
 
 def first_tensor(x):
     """Modules return a tensor or a tuple whose first item is the hidden state."""
     return x[0] if isinstance(x, (tuple, list)) else x
-
-
-def _out_features(m: nn.Module) -> int | None:
-    w = getattr(m, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        return None
-    if isinstance(m, nn.Linear):
-        return m.out_features
-    return w.shape[1]  # transformers' Conv1D stores weight as [in, out]
-
-
-def _is_linear_like(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
-
-
-@dataclass
-class ResidualWriter:
-    """A parameter whose output space is the residual stream: r̂ is projected out of its ``axis``."""
-
-    name: str  # full parameter name (state-dict key), e.g. model.layers.3.mlp.experts.down_proj
-    module: nn.Module
-    attr: str  # the attribute of ``module`` that holds it ("weight", "bias", "down_proj", ...)
-    axis: int  # the axis of size d_model: 0 of Linear [d, in], 1 of [E, d, ff], 2 of [E, ff, d]
-    ambiguous: bool = False  # a fused [E, d, d] parameter: the layout was settled by the numeric check
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        return getattr(self.module, self.attr)
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "axis": self.axis, "shape": list(self.tensor.shape)}
 
 
 @dataclass
@@ -78,7 +50,7 @@ class ModelAdapter:
     Attributes are plain module references; shapes refer to ``d_model`` (residual width).
     """
 
-    model: nn.Module
+    model: Model
     layers: nn.ModuleList
     embed: nn.Embedding
     unembed: nn.Module
@@ -105,9 +77,7 @@ class ModelAdapter:
         place later layers elsewhere; hooks move what they need to the tensor they see)."""
         return _embed_device(self.embed)
 
-    def _param_name(self, module: nn.Module | None) -> str | None:
-        if module is None:
-            return None
+    def _param_name(self, module: nn.Module) -> str:
         return next(n for n, m in self.model.named_modules() if m is module) + ".weight"
 
     @property
@@ -120,7 +90,7 @@ class ModelAdapter:
 
     @property
     def pos_embed_name(self) -> str | None:
-        return self._param_name(self.pos_embed)
+        return None if self.pos_embed is None else self._param_name(self.pos_embed)
 
     def all_writers(self) -> list[ResidualWriter]:
         return [w for per in self.writers for w in per]
@@ -159,14 +129,14 @@ class ModelAdapter:
 
 
 def _embed_device(embed: nn.Module) -> torch.device:
-    w = embed.weight
+    w = cast(torch.Tensor, embed.weight)
     if w.device.type == "meta":  # offloaded by accelerate: inputs go where its hook computes
         dev = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
         return torch.device(dev if dev is not None else "cpu")
     return w.device
 
 
-def find_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
+def find_layers(model: Model, n_layers: int) -> nn.ModuleList:
     lists = [
         m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers and n_layers > 0
     ]
@@ -194,7 +164,7 @@ def _find_proj(parent: nn.Module, names: tuple[str, ...], d_model: int, what: st
     found = {
         n.split(".")[-1]: m
         for n, m in parent.named_modules()
-        if _is_linear_like(m) and _out_features(m) == d_model
+        if is_linear_like(m) and out_features(m) == d_model
     }
     for n in names:
         if n in found:
@@ -207,7 +177,7 @@ def _find_proj(parent: nn.Module, names: tuple[str, ...], d_model: int, what: st
 
 
 def _find_pos_embed(
-    model: nn.Module, embed: nn.Module, layers: nn.ModuleList, d_model: int
+    model: Model, embed: nn.Module, layers: nn.ModuleList, d_model: int
 ) -> nn.Embedding | None:
     inside = {id(m) for m in layers.modules()}
     for m in model.modules():
@@ -222,7 +192,7 @@ def _find_pos_embed(
 
 
 @torch.no_grad()
-def _verify_writes(model: nn.Module, layer: nn.Module, d_model: int) -> tuple[nn.Module, nn.Module]:
+def _verify_writes(model: Model, layer: nn.Module, d_model: int) -> tuple[nn.Module, nn.Module]:
     """Find which two children of ``layer`` write the residual stream, by a least-squares fit.
 
     On a short input, record the layer's input ``x``, its output ``y`` and the output of every
@@ -252,7 +222,7 @@ def _verify_writes(model: nn.Module, layer: nn.Module, d_model: int) -> tuple[nn
     hooks.append(layer.register_forward_hook(layer_hook, with_kwargs=True))
     try:
         gen = torch.Generator().manual_seed(0)
-        vocab = model.get_input_embeddings().num_embeddings
+        vocab = cast(nn.Embedding, model.get_input_embeddings()).num_embeddings
         ids = torch.randint(0, vocab, (1, 7), generator=gen).to(_embed_device(model.get_input_embeddings()))
         model(input_ids=ids, use_cache=False)
     finally:
@@ -266,7 +236,9 @@ def _verify_writes(model: nn.Module, layer: nn.Module, d_model: int) -> tuple[nn
         err = (basis @ coef - delta.flatten()[:, None]).norm() / delta.norm().clamp_min(1e-30)
         if best is None or err < best[0]:
             best = (float(err), a, m)
-    if best is None or best[0] > _edit_tolerance(model.get_input_embeddings().weight.dtype):
+    if best is None or best[0] > _edit_tolerance(
+        cast(torch.Tensor, model.get_input_embeddings().weight).dtype
+    ):
         raise RefdirError(
             f"unsupported architecture: the residual update of {type(layer).__name__} is not a sum of two "
             f"of its children's outputs ({', '.join(outs) or 'none found'}); refdir cannot place its hooks"
@@ -276,77 +248,6 @@ def _verify_writes(model: nn.Module, layer: nn.Module, d_model: int) -> tuple[nn
     order = list(children)
     a, m = sorted((a, m), key=order.index)
     return children[a], children[m]
-
-
-def _linear_writers(module: nn.Module, name: str) -> list[ResidualWriter]:
-    """The weight (and bias) of a Linear/Conv1D writer; ``name`` is the module's full name."""
-    out = [ResidualWriter(f"{name}.weight", module, "weight", 0 if isinstance(module, nn.Linear) else 1)]
-    if getattr(module, "bias", None) is not None:
-        out.append(ResidualWriter(f"{name}.bias", module, "bias", 0))
-    return out
-
-
-def _mlp_writers(mlp: nn.Module, name: str, d_model: int) -> list[ResidualWriter]:
-    """Every residual writer of an MLP or mixture-of-experts block (``name``: its full module name).
-
-    Linear/Conv1D modules named like output projections and writing ``d_model`` features (the dense
-    down projection, each per-expert Linear, shared experts), and fused expert parameters ``[E, ., .]``
-    named like one (``experts.down_proj``) with their ``[E, d]`` biases. The numeric check in
-    :func:`_edit_error` then proves the set complete for each kind of layer.
-    """
-    found: list[ResidualWriter] = []
-    for sub, m in mlp.named_modules():
-        full = f"{name}.{sub}" if sub else name
-        if sub and _is_linear_like(m) and _out_features(m) == d_model and sub.split(".")[-1] in MLP_OUT_NAMES:
-            found += _linear_writers(m, full)
-            continue
-        for pname, p in m.named_parameters(recurse=False):
-            low = pname.lower()
-            if not any(w in low for w in EXPERT_OUT_WORDS):
-                continue
-            if p.dim() == 3 and d_model in p.shape[1:]:
-                axis = 1 if p.shape[1] == d_model else 2  # [E, d, ff] (Linear layout) or [E, ff, d]
-                found.append(
-                    ResidualWriter(f"{full}.{pname}", m, pname, axis, ambiguous=p.shape[1] == p.shape[2])
-                )
-            elif p.dim() == 2 and low.endswith("bias") and p.shape[1] == d_model:
-                found.append(ResidualWriter(f"{full}.{pname}", m, pname, 1))  # [E, d] bias of fused experts
-    if not found:
-        raise RefdirError(
-            f"unsupported architecture: no MLP output projection "
-            f"(one of {', '.join(MLP_OUT_NAMES)} writing {d_model} features, or fused expert "
-            f"parameters) in {type(mlp).__name__}"
-        )
-    return found
-
-
-def project_out_axis_(t: torch.Tensor, unit: torch.Tensor, axis: int, block: int = 4096) -> None:
-    """In place: t <- t with r̂ projected out of ``axis`` (the d_model axis), in float64 blocks.
-
-    2-D ``[d, in]`` (axis 0): W - r̂(r̂ᵀW); ``[n, d]`` (axis 1): W - (Wr̂)r̂ᵀ; 1-D bias: b - (b·r̂)r̂;
-    a leading expert axis is walked one expert at a time. Blocks of 4096 rows/columns keep the float64
-    copy small (a whole [vocab, d] embedding in float64 would take GBs).
-    """
-    if t.dim() > 2:
-        if axis == 0:
-            raise RefdirError("cannot project along the expert axis of a fused parameter")
-        for e in range(t.shape[0]):
-            project_out_axis_(t[e], unit, axis - 1, block)
-        return
-    u = unit.to(device=t.device, dtype=torch.float64)
-    if t.dim() == 1:
-        b = t.double()
-        t.copy_((b - (b @ u) * u).to(t.dtype))
-    elif axis == 0:  # [d, in]: column blocks
-        for i in range(0, t.shape[1], block):
-            blk = t[:, i : i + block].double()
-            blk -= torch.outer(u, u @ blk)
-            t[:, i : i + block].copy_(blk.to(t.dtype))
-    else:  # [n, d]: row blocks
-        for i in range(0, t.shape[0], block):
-            blk = t[i : i + block].double()
-            blk -= torch.outer(blk @ u, u)
-            t[i : i + block].copy_(blk.to(t.dtype))
 
 
 class _Stop(Exception):
@@ -359,7 +260,7 @@ def _materialized(writers: list[ResidualWriter]) -> bool:
 
 @torch.no_grad()
 def _edit_error(
-    model: nn.Module,
+    model: Model,
     layer: nn.Module,
     blocks: tuple[nn.Module, nn.Module],
     writers: list[ResidualWriter],
@@ -376,7 +277,7 @@ def _edit_error(
     gen = torch.Generator().manual_seed(1)
     unit = torch.randn(d_model, generator=gen, dtype=torch.float64)
     unit /= unit.norm()
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = cast(nn.Embedding, model.get_input_embeddings()).num_embeddings
     ids = torch.randint(0, vocab, (1, 9), generator=gen)
     ids = ids.to(dev)
     seen_in: dict[int, torch.Tensor] = {}
@@ -444,7 +345,7 @@ def layer_kind(layer: nn.Module) -> tuple:
 
 
 def _check_writers(
-    model: nn.Module,
+    model: Model,
     layers: nn.ModuleList,
     attn_write,
     mlp_write,
@@ -457,8 +358,8 @@ def _check_writers(
     first check fails. Returns (exact, notes)."""
     notes: list[str] = []
     kinds: dict[tuple, list[int]] = {}
-    for i, layer in enumerate(layers):
-        kinds.setdefault(layer_kind(layer), []).append(i)
+    for li, layer in enumerate(layers):
+        kinds.setdefault(layer_kind(layer), []).append(li)
     exact = True
     for members in kinds.values():
         i = next((j for j in members if _materialized(writers[j])), None)
@@ -489,23 +390,23 @@ def _check_writers(
     return exact, notes
 
 
-def get_adapter(model: nn.Module) -> ModelAdapter:
+def get_adapter(model: Model) -> ModelAdapter:
     """The model's adapter, built (and verified) once and cached on the model object."""
     cached = getattr(model, "_refdir_adapter", None)
     if cached is not None:
         return cached
     adapter = build_adapter(model)
-    model._refdir_adapter = adapter
+    setattr(model, "_refdir_adapter", adapter)  # on the model object: it lives as long as the model
     return adapter
 
 
-def build_adapter(model: nn.Module) -> ModelAdapter:
+def build_adapter(model: Model) -> ModelAdapter:
     """Discover and verify the layout of a Hugging Face causal LM."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     d_model = int(cfg.hidden_size)
     n_layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
     layers = find_layers(model, n_layers)
-    embed = model.get_input_embeddings()
+    embed = cast(nn.Embedding, model.get_input_embeddings())
     unembed = model.get_output_embeddings()
     if embed is None or unembed is None:
         raise RefdirError(f"unsupported architecture {type(model).__name__}: no input/output embeddings")
@@ -514,7 +415,7 @@ def build_adapter(model: nn.Module) -> ModelAdapter:
     attn_out = [_find_proj(a, ATTN_OUT_NAMES, d_model, "attention") for a in attn]
     pnames = {id(m): n for n, m in model.named_modules()}
     writers = [
-        _linear_writers(o, pnames[id(o)]) + _mlp_writers(m, pnames[id(m)], d_model)
+        linear_writers(o, pnames[id(o)]) + mlp_writers(m, pnames[id(m)], d_model)
         for o, m in zip(attn_out, mlp)
     ]
     a_write, m_write = _verify_writes(model, layers[0], d_model)
@@ -525,9 +426,8 @@ def build_adapter(model: nn.Module) -> ModelAdapter:
     mlp_write = [getattr(layer, m_name) for layer in layers]
     linear, notes = _check_writers(model, layers, attn_write, mlp_write, writers, d_model)
     n_heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 1))
-    in_features = (
-        attn_out[0].weight.shape[1] if isinstance(attn_out[0], nn.Linear) else attn_out[0].weight.shape[0]
-    )
+    o_weight = cast(torch.Tensor, attn_out[0].weight)  # Linear [d, in], Conv1D [in, d]
+    in_features = o_weight.shape[1] if isinstance(attn_out[0], nn.Linear) else o_weight.shape[0]
     head_dim = int(getattr(cfg, "head_dim", None) or in_features // n_heads)
     tied = unembed.weight is embed.weight or (
         embed.weight.device.type != "meta" and unembed.weight.data_ptr() == embed.weight.data_ptr()
@@ -558,7 +458,7 @@ def build_adapter(model: nn.Module) -> ModelAdapter:
     )
 
 
-def input_device(model: nn.Module) -> torch.device:
+def input_device(model: Model) -> torch.device:
     """Where token ids go: the input embedding's device (the first of a device map; its execution
     device when accelerate offloads it). Index tensors stay on the CPU: they index tensors on any device."""
     return get_adapter(model).device

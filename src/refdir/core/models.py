@@ -90,12 +90,9 @@ def cache_dir() -> Path:
 
 def _package_data_files(package: str) -> list[Path]:
     """Weight files inside an installed data package, found without importing it."""
-    try:
-        dist = md.distribution(package)
-    except md.PackageNotFoundError:
-        raise
+    dist = md.distribution(package)  # PackageNotFoundError: the caller names the install command
     files = [f for f in (dist.files or []) if str(f).endswith(".bin") or ".gguf" in str(f)]
-    return [Path(dist.locate_file(f)) for f in sorted(files, key=str)]
+    return [Path(str(dist.locate_file(f))) for f in sorted(files, key=str)]
 
 
 def offline_parts(model: OfflineModel) -> list[Path]:
@@ -117,8 +114,7 @@ def offline_parts(model: OfflineModel) -> list[Path]:
 
 
 def _sha256_of(paths: list[Path]) -> tuple[int, str]:
-    h = hashlib.sha256()
-    n = 0
+    h, n = hashlib.sha256(), 0
     for p in paths:
         with open(p, "rb") as f:
             while chunk := f.read(1 << 22):
@@ -142,11 +138,11 @@ def _convert_gguf(gguf_path: Path, out: Path, dtype: torch.dtype) -> None:
             " (is it complete? re-download or reinstall it)"
         ) from e
     # the weights are plain dequantized tensors now; drop the GGUF marker so they save as safetensors
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)
     for obj in (model, model.config):
         if hasattr(obj, "quantization_config"):
             delattr(obj, "quantization_config")
-    model.is_quantized = False
+    setattr(model, "is_quantized", False)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -374,6 +370,44 @@ def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dt
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements
+
+
+def _device_map_option(device_map: str | dict | None) -> str | dict | None:
+    """``--device-map`` as accelerate takes it: a JSON file read into a dict, a name checked."""
+    if isinstance(device_map, str) and device_map.endswith(".json"):
+        return _device_map_from_file(device_map)
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise RefdirError(
+            f"unknown --device-map '{device_map}': use auto, balanced, balanced_low_0, "
+            "sequential or a JSON file of module -> device"
+        )
+    return device_map
+
+
+def _from_pretrained(spec: str, path: str, kw: dict, dev: str, revision: str | None, trust: bool):
+    """The tokenizer and the weights, a failure as one error that says what to try."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except torch.OutOfMemoryError as e:
+        raise RefdirError(
+            f"out of memory loading '{spec}' on {dev} in {str(kw['dtype'])[6:]}: "
+            "use --device-map auto (spread over devices / offload), --load-in-4bit, "
+            "or a smaller --dtype"
+        ) from e
+    except Exception as e:  # OSError, ValueError, SafetensorError (truncated/interrupted download), ...
+        first = (str(e).splitlines() or [type(e).__name__])[0][:240]
+        raise RefdirError(
+            f"cannot load model '{spec}': {type(e).__name__}: {first} (incomplete download? "
+            "delete it and download again)"
+        ) from e
+    return model, tok
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "auto",
@@ -397,23 +431,12 @@ def load_model(
     before a weight is read. ``trust_remote_code`` stays off unless the caller asks: repos can ship code.
     """
     import torch  # lazy: `refdir --help` / `refdir models` stay torch-free
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # refdir shows its own progress; keep stderr for errors
     dev = resolve_device(device) if device_map is None else "cpu"
-    if isinstance(device_map, str) and device_map.endswith(".json"):
-        device_map = _device_map_from_file(device_map)
-    elif isinstance(device_map, str) and device_map not in (
-        "auto",
-        "balanced",
-        "balanced_low_0",
-        "sequential",
-    ):
-        raise RefdirError(
-            f"unknown --device-map '{device_map}': use auto, balanced, balanced_low_0, "
-            "sequential or a JSON file of module -> device"
-        )
+    device_map = _device_map_option(device_map)
     if revision is not None and (spec in OFFLINE_MODELS or Path(spec).expanduser().exists()):
         raise RefdirError(f"--revision applies to hub ids only; '{spec}' is a local model")
     path = resolve_model_path(spec)
@@ -437,21 +460,7 @@ def load_model(
         kw["device_map"] = {"": dev}  # straight onto the device, no CPU copy of the weights
     if quant is not None:
         kw["quantization_config"] = quant
-    try:
-        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    except torch.OutOfMemoryError as e:
-        raise RefdirError(
-            f"out of memory loading '{spec}' on {dev} in {str(torch_dtype)[6:]}: "
-            "use --device-map auto (spread over devices / offload), --load-in-4bit, "
-            "or a smaller --dtype"
-        ) from e
-    except Exception as e:  # OSError, ValueError, SafetensorError (truncated/interrupted download), ...
-        first = (str(e).splitlines() or [type(e).__name__])[0][:240]
-        raise RefdirError(
-            f"cannot load model '{spec}': {type(e).__name__}: {first} (incomplete download? "
-            "delete it and download again)"
-        ) from e
+    model, tok = _from_pretrained(spec, path, kw, dev, revision, trust_remote_code)
     if "device_map" not in kw:
         model.to(dev)
     model.eval()

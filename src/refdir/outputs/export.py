@@ -30,9 +30,11 @@ from pathlib import Path
 import torch
 
 from refdir import __version__
-from refdir.core.adapter import get_adapter, project_out_axis_
+from refdir.core.adapter import get_adapter
 from refdir.core.errors import RefdirError
 from refdir.core.io import atomic_dir
+from refdir.core.types import Model, Tokenizer
+from refdir.core.writers import project_out_axis_
 from refdir.method.directions import load_direction
 from refdir.method.interventions import orthogonalize_weights, unit_vector
 
@@ -61,7 +63,7 @@ def _vectors(direction, direction_src, rank: int, d_model: int) -> list[torch.Te
     return list(load_subspace(direction_src, rank, d_model))
 
 
-def _meta(model, ad, direction, direction_src) -> dict:
+def _meta(model: Model, ad, direction, direction_src) -> dict:
     return {
         "refdir": __version__,
         "source": str(direction_src),
@@ -75,8 +77,8 @@ def _meta(model, ad, direction, direction_src) -> dict:
 
 
 def export_orthogonalized(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     direction_src: str | Path,
     out: str | Path,
     allow_approximate: bool = False,
@@ -224,7 +226,7 @@ def writer_plan(ad, names: list[str]) -> dict[str, int]:
     plan[embed] = 1
     if ad.pos_embed is not None:
         plan[ad.pos_embed_name] = 1
-    per_expert = {}
+    per_expert: dict[tuple[str, str, str], list[str]] = {}  # (layer, leaf, weight|bias) -> names
     for n in names:
         m = re.match(r"(.*\.layers\.(\d+)\.).*\.experts\.(\d+)\.([A-Za-z0-9_]+)\.(weight|bias)$", n)
         if m:
@@ -301,6 +303,98 @@ def _plan_model(src: Path, trust_remote_code: bool, offload: Path):
     return model
 
 
+@dataclass
+class _StreamPlan:
+    """What the streamed export edits, learnt from the model built with its weights on disk."""
+
+    units: list[torch.Tensor]  # [d] unit vectors to project out, in order
+    writers: dict[str, int]  # checkpoint tensor name -> its d_model axis
+    tied: bool  # the source ties its embeddings: the output gets an untied unembedding
+    embed: str  # checkpoint names of the embedding and the unembedding
+    head: str
+    meta: dict  # refdir.json
+
+
+def _stream_plan(
+    src: Path,
+    spec: str,
+    direction_src: str | Path,
+    entries: list[_Entry],
+    offload: Path,
+    allow_approximate: bool,
+    trust_remote_code: bool,
+    rank: int,
+) -> _StreamPlan:
+    """Build the model offloaded to ``offload`` (removed after), check it can be orthogonalized, and map
+    its residual writers and the direction onto the checkpoint's tensors."""
+    try:
+        model = _plan_model(src, trust_remote_code, offload)
+        ad = get_adapter(model)
+        if not ad.linear_writes and not allow_approximate:
+            raise RefdirError(
+                f"{type(model).__name__} normalizes attention/MLP outputs before adding them to the residual "
+                "stream, so weight orthogonalization cannot equal ablation; pass --allow-approximate to "
+                "edit the projections anyway"
+            )
+        direction = load_direction(direction_src, expect_d_model=ad.d_model, expect_model=spec)
+        units = [
+            unit_vector(v, ad.d_model) for v in _vectors(direction, direction_src, rank, ad.d_model)
+        ]  # as in memory
+        plan = _StreamPlan(
+            units,
+            writer_plan(ad, [e.name for e in entries]),
+            ad.tied,
+            ad.embed_name,
+            ad.unembed_name,
+            _meta(model, ad, direction, direction_src),
+        )
+        del model, ad
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
+    return plan
+
+
+def _shards(
+    entries: list[_Entry], plan: _StreamPlan, max_shard_bytes: int
+) -> tuple[list[tuple[_Entry, str]], list[list[tuple[_Entry, str]]]]:
+    """The output tensors (source entry, output name): the source's, plus the untied unembedding right
+    after the embedding; and those cut into shards of at most ``max_shard_bytes`` (a larger tensor alone)."""
+    specs: list[tuple[_Entry, str]] = []
+    for e in entries:
+        specs.append((e, e.name))
+        if plan.tied and e.name == plan.embed and plan.head not in {x.name for x in entries}:
+            specs.append((e, plan.head))
+    shards: list[list[tuple[_Entry, str]]] = []
+    cur: list[tuple[_Entry, str]] = []
+    size = 0
+    for e, name in specs:
+        if cur and size + e.nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((e, name))
+        size += e.nbytes
+    if cur:
+        shards.append(cur)
+    return specs, shards
+
+
+def _write_shard(path: Path, shard: list[tuple[_Entry, str]], plan: _StreamPlan) -> None:
+    """One output shard, tensor by tensor: read, r̂ projected out of the writers, written, freed. The
+    embedding read once serves the untied unembedding after it (kept unedited: it reads r̂)."""
+    w = _ShardWriter(path, [(n, e.dtype, e.shape, e.nbytes) for e, n in shard])
+    cached: tuple[str, torch.Tensor] | None = None
+    for e, name in shard:
+        t = cached[1] if cached is not None and cached[0] == e.name else _read_tensor(e)
+        cached = (e.name, t) if plan.tied and e.name == plan.embed and name == plan.embed else None
+        if name in plan.writers and name != plan.head:
+            t = t.clone() if cached is not None else t
+            for unit in plan.units:
+                project_out_axis_(t, unit, plan.writers[name])
+        w.write(name, t)
+        del t
+    w.close()
+
+
 def export_streaming(
     spec: str,
     tokenizer_src: str | None,
@@ -325,71 +419,30 @@ def export_streaming(
     entries = _source_entries(src)
     out = Path(out)
     offload = out.parent / f".{out.name}.offload"
-    try:
-        model = _plan_model(src, trust_remote_code, offload)
-        ad = get_adapter(model)
-        if not ad.linear_writes and not allow_approximate:
-            raise RefdirError(
-                f"{type(model).__name__} normalizes attention/MLP outputs before adding them to the residual "
-                "stream, so weight orthogonalization cannot equal ablation; pass --allow-approximate to "
-                "edit the projections anyway"
-            )
-        direction = load_direction(direction_src, expect_d_model=ad.d_model, expect_model=spec)
-        units = [
-            unit_vector(v, ad.d_model) for v in _vectors(direction, direction_src, rank, ad.d_model)
-        ]  # as in memory
-        plan = writer_plan(ad, [e.name for e in entries])
-        tied, embed, head = ad.tied, ad.embed_name, ad.unembed_name
-        meta = _meta(model, ad, direction, direction_src)
-        del model, ad
-    finally:
-        shutil.rmtree(offload, ignore_errors=True)
+    plan = _stream_plan(
+        src, spec, direction_src, entries, offload, allow_approximate, trust_remote_code, rank
+    )
     release_memory()
-    missing = sorted(set(plan) - {e.name for e in entries})
+    missing = sorted(set(plan.writers) - {e.name for e in entries})
     if missing:
         raise RefdirError(f"the checkpoint has no tensor {missing[0]}; is {src} complete?")
-    # output tensors: the source's, plus the untied unembedding right after the embedding
-    specs: list[tuple[_Entry, str]] = []
-    for e in entries:
-        specs.append((e, e.name))
-        if tied and e.name == embed and head not in {x.name for x in entries}:
-            specs.append((e, head))
-    shards, cur, size = [], [], 0
-    for e, name in specs:
-        if cur and size + e.nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((e, name))
-        size += e.nbytes
-    if cur:
-        shards.append(cur)
+    specs, shards = _shards(entries, plan, max_shard_bytes)
     try:
         with atomic_dir(out) as tmp:
             weight_map = {}
             for i, shard in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                w = _ShardWriter(tmp / fname, [(n, e.dtype, e.shape, e.nbytes) for e, n in shard])
                 log(f"export: shard {i + 1}/{len(shards)}")
-                cached: tuple[str, torch.Tensor] | None = None
-                for e, name in shard:
-                    t = cached[1] if cached is not None and cached[0] == e.name else _read_tensor(e)
-                    cached = (e.name, t) if tied and e.name == embed and name == embed else None
-                    if name in plan and name != head:
-                        t = t.clone() if cached is not None else t
-                        for unit in units:
-                            project_out_axis_(t, unit, plan[name])
-                    w.write(name, t)
-                    del t
-                w.close()
+                _write_shard(tmp / fname, shard, plan)
                 weight_map.update({n: fname for _, n in shard})
             total = sum(e.nbytes for e, _ in specs)
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n"
             )
-            _copy_side_files(src, tmp, tied)
+            _copy_side_files(src, tmp, plan.tied)
             if tokenizer_src is not None and not (tmp / "tokenizer_config.json").exists():
-                _copy_side_files(Path(tokenizer_src), tmp, tied, only_tokenizer=True)
-            (tmp / "refdir.json").write_text(json.dumps({**meta, "streamed": True}, indent=1) + "\n")
+                _copy_side_files(Path(tokenizer_src), tmp, plan.tied, only_tokenizer=True)
+            (tmp / "refdir.json").write_text(json.dumps({**plan.meta, "streamed": True}, indent=1) + "\n")
     except OSError as e:
         raise RefdirError(f"export to {out} failed: {e.strerror or e}; nothing was written") from None
     return out
