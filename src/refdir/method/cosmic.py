@@ -25,15 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from refdir.core.adapter import first_tensor, get_adapter
-from refdir.core.forward import last_logits_shared, split_prefix
+from refdir.core.prefix import last_logits_shared, split_prefix
 from refdir.core.templates import Batch
+from refdir.core.types import Model
 from refdir.method.interventions import activation_addition, directional_ablation, hooks
 from refdir.method.selection import Scorer, SelectionResult
 from refdir.run.settings import SelectionConfig
 
 
 @torch.no_grad()
-def last_outputs(model, batch: Batch, layers: list[int], ctx=contextlib.nullcontext) -> torch.Tensor:
+def last_outputs(model: Model, batch: Batch, layers: list[int], ctx=contextlib.nullcontext) -> torch.Tensor:
     """Last-position output of each of ``layers`` ``[N, len(layers), d]`` (float64, CPU) under ``ctx()``."""
     ad = get_adapter(model)
     pb = split_prefix(batch, True, model)
@@ -55,7 +56,9 @@ def last_outputs(model, batch: Batch, layers: list[int], ctx=contextlib.nullcont
     return out
 
 
-def evaluation_layers(model, harmful_train: Batch, harmless_train: Batch, fraction: float = 0.1) -> list[int]:
+def evaluation_layers(
+    model: Model, harmful_train: Batch, harmless_train: Batch, fraction: float = 0.1
+) -> list[int]:
     """The ``fraction`` of layers where harmful and harmless last-position output means differ most in
     angle."""
     n = get_adapter(model).n_layers
@@ -71,8 +74,70 @@ def _unit_mean(x: torch.Tensor) -> torch.Tensor:
     return m / m.norm().clamp_min(1e-30)
 
 
+def _median_peak(t: torch.Tensor) -> float:
+    """COSMIC's last-position cut: the median over the other positions of the layer where the score
+    ``t`` ``[n_post, L]`` peaks (all L layers pass with one position only)."""
+    n_post, n_layers = t.shape
+    peaks = (
+        [int(torch.nan_to_num(row, nan=-math.inf).argmax()) for row in t[:-1]] if n_post > 1 else [n_layers]
+    )
+    return float(torch.tensor(peaks, dtype=torch.float64).median())
+
+
+def _cosine_scores(
+    model: Model,
+    candidates: torch.Tensor,
+    todo: list[tuple[int, int]],
+    harmful_val: Batch,
+    harmless_val: Batch,
+    layers: list[int],
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``refusal`` and ``steering`` cosine scores ``[n_post, L]`` of the candidates ``todo`` (NaN
+    elsewhere): ablated harmful means against the harmless baseline, added harmless means against the
+    harmful baseline, over the evaluation ``layers``."""
+    base_harmful = _unit_mean(last_outputs(model, harmful_val, layers))  # [d]
+    base_harmless = _unit_mean(last_outputs(model, harmless_val, layers))
+    refusal = torch.full(candidates.shape[:2], float("nan"))
+    steering = torch.full(candidates.shape[:2], float("nan"))
+    for p, l in tqdm(todo, desc="select (cosmic)", disable=not progress, leave=False):
+        r = candidates[p, l]
+        abl = last_outputs(model, harmful_val, layers, lambda: directional_ablation(model, r))
+        add = last_outputs(model, harmless_val, layers, lambda: activation_addition(model, r, l))
+        refusal[p, l] = float(_unit_mean(abl) @ base_harmless)
+        steering[p, l] = float(_unit_mean(add) @ base_harmful)
+    return refusal, steering
+
+
+def _choose(
+    scorer: Scorer,
+    candidates: torch.Tensor,
+    norms: torch.Tensor,
+    ranked: list[tuple[float, int, int]],
+    kl: torch.Tensor,
+    reasons: list[list[str]],
+    kl_threshold: float,
+) -> tuple[int, int] | None:
+    """The highest-scoring candidate of ``ranked`` (score, p, l) under the KL threshold: KL (into ``kl``,
+    of the unit candidate, ``norms`` ``[n_post, L]``) is computed in score order until one passes; the
+    reasons of the rest are set in ``reasons``."""
+    best = None
+    for s, p, l in sorted(ranked, reverse=True):
+        if best is not None:
+            reasons[p][l] = "pruned"  # KL not needed: a better-scoring candidate already passed
+            continue
+        u = candidates[p, l] / norms[p, l]
+        kl[p, l] = float(scorer.kl(u[None])[0])
+        if kl[p, l] < kl_threshold:
+            best = (p, l)
+            reasons[p][l] = "chosen"
+        else:
+            reasons[p][l] = "kl"
+    return best
+
+
 def select_direction_cosmic(
-    model,
+    model: Model,
     candidates: torch.Tensor,
     harmful_val: Batch,
     harmless_val: Batch,
@@ -88,10 +153,6 @@ def select_direction_cosmic(
     higher is better) and ``baseline`` the evaluation layers."""
     n_post, n_layers, _ = candidates.shape
     layers = evaluation_layers(model, harmful_train, harmless_train)
-    base_harmful = _unit_mean(last_outputs(model, harmful_val, layers))
-    base_harmless = _unit_mean(last_outputs(model, harmless_val, layers))
-    nan = lambda: torch.full((n_post, n_layers), float("nan"))  # noqa: E731
-    refusal, steering, kl = nan(), nan(), nan()
     norms = candidates.norm(dim=-1)
     nonzero = norms > 1e-6 * float(norms.max().clamp_min(1e-30))
     max_layer = int(n_layers * cfg.max_layer_frac)
@@ -101,23 +162,9 @@ def select_direction_cosmic(
         for p in range(n_post)
         if nonzero[p, l] and (cfg.exhaustive or l < max_layer)
     ]
-    for p, l in tqdm(todo, desc="select (cosmic)", disable=not progress, leave=False):
-        r = candidates[p, l]
-        abl = last_outputs(model, harmful_val, layers, lambda: directional_ablation(model, r))
-        add = last_outputs(model, harmless_val, layers, lambda: activation_addition(model, r, l))
-        refusal[p, l] = float(_unit_mean(abl) @ base_harmless)
-        steering[p, l] = float(_unit_mean(add) @ base_harmful)
-
+    refusal, steering = _cosine_scores(model, candidates, todo, harmful_val, harmless_val, layers, progress)
     # COSMIC's last-position rule: past the median peak layer of both scores at the other positions
-    def median_peak(t: torch.Tensor) -> float:
-        peaks = (
-            [int(torch.nan_to_num(row, nan=-math.inf).argmax()) for row in t[:-1]]
-            if n_post > 1
-            else [n_layers]
-        )
-        return float(torch.tensor(peaks, dtype=torch.float64).median())
-
-    cut_refusal, cut_steering = median_peak(refusal), median_peak(steering)
+    cut_refusal, cut_steering = _median_peak(refusal), _median_peak(steering)
     scorer = Scorer(model, harmful_val, harmless_val, None, cfg)
     reasons = [["" for _ in range(n_layers)] for _ in range(n_post)]
     ranked = []
@@ -131,23 +178,13 @@ def select_direction_cosmic(
                 reasons[p][l] = "peak"
             else:
                 ranked.append((float(refusal[p, l] + steering[p, l]), p, l))
-    best = None
-    for s, p, l in sorted(ranked, reverse=True):
-        if best is not None:
-            reasons[p][l] = "pruned"  # KL not needed: a better-scoring candidate already passed
-            continue
-        u = candidates[p, l] / norms[p, l]
-        kl[p, l] = float(scorer.kl(u[None])[0])
-        if kl[p, l] < cfg.kl_threshold:
-            best = (p, l)
-            reasons[p][l] = "chosen"
-        else:
-            reasons[p][l] = "kl"
+    kl = torch.full((n_post, n_layers), float("nan"))
+    best = _choose(scorer, candidates, norms, ranked, kl, reasons, cfg.kl_threshold)
     return SelectionResult(
         refusal,
         steering,
         kl,
-        nan(),
+        torch.full((n_post, n_layers), float("nan")),
         reasons,
         best,
         {"selector": "cosmic", "evaluation_layers": layers, "peak_cut": [cut_refusal, cut_steering]},

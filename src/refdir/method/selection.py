@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
 
 from refdir.core.adapter import get_adapter
 from refdir.core.errors import RefdirError
-from refdir.core.forward import (
+from refdir.core.prefix import (
     FORWARD_OVERHEAD_TOKENS,
     PrefixBatch,
     expand,
@@ -40,6 +41,7 @@ from refdir.core.forward import (
     split_prefix,
 )
 from refdir.core.templates import Batch
+from refdir.core.types import Model
 from refdir.method.activations import recording_resid_pre
 from refdir.method.interventions import activation_addition, directional_ablation, start_at_layer
 from refdir.method.refusal import position_ids, refusal_metric
@@ -107,7 +109,12 @@ class Scorer:
     """Holds the validation batches, their baselines and the per-layer prefix cache."""
 
     def __init__(
-        self, model, harmful: Batch, harmless: Batch, refusal_ids: list[int] | None, cfg: SelectionConfig
+        self,
+        model: Model,
+        harmful: Batch,
+        harmless: Batch,
+        refusal_ids: list[int] | None,
+        cfg: SelectionConfig,
     ):
         """``refusal_ids`` None: KL only (selectors that need no refusal tokens)."""
         self.model, self.cfg = model, cfg
@@ -162,7 +169,7 @@ class Scorer:
         # prompts in length buckets, each run only as wide as its longest rest (a bucket costs `per` rows
         # per prompt)
         groups = list(pb.buckets(n, overhead=max(1, FORWARD_OVERHEAD_TOKENS // per)))
-        outs = []
+        outs: list = []  # [k, n, V] per chunk of candidates
         for i in range(0, units.shape[0], per):
             u = units[i : i + per]
             k = u.shape[0]
@@ -237,12 +244,12 @@ class Scorer:
                     m = refusal_metric(out.logits[:, -1, :], self.ids)
                     base.append(m.detach())
                     m.sum().backward()
-                    for t in acts:
-                        if t.grad is not None:
-                            if t.device not in M:
-                                M[t.device] = torch.zeros(d, d, dtype=_acc_dtype(t.device), device=t.device)
-                            acc = M[t.device]
-                            acc += t.detach().reshape(-1, d).to(acc.dtype).T @ t.grad.reshape(-1, d).to(
+                    for a in acts:
+                        if a.grad is not None:
+                            if a.device not in M:
+                                M[a.device] = torch.zeros(d, d, dtype=_acc_dtype(a.device), device=a.device)
+                            acc = M[a.device]
+                            acc += a.detach().reshape(-1, d).to(acc.dtype).T @ a.grad.reshape(-1, d).to(
                                 acc.dtype
                             )
         finally:
@@ -282,8 +289,131 @@ class Scorer:
         return torch.cat(out)
 
 
+@dataclass
+class _ScoreTables:
+    """The candidates' score tables ``[n_post, L]`` (NaN: not scored yet) and the scorer that fills them."""
+
+    scorer: Scorer
+    cfg: SelectionConfig
+    candidates: torch.Tensor  # [n_post, L, d]
+    units: torch.Tensor  # [n_post, L, d] the candidates as unit vectors
+    bypass: torch.Tensor
+    induce: torch.Tensor
+    kl: torch.Tensor
+    screen: torch.Tensor
+
+    def score(self, cands: list[tuple[int, int]], what: tuple[str, ...]) -> None:
+        """Fill the requested score tables for ``cands`` (induce grouped by layer for the prefix cache)."""
+        if not cands:
+            return
+        u = torch.stack([self.units[p, l] for p, l in cands])  # [K, d]
+        b: torch.Tensor | None
+        k: torch.Tensor | None
+        if "bypass" in what and "kl" in what:
+            b, k = self.scorer.bypass_kl(u)
+        else:
+            b = self.scorer.bypass(u) if "bypass" in what else None
+            k = self.scorer.kl(u) if "kl" in what else None
+        for j, (p, l) in enumerate(cands):
+            if b is not None:
+                self.bypass[p, l] = b[j]
+            if k is not None:
+                self.kl[p, l] = k[j]
+        if "induce" in what:
+            for l in sorted({l for _, l in cands}):
+                at = [p for p, ll in cands if ll == l]
+                ind = self.scorer.induce(torch.stack([self.candidates[p, l] for p in at]), l)
+                for j, p in enumerate(at):
+                    self.induce[p, l] = ind[j]
+
+    @property
+    def induce_min(self) -> float:
+        """The induce threshold (the caller resolves a None setting before selection)."""
+        return cast(float, self.cfg.induce_threshold)
+
+    def passes(self, p: int, l: int) -> bool:
+        return bool(self.kl[p, l] < self.cfg.kl_threshold and self.induce[p, l] > self.induce_min)
+
+
+def _score_every(tables: _ScoreTables, todo: list[tuple[int, int]], progress: bool) -> None:
+    """Every score of every candidate in ``todo``, a chunk at a time (``exhaustive`` or no ``prune``)."""
+    chunk = tables.cfg.chunk
+    for i in tqdm(range(0, len(todo), chunk), desc="select", disable=not progress, leave=False):
+        tables.score(todo[i : i + chunk], ("bypass", "kl", "induce"))
+
+
+def _score_pruned(tables: _ScoreTables, eligible: list[tuple[int, int]], progress: bool) -> None:
+    """The linear screen orders the candidates; full bypass scores follow in that order, a chunk at a time,
+    and induce / KL lazily in bypass order until a candidate passes every filter."""
+    cfg = tables.cfg
+    sc = tables.scorer.linear_screen(torch.stack([tables.units[p, l] for p, l in eligible]))
+    for j, (p, l) in enumerate(eligible):
+        tables.screen[p, l] = sc[j]
+    order = [eligible[j] for j in torch.argsort(sc).tolist()]
+    done = False
+    bar = tqdm(total=len(order), desc="select", disable=not progress, leave=False)
+    for i in range(0, len(order), cfg.chunk):
+        part = order[i : i + cfg.chunk]
+        tables.score(part, ("bypass",))
+        bar.update(len(part))
+        # check the filters lazily, one candidate at a time in increasing bypass over everything
+        # scored so far: induce first (cheap: only layers >= l run), KL only where induce passes;
+        # the first candidate that passes both is the choice (batching them would score candidates
+        # that a better one makes irrelevant: on the 1.5B, 8 induce runs where 3 decide)
+        for c in sorted(order[: i + cfg.chunk], key=lambda c: float(tables.bypass[c])):
+            if math.isnan(float(tables.induce[c])):
+                tables.score([c], ("induce",))
+            if tables.induce[c] > tables.induce_min and math.isnan(float(tables.kl[c])):
+                tables.score([c], ("kl",))
+            if tables.passes(*c):
+                done = True
+                break
+        if done:
+            break
+    bar.total = bar.n  # pruning stopped early: the work is done, not 16/105 with an hour to go
+    bar.refresh()
+    bar.close()
+
+
+def _reason(tables: _ScoreTables, p: int, l: int, nonzero: bool, max_layer: int) -> str:
+    """Why candidate (p, l) is or is not eligible: "ok" or the filter that removed it."""
+    cfg, bypass, induce, kl = tables.cfg, tables.bypass[p, l], tables.induce[p, l], tables.kl[p, l]
+    if not nonzero:
+        return "zero"
+    if l >= max_layer:
+        return "layer"
+    if math.isnan(float(bypass)):
+        return "pruned"
+    if math.isnan(float(induce)):
+        return "pruned"  # bypass known, but a better-bypass candidate already passed
+    if not induce > tables.induce_min:
+        return "induce"
+    if math.isnan(float(kl)):
+        return "pruned"
+    if not kl < cfg.kl_threshold:
+        return "kl"
+    return "ok"
+
+
+def _choose(
+    tables: _ScoreTables, nonzero: torch.Tensor, max_layer: int
+) -> tuple[list[list[str]], tuple[int, int] | None]:
+    """Each candidate's reason ``[n_post][L]`` and the eligible one with the lowest bypass (its reason
+    "chosen"), or None."""
+    n_post, n_layers = tables.bypass.shape
+    reasons = [["" for _ in range(n_layers)] for _ in range(n_post)]
+    best, best_score = None, float("inf")
+    for p, l in [(p, l) for l in range(n_layers) for p in range(n_post)]:
+        reasons[p][l] = _reason(tables, p, l, bool(nonzero[p, l]), max_layer)
+        if reasons[p][l] == "ok" and float(tables.bypass[p, l]) < best_score:
+            best, best_score = (p, l), float(tables.bypass[p, l])
+    if best is not None:
+        reasons[best[0]][best[1]] = "chosen"
+    return reasons, best
+
+
 def select_direction(
-    model,
+    model: Model,
     candidates: torch.Tensor,
     harmful_val: Batch,
     harmless_val: Batch,
@@ -295,7 +425,6 @@ def select_direction(
     n_post, n_layers, _ = candidates.shape
     scorer = Scorer(model, harmful_val, harmless_val, refusal_ids, cfg)
     nan = lambda: torch.full((n_post, n_layers), float("nan"))  # noqa: E731
-    bypass, induce, kl, screen = nan(), nan(), nan(), nan()
     max_layer = int(n_layers * cfg.max_layer_frac)
     allc = [(p, l) for l in range(n_layers) for p in range(n_post)]
     norms = candidates.norm(dim=-1)  # [n_post, L]
@@ -304,93 +433,19 @@ def select_direction(
     allc = [c for c in allc if nonzero[c]]
     eligible = [(p, l) for p, l in allc if l < max_layer]
     units = candidates / norms[..., None].clamp_min(1e-12)
-
-    def score(cands: list[tuple[int, int]], what: tuple[str, ...]) -> None:
-        """Fill the requested score tables for ``cands`` (induce grouped by layer for the prefix cache)."""
-        if not cands:
-            return
-        u = torch.stack([units[p, l] for p, l in cands])
-        if "bypass" in what and "kl" in what:
-            b, k = scorer.bypass_kl(u)
-        else:
-            b = scorer.bypass(u) if "bypass" in what else None
-            k = scorer.kl(u) if "kl" in what else None
-        for j, (p, l) in enumerate(cands):
-            if b is not None:
-                bypass[p, l] = b[j]
-            if k is not None:
-                kl[p, l] = k[j]
-        if "induce" in what:
-            for l in sorted({l for _, l in cands}):
-                at = [p for p, ll in cands if ll == l]
-                ind = scorer.induce(torch.stack([candidates[p, l] for p in at]), l)
-                for j, p in enumerate(at):
-                    induce[p, l] = ind[j]
-
-    def passes(p: int, l: int) -> bool:
-        return bool(kl[p, l] < cfg.kl_threshold and induce[p, l] > cfg.induce_threshold)
-
-    todo = allc if cfg.exhaustive else eligible
+    tables = _ScoreTables(scorer, cfg, candidates, units, nan(), nan(), nan(), nan())
     if cfg.exhaustive or not cfg.prune:
-        for i in tqdm(range(0, len(todo), cfg.chunk), desc="select", disable=not progress, leave=False):
-            score(todo[i : i + cfg.chunk], ("bypass", "kl", "induce"))
+        _score_every(tables, allc if cfg.exhaustive else eligible, progress)
     else:
-        sc = scorer.linear_screen(torch.stack([units[p, l] for p, l in eligible]))
-        for j, (p, l) in enumerate(eligible):
-            screen[p, l] = sc[j]
-        order = [eligible[j] for j in torch.argsort(sc).tolist()]
-        done = False
-        bar = tqdm(total=len(order), desc="select", disable=not progress, leave=False)
-        for i in range(0, len(order), cfg.chunk):
-            part = order[i : i + cfg.chunk]
-            score(part, ("bypass",))
-            bar.update(len(part))
-            # check the filters lazily, one candidate at a time in increasing bypass over everything
-            # scored so far: induce first (cheap: only layers >= l run), KL only where induce passes;
-            # the first candidate that passes both is the choice (batching them would score candidates
-            # that a better one makes irrelevant: on the 1.5B, 8 induce runs where 3 decide)
-            for c in sorted(order[: i + cfg.chunk], key=lambda c: float(bypass[c])):
-                if math.isnan(float(induce[c])):
-                    score([c], ("induce",))
-                if induce[c] > cfg.induce_threshold and math.isnan(float(kl[c])):
-                    score([c], ("kl",))
-                if passes(*c):
-                    done = True
-                    break
-            if done:
-                break
-        bar.total = bar.n  # pruning stopped early: the work is done, not 16/105 with an hour to go
-        bar.refresh()
-        bar.close()
-
-    reasons = [["" for _ in range(n_layers)] for _ in range(n_post)]
-    best, best_score = None, float("inf")
-    for p, l in [(p, l) for l in range(n_layers) for p in range(n_post)]:
-        if not nonzero[p, l]:
-            reasons[p][l] = "zero"
-        elif l >= max_layer:
-            reasons[p][l] = "layer"
-        elif math.isnan(float(bypass[p, l])):
-            reasons[p][l] = "pruned"
-        elif math.isnan(float(induce[p, l])):
-            reasons[p][l] = "pruned"  # bypass known, but a better-bypass candidate already passed
-        elif not induce[p, l] > cfg.induce_threshold:
-            reasons[p][l] = "induce"
-        elif math.isnan(float(kl[p, l])):
-            reasons[p][l] = "pruned"
-        elif not kl[p, l] < cfg.kl_threshold:
-            reasons[p][l] = "kl"
-        else:
-            reasons[p][l] = "ok"
-            if float(bypass[p, l]) < best_score:
-                best, best_score = (p, l), float(bypass[p, l])
-    if best is not None:
-        reasons[best[0]][best[1]] = "chosen"
-    return SelectionResult(bypass, induce, kl, screen, reasons, best, scorer.baseline)
+        _score_pruned(tables, eligible, progress)
+    reasons, best = _choose(tables, nonzero, max_layer)
+    return SelectionResult(
+        tables.bypass, tables.induce, tables.kl, tables.screen, reasons, best, scorer.baseline
+    )
 
 
 def paper_scores(
-    model,
+    model: Model,
     candidates: torch.Tensor,
     p: int,
     l: int,
