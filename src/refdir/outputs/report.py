@@ -10,9 +10,11 @@ import html
 import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from refdir.core.io import read_jsonl, write_text
+from refdir.run.folder import RunFolder
 
 
 def _png(fig) -> str:
@@ -275,181 +277,192 @@ th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4;padding:1px 4px
 .note{color:#666;font-size:13px}"""
 
 
+def _load(path: Path) -> dict | None:
+    """A run-folder JSON artifact, or None where the run has not written it."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _prompts_section(prompts: dict) -> str:
+    """Split sizes, the filter rule and its outcome, the refusal tokens and the exact prompt format."""
+    f, pf = prompts["filter"], prompts["prompt_format"]
+    splits = (
+        "harmful_train",
+        "harmful_val",
+        "harmless_train",
+        "harmless_val",
+        "eval_harmful",
+        "eval_harmless",
+    )
+    return (
+        "<h2>Prompts</h2>"
+        + _table(["split", "n"], [[k, len(prompts[k])] for k in splits])
+        + f"<p>Filter rule: <b>{f['rule']}</b> (requested {f['requested']}; metric/generation agreement "
+        f"{f['metric_generation_agreement']:.2f}); "
+        f"harmful kept {f['harmful_kept']}/{f['harmful_screened']}, "
+        f"harmless kept {f['harmless_kept']}/{f['harmless_screened']}. Refusal tokens: "
+        f"<code>{html.escape(str(prompts['refusal_tokens']['tokens']))}</code>.</p>"
+        f"<p>Exact prompt format:</p><pre>{html.escape(pf['example'])}</pre>"
+        f"<p class=note>post-instruction tokens: {html.escape(str(pf['post_instruction_tokens']))}</p>"
+    )
+
+
+def _selection_section(folder: RunFolder, sel: dict, prompts: dict | None) -> list[str]:
+    """The candidates' heatmaps (also saved beside the report), their outcomes and the baselines."""
+    post = prompts["prompt_format"]["post_instruction_tokens"] if prompts else None
+    img = heatmaps(sel, post)
+    _save_png(folder.file("heatmaps.png"), img)
+    return [
+        f"<h2>Direction selection</h2><img src='{img}'>",
+        "<p>Candidate outcomes</p>"
+        + _table(["outcome", "candidates"], [[k, v] for k, v in sorted(sel["counts"].items())])
+        + "<p>Baselines (no intervention, validation prompts)</p>"
+        + _table(["measure", "value"], [[k, v] for k, v in sel["baseline"].items()]),
+    ]
+
+
+def _kl_ce_section(ev: dict) -> str:
+    """KL and cross-entropy of every condition on harmless prompts."""
+    text = ev.get("ce_harmless_text") or {}
+    heads = [
+        "condition",
+        "KL first token",
+        "KL mean (16 tok)",
+        "CE on baseline completions",
+        "CE on harmless instruction+response text",
+    ]
+    rows = [
+        [c, v["kl_first"], v["kl_mean"], v["ce"], text.get(c, {}).get("ce")]
+        for c, v in ev["kl_ce_harmless"].items()
+    ]
+    return "<h2>KL and cross-entropy on harmless prompts</h2>" + _table(heads, rows)
+
+
+def _judge_section(j: dict) -> list[str]:
+    """The second judge: its agreement with the substring judge and the first disagreements."""
+    asked = j["judge"] == "self+evasive"  # the plain chat judge asks about refusal only
+    rows = [
+        [
+            c,
+            v["agreement"],
+            v["refusal_rate"],
+            v["evasive_rate"] if asked else "not asked",
+            len(v["disagreements"]),
+        ]
+        for c, v in j["conditions"].items()
+    ]
+    heads = ["condition", "agreement with substring", "judge refusal rate", "evasive", "disagreements"]
+    parts = [
+        f"<h2>Second judge ({html.escape(str(j['kind']))}: {html.escape(str(j['judge']))})</h2>"
+        + _table(heads, rows)
+    ]
+    dis = [
+        [
+            c,
+            d["prompt"][:60],
+            "yes" if d["substring_refused"] else "no",
+            d["judge"],
+            _first_sentence(d["completion"], 60),
+        ]
+        for c, v in j["conditions"].items()
+        for d in v["disagreements"][:5]
+    ]
+    if dis:
+        parts.append(
+            "<p class=note>Disagreements (first 5 per condition):</p>"
+            + _table(["condition", "prompt", "substring refused", "judge", "completion"], dis)
+        )
+    return parts
+
+
+def _examples_section(completions: Path) -> str:
+    """A few completions per condition, cut to one line (harmful ones to their first sentence)."""
+    rows = read_jsonl(completions)
+    ex = []
+    for split, cond in (
+        ("harmful", "baseline"),
+        ("harmful", "ablation"),
+        ("harmless", "baseline"),
+        ("harmless", "actadd+"),
+    ):
+        for r in [r for r in rows if r["split"] == split and r["condition"] == cond][:3]:
+            text = _first_sentence(r["completion"], 60 if split == "harmful" else 100)
+            ex.append([split, cond, r["prompt"][:70], "yes" if r["refused"] else "no", text])
+    return (
+        "<h2>Example completions</h2><p class=note>Cut to one line; harmful ones to their "
+        "first sentence.</p>" + _table(["split", "condition", "prompt", "refused", "completion"], ex)
+    )
+
+
+def _evaluation_section(folder: RunFolder, ev: dict) -> list[str]:
+    """The chosen direction, refusal rates (also saved beside the report), KL/CE, the second judge, the
+    orthogonalization check and example completions."""
+    d = ev["direction"]
+    sc = d["scores"]
+    parts = [
+        "<h2>Chosen direction</h2>"
+        + _table(
+            ["layer", "pos", "norm", "bypass", "induce", "KL"],
+            [[d["layer"], d["pos"], d["norm"], sc.get("bypass"), sc.get("induce"), sc.get("kl")]],
+        )
+    ]
+    img = refusal_bars(ev["refusal"])
+    _save_png(folder.file("refusal_rates.png"), img)
+    parts.append(f"<h2>Refusal rate per condition</h2><img src='{img}'>")
+    parts.append(_kl_ce_section(ev))
+    if ev.get("judge"):
+        parts += _judge_section(ev["judge"])
+    oc = ev["ortho_check"]
+    parts.append(
+        f"<p>Orthogonalized weights vs hook ablation: max |Δlogit| = "
+        f"{oc['max_abs_logit_diff_vs_ablation']:.2e}"
+        f" on {oc['n_prompts']} prompts (exact by construction: {oc['exact_by_construction']}).</p>"
+    )
+    if folder.completions.exists():
+        parts.append(_examples_section(folder.completions))
+    return parts
+
+
+def _suffix_section(sa: dict, sj: dict | None) -> list[str]:
+    """The paper's §5 figures of the adversarial suffix, after the GCG run's refusal rates."""
+    parts = ["<h2>Adversarial suffix analysis (paper §5)</h2>"]
+    if sj:
+        r = sj["refusal_rate"]
+        parts.append(
+            f"<p>GCG: {sj['steps']} steps, {sj['seconds']} s on {sj['n_train_prompts']} prompts; "
+            f"held-out refusal rate (n={sj['n_eval']}): none {r['none']:.2f}, random suffix "
+            f"{r['random']:.2f}, adversarial suffix {r['adversarial']:.2f}.</p>"
+        )
+    parts.append(f"<img src='{suffix_figures(sa)}'>")
+    return parts
+
+
 def write_report(run_path: str | Path) -> Path:
     """Render ``report.html`` from whatever artifacts the run folder holds."""
-    run = Path(run_path)
-    load = lambda n: json.loads((run / n).read_text()) if (run / n).exists() else None  # noqa: E731
-    cfg, prompts, sel, ev = (
-        load("config.json") or {},
-        load("prompts.json"),
-        load("selection.json"),
-        load("eval.json"),
-    )
+    folder = RunFolder(run_path)
+    cfg = _load(folder.config) or {}
+    prompts, sel, ev = _load(folder.prompts), _load(folder.selection), _load(folder.eval)
     parts = [
         f"<h1>refdir report</h1><p>model <code>{html.escape(str(cfg.get('model_spec')))}</code>, "
         f"refdir {html.escape(str(cfg.get('refdir')))}, seed {cfg.get('seed')}</p>"
     ]
     if prompts:
-        f = prompts["filter"]
-        pf = prompts["prompt_format"]
-        parts.append(
-            "<h2>Prompts</h2>"
-            + _table(
-                ["split", "n"],
-                [
-                    [k, len(prompts[k])]
-                    for k in (
-                        "harmful_train",
-                        "harmful_val",
-                        "harmless_train",
-                        "harmless_val",
-                        "eval_harmful",
-                        "eval_harmless",
-                    )
-                ],
-            )
-        )
-        parts.append(
-            f"<p>Filter rule: <b>{f['rule']}</b> (requested {f['requested']}; metric/generation agreement "
-            f"{f['metric_generation_agreement']:.2f}); "
-            f"harmful kept {f['harmful_kept']}/{f['harmful_screened']}, "
-            f"harmless kept {f['harmless_kept']}/{f['harmless_screened']}. Refusal tokens: "
-            f"<code>{html.escape(str(prompts['refusal_tokens']['tokens']))}</code>.</p>"
-            f"<p>Exact prompt format:</p><pre>{html.escape(pf['example'])}</pre>"
-            f"<p class=note>post-instruction tokens: {html.escape(str(pf['post_instruction_tokens']))}</p>"
-        )
+        parts.append(_prompts_section(prompts))
     if sel:
-        post = prompts["prompt_format"]["post_instruction_tokens"] if prompts else None
-        img = heatmaps(sel, post)
-        _save_png(run / "heatmaps.png", img)
-        parts.append(f"<h2>Direction selection</h2><img src='{img}'>")
-        parts.append(
-            "<p>Candidate outcomes</p>"
-            + _table(["outcome", "candidates"], [[k, v] for k, v in sorted(sel["counts"].items())])
-            + "<p>Baselines (no intervention, validation prompts)</p>"
-            + _table(["measure", "value"], [[k, v] for k, v in sel["baseline"].items()])
-        )
+        parts += _selection_section(folder, sel, prompts)
     if ev:
-        d = ev["direction"]
-        parts.append(
-            "<h2>Chosen direction</h2>"
-            + _table(
-                ["layer", "pos", "norm", "bypass", "induce", "KL"],
-                [
-                    [
-                        d["layer"],
-                        d["pos"],
-                        d["norm"],
-                        d["scores"].get("bypass"),
-                        d["scores"].get("induce"),
-                        d["scores"].get("kl"),
-                    ]
-                ],
-            )
-        )
-        img = refusal_bars(ev["refusal"])
-        _save_png(run / "refusal_rates.png", img)
-        parts.append(f"<h2>Refusal rate per condition</h2><img src='{img}'>")
-        text = ev.get("ce_harmless_text") or {}
-        parts.append(
-            "<h2>KL and cross-entropy on harmless prompts</h2>"
-            + _table(
-                [
-                    "condition",
-                    "KL first token",
-                    "KL mean (16 tok)",
-                    "CE on baseline completions",
-                    "CE on harmless instruction+response text",
-                ],
-                [
-                    [c, v["kl_first"], v["kl_mean"], v["ce"], text.get(c, {}).get("ce")]
-                    for c, v in ev["kl_ce_harmless"].items()
-                ],
-            )
-        )
-        if ev.get("judge"):
-            j = ev["judge"]
-            asked = j["judge"] == "self+evasive"  # the plain chat judge asks about refusal only
-            rows = [
-                [
-                    c,
-                    v["agreement"],
-                    v["refusal_rate"],
-                    v["evasive_rate"] if asked else "not asked",
-                    len(v["disagreements"]),
-                ]
-                for c, v in j["conditions"].items()
-            ]
-            parts.append(
-                f"<h2>Second judge ({html.escape(str(j['kind']))}: {html.escape(str(j['judge']))})</h2>"
-                + _table(
-                    [
-                        "condition",
-                        "agreement with substring",
-                        "judge refusal rate",
-                        "evasive",
-                        "disagreements",
-                    ],
-                    rows,
-                )
-            )
-            dis = [
-                [
-                    c,
-                    d["prompt"][:60],
-                    "yes" if d["substring_refused"] else "no",
-                    d["judge"],
-                    _first_sentence(d["completion"], 60),
-                ]
-                for c, v in j["conditions"].items()
-                for d in v["disagreements"][:5]
-            ]
-            if dis:
-                parts.append(
-                    "<p class=note>Disagreements (first 5 per condition):</p>"
-                    + _table(["condition", "prompt", "substring refused", "judge", "completion"], dis)
-                )
-        oc = ev["ortho_check"]
-        parts.append(
-            f"<p>Orthogonalized weights vs hook ablation: max |Δlogit| = "
-            f"{oc['max_abs_logit_diff_vs_ablation']:.2e}"
-            f" on {oc['n_prompts']} prompts (exact by construction: {oc['exact_by_construction']}).</p>"
-        )
-        if (run / "completions.jsonl").exists():
-            rows = read_jsonl(run / "completions.jsonl")
-            ex = []
-            for split, cond in (
-                ("harmful", "baseline"),
-                ("harmful", "ablation"),
-                ("harmless", "baseline"),
-                ("harmless", "actadd+"),
-            ):
-                for r in [r for r in rows if r["split"] == split and r["condition"] == cond][:3]:
-                    text = _first_sentence(r["completion"], 60 if split == "harmful" else 100)
-                    ex.append([split, cond, r["prompt"][:70], "yes" if r["refused"] else "no", text])
-            parts.append(
-                "<h2>Example completions</h2><p class=note>Cut to one line; harmful ones to their "
-                "first sentence.</p>" + _table(["split", "condition", "prompt", "refused", "completion"], ex)
-            )
-    sa, sj = load("suffix_analysis.json"), load("suffix.json")
+        parts += _evaluation_section(folder, ev)
+    sa = _load(folder.suffix_analysis)
     if sa:
-        parts.append("<h2>Adversarial suffix analysis (paper §5)</h2>")
-        if sj:
-            r = sj["refusal_rate"]
-            parts.append(
-                f"<p>GCG: {sj['steps']} steps, {sj['seconds']} s on {sj['n_train_prompts']} prompts; "
-                f"held-out refusal rate (n={sj['n_eval']}): none {r['none']:.2f}, random suffix "
-                f"{r['random']:.2f}, adversarial suffix {r['adversarial']:.2f}.</p>"
-            )
-        parts.append(f"<img src='{suffix_figures(sa)}'>")
+        parts += _suffix_section(sa, _load(folder.suffix))
     # the optional analyses, each from its artifact when the run folder has it
-    for name, section in (
-        ("jailbreaks.json", jailbreaks_section),
-        ("capabilities.json", capabilities_section),
-        ("cone.json", cone_section),
-        ("monitor.json", _monitor_section),
-    ):
-        art = load(name)
+    sections: list[tuple[Path, Callable[[dict], str]]] = [
+        (folder.jailbreaks, jailbreaks_section),
+        (folder.capabilities, capabilities_section),
+        (folder.cone, cone_section),
+        (folder.monitor, _monitor_section),
+    ]
+    for path, section in sections:
+        art = _load(path)
         if art:
             parts.append(section(art))
     page = (
@@ -457,6 +470,5 @@ def write_report(run_path: str | Path) -> Path:
         f"<style>{CSS}</style></head>"
         f"<body>{''.join(parts)}</body></html>"
     )
-    out = run / "report.html"
-    write_text(out, page)
-    return out
+    write_text(folder.report, page)
+    return folder.report
