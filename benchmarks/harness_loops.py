@@ -32,10 +32,11 @@ def main() -> None:
     a = ap.parse_args()
 
     from refdir.core.runtime import Runtime
-    from refdir.evaluation import capabilities as cap
+    from refdir.evaluation import capabilities
+    from refdir.evaluation.capabilities import harness as cap  # the loops run_condition calls
 
     rt = Runtime.load(a.model)
-    refdir_lm, old_rows = cap._harness_lm, cap.CPU_HARNESS_ROWS
+    refdir_lm, old_rows = cap.harness_lm, cap.CPU_HARNESS_ROWS
 
     def harness_lm(hflm, model, tokenizer, rows, gen_rows):  # the harness's own loops, as refdir ran them
         class Plain(hflm):
@@ -51,10 +52,10 @@ def main() -> None:
         )
 
     quiet = lambda *_: None  # noqa: E731
-    with cap.plan_tasks(a.tasks, a.data_dir, a.limit, None, a.max_gen_toks) as plan:
-        cap._harness_lm = harness_lm
+    with capabilities.plan_tasks(a.tasks, a.data_dir, a.limit, None, a.max_gen_toks) as plan:
+        cap.harness_lm = harness_lm
         theirs = cap.run_condition(rt, plan, quiet)
-        cap._harness_lm, cap.CPU_HARNESS_ROWS = refdir_lm, a.rows or cap.CPU_HARNESS_ROWS
+        cap.harness_lm, cap.CPU_HARNESS_ROWS = refdir_lm, a.rows or cap.CPU_HARNESS_ROWS
         ours = cap.run_condition(rt, plan, quiet)
     differ = 0
     head = f"{'task':16} {'n':>4} {'harness s':>10} {'refdir s':>9} {'speedup':>8}"

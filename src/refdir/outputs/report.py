@@ -310,7 +310,7 @@ def _selection_section(folder: RunFolder, sel: dict, prompts: dict | None) -> li
     """The candidates' heatmaps (also saved beside the report), their outcomes and the baselines."""
     post = prompts["prompt_format"]["post_instruction_tokens"] if prompts else None
     img = heatmaps(sel, post)
-    _save_png(folder.file("heatmaps.png"), img)
+    _save_png(folder.heatmaps, img)
     return [
         f"<h2>Direction selection</h2><img src='{img}'>",
         "<p>Candidate outcomes</p>"
@@ -406,7 +406,7 @@ def _evaluation_section(folder: RunFolder, ev: dict) -> list[str]:
         )
     ]
     img = refusal_bars(ev["refusal"])
-    _save_png(folder.file("refusal_rates.png"), img)
+    _save_png(folder.refusal_rates, img)
     parts.append(f"<h2>Refusal rate per condition</h2><img src='{img}'>")
     parts.append(_kl_ce_section(ev))
     if ev.get("judge"):

@@ -50,6 +50,8 @@ class RunFolder:
     capabilities_baseline = property(lambda self: self.path / "capabilities_baseline.json")
     summary = property(lambda self: self.path / "summary.json")
     report = property(lambda self: self.path / "report.html")
+    heatmaps = property(lambda self: self.path / "heatmaps.png")
+    refusal_rates = property(lambda self: self.path / "refusal_rates.png")
     # analyses on a finished run
     suffix = property(lambda self: self.path / "suffix.json")
     suffix_analysis = property(lambda self: self.path / "suffix_analysis.json")
