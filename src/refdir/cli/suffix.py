@@ -138,7 +138,7 @@ def cmd_analyze_suffix(a: argparse.Namespace) -> int:
 
 
 def cmd_compare_base(a: argparse.Namespace) -> int:
-    from refdir.analyses.suffix_analysis import compare_base
+    from refdir.analyses.base_vs_chat import compare_base
     from refdir.core.io import write_json
     from refdir.core.models import load_model
     from refdir.method.data import load_builtin
