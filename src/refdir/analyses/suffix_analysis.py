@@ -94,6 +94,17 @@ def tokenize_with_suffix(
 
 
 @torch.no_grad()
+def _forward(model: Model, batch) -> None:
+    """One pass over the batch for its hooks' sake: no cache, only the last position unembedded."""
+    model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+        use_cache=False,
+        logits_to_keep=1,
+    )
+
+
 def cosine_per_layer(model: Model, batch: Batch | SuffixBatch, direction: torch.Tensor) -> torch.Tensor:
     """Cosine of the last-position resid_pre with r̂ at every layer ``[B, L]`` (Fig. 5)."""
     ad = get_adapter(model)
@@ -110,13 +121,7 @@ def cosine_per_layer(model: Model, batch: Batch | SuffixBatch, direction: torch.
     with hooks(
         [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(ad.layers)]
     ):
-        model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids(batch.attention_mask),
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        _forward(model, batch)
     return out
 
 
@@ -159,13 +164,7 @@ def head_attributions(
         pre, post = make(i)
         handles += [ad.attn_out[i].register_forward_pre_hook(pre), ad.attn_out[i].register_forward_hook(post)]
     with hooks(handles):
-        model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids(batch.attention_mask),
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        _forward(model, batch)
     return {"heads": heads, "bias": bias, "total": total}
 
 
@@ -196,13 +195,7 @@ def attention_mass(model: Model, batch: SuffixBatch, heads: list[tuple[int, int]
 
     layers = sorted({l for l, _ in heads})
     with eager_attention(model), hooks([ad.attn[l].register_forward_hook(make(l)) for l in layers]):
-        model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids(batch.attention_mask),
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        _forward(model, batch)
     if set(probs) != set(layers):
         raise RefdirError("this model's attention modules do not return attention probabilities")
     inst, suf = batch.instr_mask.float(), batch.suffix_mask.float()
