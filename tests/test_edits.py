@@ -140,6 +140,8 @@ def test_direction_methods_are_the_evaluation_conditions(tmp_path):
             assert torch.equal(got, last_logits(model, b.input_ids, b.attention_mask))
     with d.add(model, 1.0, layer=0):
         assert not torch.equal(runs["actadd+"], last_logits(model, b.input_ids, b.attention_mask))
+    assert torch.equal(DirectionalAblation(d).direction, d.vector)  # an Edit takes a Direction as it is
+    assert d.addition(0.5).to_json() == ActivationAddition(d.vector, 2, 0.5).to_json()
     m = copy.deepcopy(model)
     assert d.orthogonalize(m) is m
     assert (last_logits(m, b.input_ids, b.attention_mask) - runs["ablation"]).abs().max() < 1e-4
