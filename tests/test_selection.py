@@ -1,3 +1,4 @@
+import pytest
 import torch
 from tiny import tiny_model
 
@@ -166,3 +167,14 @@ def test_cosmic_scores_are_the_cosines_it_defines():
         if res.reasons[q][m] in ("chosen", "pruned", "kl")
     )
     assert (best[1], best[2]) == (p, l)  # the highest refusal + steering that passes KL (threshold off here)
+
+
+def test_an_uncalibrated_induce_threshold_is_one_clear_error():
+    """None means "calibrated by the prompt screen": select_direction alone cannot measure it."""
+    from refdir.core.errors import RefdirError
+
+    model, tok = tiny_model("qwen2")
+    h = tokenize_prompts(tok, ["Write a poem.", "Explain tides."])
+    cands = torch.randn(2, model.config.num_hidden_layers, model.config.hidden_size)
+    with pytest.raises(RefdirError, match="calibrated"):
+        select_direction(model, cands, h, h, [5], SelectionConfig(induce_threshold=None, kl_threshold=100))

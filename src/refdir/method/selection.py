@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -328,8 +327,14 @@ class _ScoreTables:
 
     @property
     def induce_min(self) -> float:
-        """The induce threshold (the caller resolves a None setting before selection)."""
-        return cast(float, self.cfg.induce_threshold)
+        """The induce threshold. None means "calibrated on this model", which only the prompt screen can
+        measure: ``refdir run`` and ``find_direction`` resolve it (``run.stages.selection_config``)."""
+        if self.cfg.induce_threshold is None:
+            raise RefdirError(
+                "induce_threshold=None means the model's calibrated threshold, which the prompt screen "
+                "measures: use refdir.find_direction, or pass a number (the paper's is 0.0)"
+            )
+        return self.cfg.induce_threshold
 
     def passes(self, p: int, l: int) -> bool:
         return bool(self.kl[p, l] < self.cfg.kl_threshold and self.induce[p, l] > self.induce_min)

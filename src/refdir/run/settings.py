@@ -59,6 +59,10 @@ def positive_int(v: str) -> int:
 
 @dataclass
 class SelectionConfig:
+    """Selection settings (paper §2.3). ``SelectionConfig()`` keeps the paper's induce threshold 0.0; a run's
+    settings (``RunConfig``: the CLI, ``find_direction``) use None instead, the model's own refusal
+    threshold calibrated by the prompt screen, because weak models refuse with P(refusal token) < 0.5."""
+
     max_layer_frac: float = _s(0.8, "discard candidates from layers >= int(frac * L)", type=float)
     kl_threshold: float = _s(
         0.1,
