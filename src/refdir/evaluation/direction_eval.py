@@ -80,7 +80,8 @@ class Evaluation:
         )
 
 
-def _instructions(items: list[dict]) -> list[str]:
+def instructions(items: list[dict]) -> list[str]:
+    """The instruction texts of prompts.json rows."""
     return [x["instruction"] for x in items]
 
 
@@ -96,7 +97,7 @@ def evaluate_conditions(
     """Refusal rates per condition and KL/CE on harmless prompts, through hooks: weights untouched."""
     model, tok, fmt = rt.model, rt.tokenizer, rt.fmt
     harm, harmless = data["eval_harmful"], data["eval_harmless"]
-    prompts = {"harmful": _instructions(harm), "harmless": _instructions(harmless)}
+    prompts = {"harmful": instructions(harm), "harmless": instructions(harmless)}
     cats = {"harmful": [x.get("category") for x in harm], "harmless": [x.get("category") for x in harmless]}
     out = Evaluation({"direction": direction.meta(), "refusal": {}})
     jobs = [GenJob(f"{s}/{c}", c, prompts[s], cats[s]) for s, c in CONDITIONS]
@@ -144,7 +145,7 @@ def check_orthogonalized(
     otherwise it takes ablation's scores (logit-equivalent, checked).
     """
     model = owned.model
-    hp = _instructions(data["eval_harmful"])
+    hp = instructions(data["eval_harmful"])
     b = owned.encode(hp[:16])
     with condition(model, "ablation", direction):
         la = last_logits(model, b.input_ids, b.attention_mask)
@@ -172,7 +173,7 @@ def _regenerate_ortho(owned: Runtime, data: dict, cfg: RunConfig, out: Evaluatio
     """``--preset paper``: generate the orthogonalized condition and score CE under the edited weights."""
     model, tok, fmt, bs = owned.model, owned.tokenizer, owned.fmt, owned.batch.prompt_rows
     harm = data["eval_harmful"]
-    hp, hcat = _instructions(harm), [x.get("category") for x in harm]
+    hp, hcat = instructions(harm), [x.get("category") for x in harm]
     n_new = cfg.max_new_tokens
     out.record(
         "ortho",
@@ -181,7 +182,7 @@ def _regenerate_ortho(owned: Runtime, data: dict, cfg: RunConfig, out: Evaluatio
     )
     # the baseline is gone from memory: CE of the baseline completions under the orthogonalized weights
     plain = {"baseline": contextlib.nullcontext}
-    lp = _instructions(data["eval_harmless"])
+    lp = instructions(data["eval_harmless"])
     ce = kl_and_ce(model, tok, lp, _baseline_completions(out.rows), fmt, plain, 16, bs)["baseline"]
     klce = out.ev["kl_ce_harmless"]
     klce["ortho"] = {

@@ -26,10 +26,15 @@ import torch
 from refdir.core.io import load_tensors, save_tensors, write_json, write_jsonl
 from refdir.core.runtime import Runtime
 from refdir.core.templates import post_instruction_tokens
-from refdir.evaluation.direction_eval import check_orthogonalized, evaluate_conditions
+from refdir.evaluation.direction_eval import check_orthogonalized, evaluate_conditions, instructions
 from refdir.method.activations import PostActivationRecorder, mean_activations
 from refdir.method.cosmic import select_direction_cosmic
-from refdir.method.directions import Direction, candidate_directions, direction_from_candidates
+from refdir.method.directions import (
+    Direction,
+    candidate_directions,
+    direction_from_candidates,
+    load_direction,
+)
 from refdir.method.screen import prepare_prompts
 from refdir.method.selection import SelectionConfig, paper_scores, require_choice, select_direction
 from refdir.run.folder import RunFolder
@@ -79,10 +84,6 @@ class Selected:
     direction: Direction
 
 
-def _instructions(items: list[dict]) -> list[str]:
-    return [x["instruction"] for x in items]
-
-
 def screen_prompts(rt: Runtime, cfg: RunConfig) -> PromptsArtifact:
     """Splits, filter, refusal tokens; the screen's passes record the training prompts' activations."""
     n_post = len(post_instruction_tokens(rt.tokenizer, cfg.fmt))
@@ -100,7 +101,7 @@ SEPARATE_PASS = "a separate extraction pass"
 def extract_candidates(rt: Runtime, data: dict, screen_means: dict[str, torch.Tensor]) -> Candidates:
     """Mean activations at every layer and post-instruction position: the screen's if it recorded them for
     these positions, else a separate pass (equal to 1e-4, tested)."""
-    hb, lb = rt.encode(_instructions(data["harmful_train"])), rt.encode(_instructions(data["harmless_train"]))
+    hb, lb = rt.encode(instructions(data["harmful_train"])), rt.encode(instructions(data["harmless_train"]))
     n_post = min(hb.n_post, lb.n_post)
     source = "the prompt screen's forward passes (screen_means.safetensors)"
     if screen_means and screen_means["mean_harmful"].shape[0] == n_post:
@@ -138,11 +139,11 @@ def choose_direction(
     """Score every candidate (bypass, induce, KL; or COSMIC's cosines) and take the paper's choice."""
     t = time.time()
     model, ref_ids = rt.model, data["refusal_tokens"]["token_ids"]
-    hv, lv = rt.encode(_instructions(data["harmful_val"])), rt.encode(_instructions(data["harmless_val"]))
+    hv, lv = rt.encode(instructions(data["harmful_val"])), rt.encode(instructions(data["harmless_val"]))
     sel_cfg = selection_config(cfg, rt, data)
     if sel_cfg.selector == "cosmic":
-        htr = rt.encode(_instructions(data["harmful_train"]))
-        ltr = rt.encode(_instructions(data["harmless_train"]))
+        htr = rt.encode(instructions(data["harmful_train"]))
+        ltr = rt.encode(instructions(data["harmless_train"]))
         res = select_direction_cosmic(model, candidates, hv, lv, htr, ltr, sel_cfg)
     else:
         res = select_direction(model, candidates, hv, lv, ref_ids, sel_cfg)
@@ -219,8 +220,6 @@ def run_select(ctx: StageContext) -> None:
 
 def run_evaluate(ctx: StageContext) -> None:
     """Hooks on the shared model, then the orthogonalization check on the run's own model."""
-    from refdir.method.directions import load_direction
-
     t = time.time()
     ctx.log("evaluate: generating completions under each condition")
     data = _read(ctx.folder)
