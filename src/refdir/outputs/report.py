@@ -5,32 +5,15 @@ Images are PNGs embedded as base64; the page needs no network and no other file.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 from refdir.core.io import read_jsonl, write_text
+from refdir.outputs.front_plot import front_section
+from refdir.outputs.page import html_table, png_uri, save_png
 from refdir.run.folder import RunFolder
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _save_png(path: Path, data_uri: str) -> None:
-    from refdir.core.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(base64.b64decode(data_uri.split(",", 1)[1]))
 
 
 def heatmaps(selection: dict, post_tokens: list[str] | None = None) -> str:
@@ -80,7 +63,7 @@ def heatmaps(selection: dict, post_tokens: list[str] | None = None) -> str:
             p, l = selection["chosen"]
             ax.scatter([l], [p], marker="*", s=140, c="gold", edgecolors="k")
         fig.colorbar(im, ax=ax)
-    return _png(fig)
+    return png_uri(fig)
 
 
 def refusal_bars(refusal: dict) -> str:
@@ -103,7 +86,7 @@ def refusal_bars(refusal: dict) -> str:
     ax.set_ylabel("refusal rate (substring)")
     for i, v in enumerate(values):
         ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
-    return _png(fig)
+    return png_uri(fig)
 
 
 def suffix_figures(sa: dict) -> str:
@@ -148,7 +131,7 @@ def suffix_figures(sa: dict) -> str:
     ax.set_xticklabels(heads, rotation=45, fontsize=7)
     ax.set_ylabel("attention from last position")
     ax.legend(fontsize=6)
-    return _png(fig)
+    return png_uri(fig)
 
 
 def _first_sentence(text: str, limit: int = 90) -> str:
@@ -176,7 +159,7 @@ def cone_section(cone: dict) -> str:
     ax2 = ax.twinx()
     ax2.plot([r["rank"] for r in rows], [r["kl"] for r in rows], "s--", color="tab:red", label="KL")
     ax2.set_ylabel(f"first-token KL (n={rows[0]['n_kl']})", color="tab:red")
-    return f"<h2>Refusal cone</h2><img src='{_png(fig)}'>" + _table(
+    return f"<h2>Refusal cone</h2><img src='{png_uri(fig)}'>" + html_table(
         ["rank", "refusal rate", "n", "KL", "bypass", "how the basis was built"],
         [[r["rank"], r["refusal_rate"], r["n"], r["kl"], r["bypass"], r["method"]] for r in rows],
     )
@@ -204,7 +187,7 @@ def _monitor_section(mon: dict) -> str:
         f"{n['harmless']} harmless evaluation prompts (TPR at 1% FPR: at most "
         f"{int(0.01 * n['harmless'])} harmless prompt(s) above the threshold); the last column is the "
         f"fraction of GCG-suffixed harmful prompts flagged.</p>"
-        + _table(
+        + html_table(
             ["read", "AUROC", "TPR@1%FPR", "flagged harmful", "flagged harmless", "flagged +GCG suffix"], rows
         )
         + f"<p class=note>Best AUROC over all layers: {best[1]:.3f} ({html.escape(best[0])}).</p>"
@@ -234,7 +217,9 @@ def capabilities_section(caps: dict) -> str:
         "±1.96 sd(Δ)/√n; for right/wrong metrics also the items lost and gained and the exact McNemar "
         "p-value (the normal interval is too narrow when few items change). The paper (Table 6) finds "
         "|Δ| ≲ 2 points except TruthfulQA (−1 to −6).</p>"
-        + _table(["task", "metric", "n", "orthogonalized", "baseline (Δ ± 95% CI)", "minutes (both)"], rows)
+        + html_table(
+            ["task", "metric", "n", "orthogonalized", "baseline (Δ ± 95% CI)", "minutes (both)"], rows
+        )
     )
 
 
@@ -254,21 +239,8 @@ def jailbreaks_section(jb: dict) -> str:
     return (
         f"<h2>Jailbreaks (paper Table 2)</h2><p>The same {jb['n_prompts']} harmful evaluation prompts, "
         f"greedy, {jb['max_new_tokens']} new tokens; compliance is the fraction each judge scores as "
-        "answered.</p>" + _table(heads, rows) + (f"<ul class=note>{notes}</ul>" if notes else "")
+        "answered.</p>" + html_table(heads, rows) + (f"<ul class=note>{notes}</ul>" if notes else "")
     )
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    def cell(v):
-        if v is None:
-            return "—"
-        if isinstance(v, float):
-            return "—" if math.isnan(v) else f"{v:.4f}"
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -295,7 +267,7 @@ def _prompts_section(prompts: dict) -> str:
     )
     return (
         "<h2>Prompts</h2>"
-        + _table(["split", "n"], [[k, len(prompts[k])] for k in splits])
+        + html_table(["split", "n"], [[k, len(prompts[k])] for k in splits])
         + f"<p>Filter rule: <b>{f['rule']}</b> (requested {f['requested']}; metric/generation agreement "
         f"{f['metric_generation_agreement']:.2f}); "
         f"harmful kept {f['harmful_kept']}/{f['harmful_screened']}, "
@@ -310,13 +282,13 @@ def _selection_section(folder: RunFolder, sel: dict, prompts: dict | None) -> li
     """The candidates' heatmaps (also saved beside the report), their outcomes and the baselines."""
     post = prompts["prompt_format"]["post_instruction_tokens"] if prompts else None
     img = heatmaps(sel, post)
-    _save_png(folder.heatmaps, img)
+    save_png(folder.heatmaps, img)
     return [
         f"<h2>Direction selection</h2><img src='{img}'>",
         "<p>Candidate outcomes</p>"
-        + _table(["outcome", "candidates"], [[k, v] for k, v in sorted(sel["counts"].items())])
+        + html_table(["outcome", "candidates"], [[k, v] for k, v in sorted(sel["counts"].items())])
         + "<p>Baselines (no intervention, validation prompts)</p>"
-        + _table(["measure", "value"], [[k, v] for k, v in sel["baseline"].items()]),
+        + html_table(["measure", "value"], [[k, v] for k, v in sel["baseline"].items()]),
     ]
 
 
@@ -334,7 +306,7 @@ def _kl_ce_section(ev: dict) -> str:
         [c, v["kl_first"], v["kl_mean"], v["ce"], text.get(c, {}).get("ce")]
         for c, v in ev["kl_ce_harmless"].items()
     ]
-    return "<h2>KL and cross-entropy on harmless prompts</h2>" + _table(heads, rows)
+    return "<h2>KL and cross-entropy on harmless prompts</h2>" + html_table(heads, rows)
 
 
 def _judge_section(j: dict) -> list[str]:
@@ -353,7 +325,7 @@ def _judge_section(j: dict) -> list[str]:
     heads = ["condition", "agreement with substring", "judge refusal rate", "evasive", "disagreements"]
     parts = [
         f"<h2>Second judge ({html.escape(str(j['kind']))}: {html.escape(str(j['judge']))})</h2>"
-        + _table(heads, rows)
+        + html_table(heads, rows)
     ]
     dis = [
         [
@@ -369,7 +341,7 @@ def _judge_section(j: dict) -> list[str]:
     if dis:
         parts.append(
             "<p class=note>Disagreements (first 5 per condition):</p>"
-            + _table(["condition", "prompt", "substring refused", "judge", "completion"], dis)
+            + html_table(["condition", "prompt", "substring refused", "judge", "completion"], dis)
         )
     return parts
 
@@ -389,7 +361,7 @@ def _examples_section(completions: Path) -> str:
             ex.append([split, cond, r["prompt"][:70], "yes" if r["refused"] else "no", text])
     return (
         "<h2>Example completions</h2><p class=note>Cut to one line; harmful ones to their "
-        "first sentence.</p>" + _table(["split", "condition", "prompt", "refused", "completion"], ex)
+        "first sentence.</p>" + html_table(["split", "condition", "prompt", "refused", "completion"], ex)
     )
 
 
@@ -400,13 +372,13 @@ def _evaluation_section(folder: RunFolder, ev: dict) -> list[str]:
     sc = d["scores"]
     parts = [
         "<h2>Chosen direction</h2>"
-        + _table(
+        + html_table(
             ["layer", "pos", "norm", "bypass", "induce", "KL"],
             [[d["layer"], d["pos"], d["norm"], sc.get("bypass"), sc.get("induce"), sc.get("kl")]],
         )
     ]
     img = refusal_bars(ev["refusal"])
-    _save_png(folder.refusal_rates, img)
+    save_png(folder.refusal_rates, img)
     parts.append(f"<h2>Refusal rate per condition</h2><img src='{img}'>")
     parts.append(_kl_ce_section(ev))
     if ev.get("judge"):
@@ -460,6 +432,7 @@ def write_report(run_path: str | Path) -> Path:
         (folder.capabilities, capabilities_section),
         (folder.cone, cone_section),
         (folder.monitor, _monitor_section),
+        (folder.file("front.json"), front_section),  # refdir search
     ]
     for path, section in sections:
         art = _load(path)
