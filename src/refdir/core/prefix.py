@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -283,3 +284,36 @@ def last_logits_shared(model: Model, pb: PrefixBatch, max_rows: int = 64, on_buc
             out = logits.new_empty(pb.input_ids.shape[0], logits.shape[-1])
         out[idx] = logits
     return cast(torch.Tensor, out)  # None only for a batch of no rows
+
+
+def per_trial_last_logits(
+    model: Model,
+    pb: PrefixBatch,
+    n_trials: int,
+    batch_rows: int,
+    attach: Callable[[torch.Tensor], contextlib.AbstractContextManager[Any]],
+) -> torch.Tensor:
+    """Last-position logits of every prompt under each of ``n_trials`` per-row edits: ``[K, n, V]``.
+
+    ``attach(trials)`` installs hooks under which batch row i runs trial ``trials[i]`` (``[rows]``).
+    An edit changes the template prefix too, so the prefix runs once per trial (one row each) and its
+    KV cache serves that trial's rows; prompts go in length buckets, each run only as wide as its
+    longest rest. ``batch_rows`` bounds rows per pass (trials x prompts)."""
+    n = pb.input_ids.shape[0]
+    per = max(1, batch_rows // n)
+    groups = list(pb.buckets(n, overhead=max(1, FORWARD_OVERHEAD_TOKENS // per)))
+    out: torch.Tensor | None = None
+    for i in range(0, n_trials, per):
+        trials = torch.arange(i, min(i + per, n_trials))
+        k = len(trials)
+        with attach(trials):
+            head = prefix_cache(model, pb.prefix, rows=k)  # one row per trial
+        for g, sub in groups:
+            m = g.shape[0]
+            with attach(trials.repeat_interleave(m)):  # rows c*m .. c*m+m-1: trial c
+                logits = forward_rest(model, sub.repeat(k), expand(head, m)).logits[:, -1, :]
+            logits = logits.float().view(k, m, -1)
+            if out is None:
+                out = logits.new_empty(n_trials, n, logits.shape[-1])
+            out[i : i + k, g] = logits
+    return cast(torch.Tensor, out)

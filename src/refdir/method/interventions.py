@@ -271,6 +271,20 @@ def _embed_writer(ad: ModelAdapter) -> ResidualWriter:
     return ResidualWriter("embed", ad.embed, "weight", 1)
 
 
+def untie_embeddings(model: Model, ad: ModelAdapter) -> None:
+    """Give the unembedding its own copy of a tied embedding matrix, so an edit of the embedding leaves
+    what the model reads out unchanged (the config then says untied, so a saved checkpoint keeps both)."""
+    if not ad.tied:
+        return
+    old = ad.unembed.get_parameter("weight")  # [vocab, d], shared with the embedding until now
+    ad.unembed.weight = nn.Parameter(old.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    text_config = getattr(model.config, "get_text_config", None)  # multimodal configs nest the flag
+    if text_config is not None:
+        text_config().tie_word_embeddings = False
+    ad.tied = False
+
+
 @torch.no_grad()
 def orthogonalize_weights(model: Model, direction: torch.Tensor, allow_approximate: bool = False) -> Model:
     """Edit the weights in place so no component writes along r (paper Eq. 5).
@@ -308,14 +322,7 @@ def orthogonalize_weights(model: Model, direction: torch.Tensor, allow_approxima
     unit = (
         unit_vector(direction, ad.d_model)[0] if direction.dim() == 2 else unit_vector(direction, ad.d_model)
     )
-    if ad.tied:
-        old = ad.unembed.get_parameter("weight")  # [vocab, d], shared with the embedding until now
-        ad.unembed.weight = nn.Parameter(old.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
-        text_config = getattr(model.config, "get_text_config", None)  # multimodal configs nest the flag
-        if text_config is not None:
-            text_config().tie_word_embeddings = False
-        ad.tied = False
+    untie_embeddings(model, ad)
     project_out_axis_(ad.embed.weight.data, unit, 1)  # [vocab, d]
     if ad.pos_embed is not None:
         project_out_axis_(ad.pos_embed.weight.data, unit, 1)

@@ -23,6 +23,7 @@ from refdir.core.types import Model, Tokenizer
 
 if TYPE_CHECKING:  # annotations only
     from refdir.method.interventions import RowInterventions
+    from refdir.method.weighted import TrialRows
 
 # The paper's refusal substrings (App. D.1), matched case-insensitively.
 REFUSAL_PHRASES = (
@@ -106,7 +107,7 @@ def generate_batch(
     max_new_tokens: int = 64,
     first_logits: bool = False,
     on_bucket: Callable[[torch.Tensor, int], AbstractContextManager[Any]] | None = None,
-    rows: RowInterventions | None = None,
+    rows: RowInterventions | TrialRows | None = None,
     stop_at_refusal: bool = False,
     on_done: Callable[[int], object] | None = None,
 ) -> tuple[list[str], torch.Tensor | None]:
@@ -114,7 +115,8 @@ def generate_batch(
 
     The template's shared prefix runs once (``forward.split_prefix``); finished rows leave the batch.
     ``on_bucket``: a context manager around each prompt-pass bucket (``forward.bucketed_prefill``);
-    ``rows``: per-row interventions (``interventions.RowInterventions``, attached by the caller).
+    ``rows``: per-row interventions (``interventions.RowInterventions`` or ``weighted.TrialRows``, attached
+    by the caller).
     ``stop_at_refusal``: a row stops as soon as its text contains a refusal phrase (the verdict of
     :func:`is_refusal` cannot change after that): for callers that only need the verdict.
     """

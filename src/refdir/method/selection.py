@@ -36,6 +36,7 @@ from refdir.core.prefix import (
     forward_rest,
     last_logits_shared,
     length_buckets,
+    per_trial_last_logits,
     prefix_cache,
     split_prefix,
 )
@@ -80,7 +81,7 @@ class SelectionResult:
         }
 
 
-def _concat(a: Batch, b: Batch) -> Batch:
+def concat_batches(a: Batch, b: Batch) -> Batch:
     """Stack two left-padded batches into one (re-padding on the left)."""
     t = max(a.input_ids.shape[1], b.input_ids.shape[1])
 
@@ -125,7 +126,7 @@ class Scorer:
             split_prefix(harmful, True, model),
             split_prefix(harmless, True, model),
         )
-        self.p_both = split_prefix(_concat(harmful, harmless), True, model)
+        self.p_both = split_prefix(concat_batches(harmful, harmless), True, model)
         # the harmless baseline pass also records the residual stream entering every layer, where induce
         # starts (rest tokens only; ~7 MB per layer for 32 prompts of the 1.5B model)
         self._resid: dict[int, torch.Tensor] = {}  # layer -> [N, T, d] in p_harmless's rest layout
@@ -158,34 +159,14 @@ class Scorer:
         return on_bucket
 
     def ablation(self, units: torch.Tensor, pb: PrefixBatch) -> torch.Tensor:
-        """Last-position logits with a different unit direction per candidate: ``[K, n, V]``.
-
-        Ablation changes the template prefix too, so it runs once per candidate (not per prompt)
-        and its KV cache is shared by that candidate's rows.
-        """
-        n = pb.input_ids.shape[0]
-        per = max(1, self.cfg.batch_rows // n)
-        # prompts in length buckets, each run only as wide as its longest rest (a bucket costs `per` rows
-        # per prompt)
-        groups = list(pb.buckets(n, overhead=max(1, FORWARD_OVERHEAD_TOKENS // per)))
-        outs: list = []  # [k, n, V] per chunk of candidates
-        for i in range(0, units.shape[0], per):
-            u = units[i : i + per]
-            k = u.shape[0]
-            with directional_ablation(self.model, u):
-                head = prefix_cache(self.model, pb.prefix, rows=k)  # one row per candidate
-            out = None
-            for g, sub in groups:
-                m = g.shape[0]
-                # rows c*m .. c*m+m-1: candidate c
-                with directional_ablation(self.model, u.repeat_interleave(m, 0)):
-                    logits = forward_rest(self.model, sub.repeat(k), expand(head, m)).logits[:, -1, :]
-                logits = logits.float().view(k, m, -1)
-                if out is None:
-                    out = logits.new_empty(k, n, logits.shape[-1])
-                out[:, g] = logits
-            outs.append(out)
-        return torch.cat(outs)
+        """Last-position logits with a different unit direction per candidate: ``[K, n, V]``."""
+        return per_trial_last_logits(
+            self.model,
+            pb,
+            units.shape[0],
+            self.cfg.batch_rows,
+            lambda t: directional_ablation(self.model, units[t]),
+        )
 
     def bypass_kl(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bypass ``[K]`` and KL ``[K]`` from one shared ablated pass over harmful + harmless prompts."""

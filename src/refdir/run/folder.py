@@ -61,6 +61,9 @@ class RunFolder:
     cone_basis = property(lambda self: self.path / "cone.safetensors")
     monitor = property(lambda self: self.path / "monitor.json")
     monitor_items = property(lambda self: self.path / "monitor_items.json")
+    # refdir search: one line per finished trial (resume), and every trial with both fronts
+    search_trials = property(lambda self: self.path / "search_trials.jsonl")
+    front = property(lambda self: self.path / "front.json")
 
     def read_meta(self, name: str) -> dict:
         """One of the folder's JSON files, checked by :func:`read_meta`."""

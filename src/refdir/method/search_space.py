@@ -1,0 +1,111 @@
+"""What ``refdir search`` samples: trial parameters -> a :class:`~refdir.method.weighted.WeightedAblation`.
+
+One space, declared once (:func:`distributions`): the direction (a fractional layer index into the run's
+candidates at the selected position, or one direction per layer; optionally biprojected off the harmless
+mean), a strength kernel per component (heretic's tent: max weight, its position, min weight as a fraction
+of it, its distance), whether the embeddings are edited, and which channel norms are kept. Trial 0 is the
+paper's selected direction as the paper orthogonalizes it (``{"paper": true}``). Parameters are plain
+JSON, so ``front.json`` alone (with the run's candidates) rebuilds any trial's edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from refdir.core.errors import RefdirError
+from refdir.method.kernels import biproject, interpolate_direction, strength_kernel
+from refdir.method.weighted import WeightedAblation
+
+PAPER = {"paper": True}
+COMPONENTS = ("attn", "mlp")
+
+
+@dataclass
+class SearchSpace:
+    """The run's candidates at the selected position and the paper's direction."""
+
+    candidates: torch.Tensor  # [L, d]: difference of means at every layer (selected position)
+    harmless_mean: torch.Tensor  # [L, d]: mean harmless activation, same position
+    paper_direction: torch.Tensor  # [d]
+    norms: tuple[str, ...] = ("none", "output")  # channel norms a trial may keep
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.candidates.shape[0])
+
+
+def distributions(space: SearchSpace) -> dict[str, Any]:
+    """Optuna distributions of every parameter (the same for every trial: multivariate TPE needs that)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    last = space.n_layers - 1
+    out: dict[str, Any] = {
+        "scope": CategoricalDistribution(["global", "per_layer"]),
+        "direction_index": FloatDistribution(0.4 * last, 0.9 * last),
+        "biproject": CategoricalDistribution([False, True]),
+        "embed": CategoricalDistribution([0.0, 1.0]),
+        "norm": CategoricalDistribution(list(space.norms)),
+    }
+    for c in COMPONENTS:
+        out[f"{c}.max_weight"] = FloatDistribution(0.8, 1.5)
+        out[f"{c}.max_position"] = FloatDistribution(0.4 * last, 1.0 * last)
+        out[f"{c}.min_weight"] = FloatDistribution(0.0, 1.0)  # a fraction of max_weight
+        out[f"{c}.min_distance"] = FloatDistribution(1.0, 0.8 * last)
+    return out
+
+
+def sample(trial: Any, space: SearchSpace) -> dict[str, Any]:
+    """Draw every parameter of :func:`distributions` from an Optuna trial."""
+    from optuna.distributions import FloatDistribution
+
+    return {
+        name: trial.suggest_float(name, dist.low, dist.high)
+        if isinstance(dist, FloatDistribution)
+        else trial.suggest_categorical(name, dist.choices)
+        for name, dist in distributions(space).items()
+    }
+
+
+def _direction(params: dict[str, Any], space: SearchSpace) -> torch.Tensor:
+    """``[d]`` (global) or ``[L, 1, d]`` (per layer), biprojected if asked."""
+    if params["scope"] == "per_layer":
+        dirs = torch.nn.functional.normalize(space.candidates.double(), dim=-1).float()  # [L, d]
+        if params["biproject"]:
+            dirs = biproject(dirs, space.harmless_mean)
+        return dirs[:, None]
+    index = float(params["direction_index"])
+    v = interpolate_direction(space.candidates, index)
+    if params["biproject"]:
+        lo, hi = int(index), min(int(index) + 1, space.n_layers - 1)
+        frac = index - int(index)
+        v = biproject(v, torch.lerp(space.harmless_mean[lo].double(), space.harmless_mean[hi].double(), frac))
+    return v
+
+
+def edit_for(params: dict[str, Any], space: SearchSpace) -> WeightedAblation:
+    """The edit a trial's parameters describe (``PAPER``: the paper's orthogonalization)."""
+    if params.get("paper"):
+        return WeightedAblation.paper(space.paper_direction, space.n_layers)
+    missing = sorted(set(distributions(space)) - set(params))
+    if missing:
+        raise RefdirError(f"trial parameters lack {missing[0]}")
+    kernels = {
+        c: strength_kernel(
+            space.n_layers,
+            params[f"{c}.max_weight"],
+            params[f"{c}.max_position"],
+            params[f"{c}.min_weight"] * params[f"{c}.max_weight"],
+            params[f"{c}.min_distance"],
+        )
+        for c in COMPONENTS
+    }
+    return WeightedAblation(
+        _direction(params, space),
+        kernels["attn"],
+        kernels["mlp"],
+        embed=float(params["embed"]),
+        norm=str(params["norm"]),
+    )
