@@ -23,6 +23,7 @@ from refdir.cli import (
     models,
     monitor,
     run,
+    search,
     suffix,
 )
 from refdir.cli.audit import cmd_audit
@@ -36,6 +37,7 @@ from refdir.cli.judge import cmd_judge
 from refdir.cli.models import cmd_models
 from refdir.cli.monitor import cmd_monitor
 from refdir.cli.run import cmd_run, cmd_select
+from refdir.cli.search import cmd_search
 from refdir.cli.suffix import cmd_analyze_suffix, cmd_compare_base, cmd_suffix
 from refdir.core.errors import RefdirError
 
@@ -53,6 +55,7 @@ __all__ = [
     "cmd_models",
     "cmd_monitor",
     "cmd_run",
+    "cmd_search",
     "cmd_select",
     "cmd_suffix",
     "load_options",
@@ -62,7 +65,20 @@ __all__ = [
 ]
 
 # in the order ``refdir --help`` lists them
-COMMANDS = (run, evaluate, export, suffix, judge, cone, audit, monitor, capabilities, jailbreaks, models)
+COMMANDS = (
+    run,
+    search,
+    evaluate,
+    export,
+    suffix,
+    judge,
+    cone,
+    audit,
+    monitor,
+    capabilities,
+    jailbreaks,
+    models,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

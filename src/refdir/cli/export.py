@@ -13,7 +13,14 @@ from refdir.core.errors import RefdirError
 def add_parser(sub: Any) -> None:
     x = sub.add_parser("export", help="write an orthogonalized checkpoint loadable with plain transformers")
     add_model_args(x)
-    x.add_argument("--direction", required=True)
+    x.add_argument("--direction", default=None, help="direction file or run folder (or --run with --trial)")
+    x.add_argument("--run", default=None, help="run folder whose search trial --trial to export")
+    x.add_argument(
+        "--trial",
+        type=int,
+        default=None,
+        help="export trial N of `refdir search --run RUN` (its weight edit, loaded in memory)",
+    )
     x.add_argument("--out", required=True)
     x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     x.add_argument(
@@ -46,6 +53,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not a.force:
         raise RefdirError(f"output folder {out} is not empty; pass --force to replace it")
     check_writable(out)
+    if a.trial is not None:
+        return _export_trial(a, out)
+    if a.direction is None:
+        raise RefdirError("give --direction (a direction file or run folder), or --run RUN --trial N")
     load_direction(a.direction)  # validate before loading the model
     if a.rank > 1:
         from refdir.method.directions import load_subspace
@@ -74,4 +85,23 @@ def cmd_export(a: argparse.Namespace) -> int:
             rank=a.rank,
         )
     print(f"exported orthogonalized checkpoint to {path}")
+    return 0
+
+
+def _export_trial(a: argparse.Namespace, out: Path) -> int:
+    """A search trial's edit, written into the loaded model's weights and saved (in memory)."""
+    from refdir.core.models import load_model
+    from refdir.outputs.export import export_edit
+    from refdir.run.search import read_trials, trial_edit
+
+    if a.run is None:
+        raise RefdirError("--trial needs --run RUN (the run folder refdir search wrote front.json into)")
+    if a.load_in_4bit or a.load_in_8bit:
+        raise RefdirError("a search trial is exported from full-precision weights: drop --load-in-4bit/8bit")
+    edit = trial_edit(a.run, a.trial)  # validates before the model loads
+    params = next(t for t in read_trials(Path(a.run) / "search_trials.jsonl") if t["number"] == a.trial)
+    model, tok = load_model(a.model, **load_options(a))
+    meta = {"run": str(a.run), "trial": a.trial, "params": params["params"], "proxy": params["proxy"]}
+    path = export_edit(model, tok, edit, out, meta, allow_approximate=a.allow_approximate)
+    print(f"exported search trial {a.trial} of {a.run} to {path}")
     return 0

@@ -36,6 +36,7 @@ from refdir.core.io import atomic_dir
 from refdir.core.types import Model, Tokenizer
 from refdir.core.writers import project_out_axis_
 from refdir.method.directions import load_direction
+from refdir.method.edits import Edit
 from refdir.method.interventions import orthogonalize_weights, unit_vector
 
 DTYPES = {
@@ -104,6 +105,30 @@ def export_orthogonalized(
             (tmp / "refdir.json").write_text(
                 json.dumps(_meta(model, ad, direction, direction_src), indent=1) + "\n"
             )
+    except OSError as e:
+        raise RefdirError(f"export to {out} failed: {e.strerror or e}; nothing was written") from None
+    return out
+
+
+def export_edit(
+    model: Model,
+    tokenizer: Tokenizer,
+    edit: Edit,
+    out: str | Path,
+    meta: dict,
+    allow_approximate: bool = False,
+) -> Path:
+    """Write ``edit``'s weight form into ``model`` (in place) and save it with its tokenizer, atomically;
+    ``refdir.json`` records ``meta`` (e.g. the search trial and its parameters) and the edit's kind."""
+    exact = edit.exact_on(model)
+    edit.apply_to_weights(model, allow_approximate)
+    out = Path(out)
+    try:
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, max_shard_size="2GB")
+            tokenizer.save_pretrained(tmp)
+            info = {"refdir_version": __version__, **meta, "edit_kind": edit.kind, "exact": exact}
+            (tmp / "refdir.json").write_text(json.dumps(info, indent=1) + "\n")
     except OSError as e:
         raise RefdirError(f"export to {out} failed: {e.strerror or e}; nothing was written") from None
     return out
