@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
         "--trial",
         type=int,
         default=None,
-        help="export trial N of `refdir search --run RUN` (its weight edit, loaded in memory)",
+        help="export trial N of `refdir search --run RUN` (its weight edit; streamed unless --in-memory)",
     )
     x.add_argument("--out", required=True)
     x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
@@ -89,19 +89,33 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def _export_trial(a: argparse.Namespace, out: Path) -> int:
-    """A search trial's edit, written into the loaded model's weights and saved (in memory)."""
-    from refdir.core.models import load_model
-    from refdir.outputs.export import export_edit
+    """A search trial's edit: streamed from the source checkpoint (default) or written into the loaded
+    model's weights and saved (``--in-memory``)."""
+    from refdir.outputs.edit_export import export_edit, export_edit_streaming
     from refdir.run.search import read_trials, trial_edit
 
     if a.run is None:
         raise RefdirError("--trial needs --run RUN (the run folder refdir search wrote front.json into)")
-    if a.load_in_4bit or a.load_in_8bit:
-        raise RefdirError("a search trial is exported from full-precision weights: drop --load-in-4bit/8bit")
     edit = trial_edit(a.run, a.trial)  # validates before the model loads
-    params = next(t for t in read_trials(Path(a.run) / "search_trials.jsonl") if t["number"] == a.trial)
-    model, tok = load_model(a.model, **load_options(a))
-    meta = {"run": str(a.run), "trial": a.trial, "params": params["params"], "proxy": params["proxy"]}
-    path = export_edit(model, tok, edit, out, meta, allow_approximate=a.allow_approximate)
+    row = next(t for t in read_trials(Path(a.run) / "search_trials.jsonl") if t["number"] == a.trial)
+    meta = {"run": str(a.run), "trial": a.trial, "params": row["params"], "proxy": row["proxy"]}
+    if a.in_memory:
+        from refdir.core.models import load_model
+
+        if a.load_in_4bit or a.load_in_8bit:
+            raise RefdirError("--in-memory cannot edit quantized weights; drop it to stream the source")
+        model, tok = load_model(a.model, **load_options(a))
+        path = export_edit(model, tok, edit, out, meta, allow_approximate=a.allow_approximate)
+    else:
+        path = export_edit_streaming(
+            a.model,
+            edit,
+            out,
+            meta,
+            allow_approximate=a.allow_approximate,
+            revision=a.revision,
+            trust_remote_code=a.trust_remote_code,
+            log=log,
+        )
     print(f"exported search trial {a.trial} of {a.run} to {path}")
     return 0

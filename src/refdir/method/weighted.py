@@ -170,30 +170,45 @@ def component_writers(ad: ModelAdapter, layer: int) -> dict[str, list[ResidualWr
 # weight form
 
 
+def edit_matrix(
+    mat: torch.Tensor, basis: torch.Tensor, coef: torch.Tensor, norm: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``mat [d, in]`` float64 edited (``diag(s) P W`` / ``P W diag(c)`` / ``P W``) and the output scales
+    its bias needs (None unless ``norm == "output"``)."""
+    edited = project(mat, basis, coef)
+    if norm == "none":
+        return edited, None
+    s = channel_scales(mat, basis, coef, norm)
+    if norm == "output":
+        return s[:, None] * edited, s
+    return edited * s[None], None
+
+
+def edit_bias(
+    b: torch.Tensor, basis: torch.Tensor, coef: torch.Tensor, s: torch.Tensor | None
+) -> torch.Tensor:
+    """A bias ``[d]`` as its module's edited output sees it: ``s ⊙ P b`` (float64)."""
+    pb = project(b.double()[:, None], basis, coef)[:, 0]
+    return pb if s is None else s * pb
+
+
 @torch.no_grad()
 def _edit_module_(writers: list[ResidualWriter], basis: torch.Tensor, coef: torch.Tensor, norm: str) -> None:
-    """Edit one module's writers in place: ``W' = diag(s) P W`` / ``P W diag(c)``, bias ``s ⊙ P b``.
-
-    ``basis [k, d]``, ``coef [k]`` float64. Fused experts ``[E, ., .]`` are edited one expert at a time,
-    each with its own scales (and its row of an ``[E, d]`` bias with them)."""
+    """Edit one module's writers in place (:func:`edit_matrix`, :func:`edit_bias`); ``basis [k, d]``,
+    ``coef [k]`` float64. Fused experts ``[E, ., .]`` are edited one expert at a time, each with its own
+    scales (and its row of an ``[E, d]`` bias with them)."""
     scales: list[torch.Tensor | None] = []  # output scales per expert (one entry for a 2-D weight)
     for w in (w for w in writers if not is_bias(w)):
         t = w.tensor
         mats, axis = ([t], w.axis) if t.dim() == 2 else (list(t), w.axis - 1)
         for m in mats:
-            mat = as_matrix(m, axis)  # [d, in] float64
-            edited = project(mat, basis, coef)
-            s = channel_scales(mat, basis, coef, norm) if norm != "none" else None
-            if s is not None:
-                edited = s[:, None] * edited if norm == "output" else edited * s[None]
+            edited, s = edit_matrix(as_matrix(m, axis), basis, coef, norm)
             m.copy_((edited if axis == 0 else edited.T).to(m.dtype))
-            scales.append(s if norm == "output" else None)
+            scales.append(s)
     for w in (w for w in writers if is_bias(w)):
         t = w.tensor
         for e, b in enumerate([t] if t.dim() == 1 else list(t)):  # [d] or fused [E, d]
-            pb = project(b.double()[:, None], basis, coef)[:, 0]
-            s = scales[e] if e < len(scales) else None
-            b.copy_((pb if s is None else s * pb).to(b.dtype))
+            b.copy_(edit_bias(b, basis, coef, scales[e] if e < len(scales) else None).to(b.dtype))
 
 
 @torch.no_grad()

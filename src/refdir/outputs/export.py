@@ -24,8 +24,10 @@ import json
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +38,6 @@ from refdir.core.io import atomic_dir
 from refdir.core.types import Model, Tokenizer
 from refdir.core.writers import project_out_axis_
 from refdir.method.directions import load_direction
-from refdir.method.edits import Edit
 from refdir.method.interventions import orthogonalize_weights, unit_vector
 
 DTYPES = {
@@ -105,30 +106,6 @@ def export_orthogonalized(
             (tmp / "refdir.json").write_text(
                 json.dumps(_meta(model, ad, direction, direction_src), indent=1) + "\n"
             )
-    except OSError as e:
-        raise RefdirError(f"export to {out} failed: {e.strerror or e}; nothing was written") from None
-    return out
-
-
-def export_edit(
-    model: Model,
-    tokenizer: Tokenizer,
-    edit: Edit,
-    out: str | Path,
-    meta: dict,
-    allow_approximate: bool = False,
-) -> Path:
-    """Write ``edit``'s weight form into ``model`` (in place) and save it with its tokenizer, atomically;
-    ``refdir.json`` records ``meta`` (e.g. the search trial and its parameters) and the edit's kind."""
-    exact = edit.exact_on(model)
-    edit.apply_to_weights(model, allow_approximate)
-    out = Path(out)
-    try:
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp, max_shard_size="2GB")
-            tokenizer.save_pretrained(tmp)
-            info = {"refdir_version": __version__, **meta, "edit_kind": edit.kind, "exact": exact}
-            (tmp / "refdir.json").write_text(json.dumps(info, indent=1) + "\n")
     except OSError as e:
         raise RefdirError(f"export to {out} failed: {e.strerror or e}; nothing was written") from None
     return out
@@ -239,18 +216,23 @@ def _source_entries(src: Path) -> list[_Entry]:
     return [e for f in files for e in _read_header(f)]
 
 
-def writer_plan(ad, names: list[str]) -> dict[str, int]:
+def writer_plan(ad, names: list[str], sources: dict | None = None) -> dict[str, int]:
     """Checkpoint tensor name -> the axis of size d_model to project r̂ out of (embeddings, every writer).
 
     In-memory names map to themselves; a fused expert writer ``P.experts.X`` ``[E, ., .]`` maps to the
     checkpoint's ``Q.experts.{e}.L.weight`` of the same layer (transformers renames ``block_sparse_moe`` to
-    ``mlp`` and ``w2`` to ``down_proj`` on loading), each ``[., .]`` with the expert axis gone."""
+    ``mlp`` and ``w2`` to ``down_proj`` on loading), each ``[., .]`` with the expert axis gone.
+    ``sources``, if given, receives checkpoint name -> (in-memory writer or None for embeddings, expert
+    index or None): what a per-writer edit (a search trial) needs to know of each tensor."""
+    sources = {} if sources is None else sources
     have = set(names)
     plan: dict[str, int] = {}
     embed = ad.embed_name
     plan[embed] = 1
+    sources[embed] = (None, None)
     if ad.pos_embed is not None:
         plan[ad.pos_embed_name] = 1
+        sources[ad.pos_embed_name] = (None, None)
     per_expert: dict[tuple[str, str, str], list[str]] = {}  # (layer, leaf, weight|bias) -> names
     for n in names:
         m = re.match(r"(.*\.layers\.(\d+)\.).*\.experts\.(\d+)\.([A-Za-z0-9_]+)\.(weight|bias)$", n)
@@ -260,6 +242,7 @@ def writer_plan(ad, names: list[str]) -> dict[str, int]:
     for w in ad.all_writers():
         if w.name in have:
             plan[w.name] = w.axis
+            sources[w.name] = (w, None)
             continue
         lm = re.search(r"\.layers\.(\d+)\.", w.name)
         t = w.tensor
@@ -275,6 +258,7 @@ def writer_plan(ad, names: list[str]) -> dict[str, int]:
             if len(cands) == 1 and len(cands[0]) == t.shape[0]:
                 for n in cands[0]:
                     plan[n] = w.axis - 1  # the expert axis is split into tensors
+                    sources[n] = (w, int(re.findall(r"\.experts\.(\d+)\.", n)[-1]))
                 continue
         unmapped.append(w.name)
     if unmapped:
@@ -328,6 +312,10 @@ def _plan_model(src: Path, trust_remote_code: bool, offload: Path):
     return model
 
 
+# (model, adapter, checkpoint name -> (writer, expert)) -> (per-tensor edit, refdir.json): a search trial
+EditPlan = Callable[[Model, Any, dict], tuple[Callable[[str, torch.Tensor, Callable], torch.Tensor], dict]]
+
+
 @dataclass
 class _StreamPlan:
     """What the streamed export edits, learnt from the model built with its weights on disk."""
@@ -338,6 +326,8 @@ class _StreamPlan:
     embed: str  # checkpoint names of the embedding and the unembedding
     head: str
     meta: dict  # refdir.json
+    # a per-tensor edit (name, tensor, read(other name)) -> tensor, instead of projecting out ``units``
+    transform: Callable[[str, torch.Tensor, Callable[[str], torch.Tensor]], torch.Tensor] | None = None
 
 
 def _stream_plan(
@@ -349,9 +339,11 @@ def _stream_plan(
     allow_approximate: bool,
     trust_remote_code: bool,
     rank: int,
+    edit_plan: EditPlan | None = None,
 ) -> _StreamPlan:
     """Build the model offloaded to ``offload`` (removed after), check it can be orthogonalized, and map
-    its residual writers and the direction onto the checkpoint's tensors."""
+    its residual writers and the direction (or ``edit_plan``'s per-tensor edit) onto the checkpoint's
+    tensors."""
     try:
         model = _plan_model(src, trust_remote_code, offload)
         ad = get_adapter(model)
@@ -361,6 +353,13 @@ def _stream_plan(
                 "stream, so weight orthogonalization cannot equal ablation; pass --allow-approximate to "
                 "edit the projections anyway"
             )
+        if edit_plan is not None:
+            sources: dict = {}
+            writers = writer_plan(ad, [e.name for e in entries], sources)
+            transform, meta = edit_plan(model, ad, sources)
+            plan = _StreamPlan([], writers, ad.tied, ad.embed_name, ad.unembed_name, meta, transform)
+            del model, ad
+            return plan
         direction = load_direction(direction_src, expect_d_model=ad.d_model, expect_model=spec)
         units = [
             unit_vector(v, ad.d_model) for v in _vectors(direction, direction_src, rank, ad.d_model)
@@ -403,7 +402,9 @@ def _shards(
     return specs, shards
 
 
-def _write_shard(path: Path, shard: list[tuple[_Entry, str]], plan: _StreamPlan) -> None:
+def _write_shard(
+    path: Path, shard: list[tuple[_Entry, str]], plan: _StreamPlan, read: Callable[[str], torch.Tensor]
+) -> None:
     """One output shard, tensor by tensor: read, r̂ projected out of the writers, written, freed. The
     embedding read once serves the untied unembedding after it (kept unedited: it reads r̂)."""
     w = _ShardWriter(path, [(n, e.dtype, e.shape, e.nbytes) for e, n in shard])
@@ -413,6 +414,8 @@ def _write_shard(path: Path, shard: list[tuple[_Entry, str]], plan: _StreamPlan)
         cached = (e.name, t) if plan.tied and e.name == plan.embed and name == plan.embed else None
         if name in plan.writers and name != plan.head:
             t = t.clone() if cached is not None else t
+            if plan.transform is not None:
+                t = plan.transform(name, t, read)
             for unit in plan.units:
                 project_out_axis_(t, unit, plan.writers[name])
         w.write(name, t)
@@ -431,6 +434,7 @@ def export_streaming(
     max_shard_bytes: int = 2 << 30,
     log=lambda m: None,
     rank: int = 1,
+    edit_plan: EditPlan | None = None,
 ) -> Path:
     """Orthogonalize the checkpoint ``spec`` tensor by tensor into ``out`` (see the module docstring).
 
@@ -445,8 +449,9 @@ def export_streaming(
     out = Path(out)
     offload = out.parent / f".{out.name}.offload"
     plan = _stream_plan(
-        src, spec, direction_src, entries, offload, allow_approximate, trust_remote_code, rank
+        src, spec, direction_src, entries, offload, allow_approximate, trust_remote_code, rank, edit_plan
     )
+    by_name = {e.name: e for e in entries}
     release_memory()
     missing = sorted(set(plan.writers) - {e.name for e in entries})
     if missing:
@@ -458,7 +463,7 @@ def export_streaming(
             for i, shard in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 log(f"export: shard {i + 1}/{len(shards)}")
-                _write_shard(tmp / fname, shard, plan)
+                _write_shard(tmp / fname, shard, plan, lambda n: _read_tensor(by_name[n]))
                 weight_map.update({n: fname for _, n in shard})
             total = sum(e.nbytes for e, _ in specs)
             (tmp / "model.safetensors.index.json").write_text(
