@@ -52,6 +52,13 @@ def add_parser(sub: Any) -> None:
         default=1,
         help="ablate / orthogonalize the first RANK vectors of the run's refusal cone (refdir cone)",
     )
+    e.add_argument(
+        "--trial",
+        type=int,
+        default=None,
+        help="apply trial N of `refdir search` on the run folder --direction instead of the direction "
+        "(--intervention ablate: its hook form, ortho: its weight form)",
+    )
     e.add_argument("--out", required=True, help="output .json")
     e.set_defaults(func=cmd_evaluate)
 
@@ -67,6 +74,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     prompts = load_prompts(a.prompts, a.field)[: a.n or None]
     direction = load_direction(a.direction)  # read once, before the model loads
+    if a.trial is not None and (a.intervention not in ("ablate", "ortho") or a.rank > 1):
+        raise RefdirError("--trial takes --intervention ablate (hooks) or ortho (weights), without --rank")
+    edit = None
+    if a.trial is not None:
+        from refdir.run.search import trial_edit
+
+        edit = trial_edit(a.direction, a.trial)
     out = Path(a.out)
     check_writable(out)
     model, tok = load_model(a.model, **load_options(a))
@@ -82,13 +96,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     ins, cats = [p.instruction for p in prompts], [p.category for p in prompts]
     check_prompts_fit(model, tok, ins, fmt, a.max_new_tokens)
     subspace = _subspace(a, ad.d_model)
-    items = _generate(a, model, tok, direction, subspace, ins, cats, fmt)
+    if edit is not None:
+        items = _generate_edit(a, model, tok, edit, ins, cats, fmt)
+    else:
+        items = _generate(a, model, tok, direction, subspace, ins, cats, fmt)
     result = {
         "refusal_rate": refusal_rate(items),
         "n": len(items),
         "intervention": a.intervention,
         "coeff": a.coeff,
         "rank": a.rank,
+        "trial": a.trial,
         "items": [{"prompt": j.prompt, "refused": j.refused, "completion": j.completion} for j in items],
     }
     write_json(out, result)
@@ -135,3 +153,23 @@ def _generate(
     )
     with ctx:
         return generate_judged(model, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, a.intervention)
+
+
+def _generate_edit(
+    a: argparse.Namespace,
+    model: Model,
+    tok: Tokenizer,
+    edit: Any,
+    ins: list[str],
+    cats: list,
+    fmt: PromptFormat,
+) -> list[Judged]:
+    """Greedy completions under a search trial's edit: hooks (``ablate``) or weights (``ortho``)."""
+    from refdir.evaluation.conditions import generate_judged
+
+    name = f"trial {a.trial} ({a.intervention})"
+    if a.intervention == "ortho":
+        edit.apply_to_weights(model)
+        return generate_judged(model, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, name)
+    with edit.hooks(model):
+        return generate_judged(model, tok, ins, cats, fmt, a.max_new_tokens, a.batch_size, name)
