@@ -31,6 +31,7 @@ class SearchSpace:
     harmless_mean: torch.Tensor  # [L, d]: mean harmless activation, same position
     paper_direction: torch.Tensor  # [d]
     norms: tuple[str, ...] = ("none", "output")  # channel norms a trial may keep
+    paper_layer: int = -1  # the paper direction's layer (its candidate row), -1: unknown
 
     @property
     def n_layers(self) -> int:
@@ -109,3 +110,21 @@ def edit_for(params: dict[str, Any], space: SearchSpace) -> WeightedAblation:
         embed=float(params["embed"]),
         norm=str(params["norm"]),
     )
+
+
+def anchors(space: SearchSpace) -> list[dict[str, Any]]:
+    """Points of the space worth scoring first: the paper's direction with full strength everywhere,
+    with each kept norm, and biprojected — how much do norm preservation and biprojection alone change the
+    paper's point? (Empty when the paper's layer is outside the sampled index range.)"""
+    dists = distributions(space)
+    lo, hi = dists["direction_index"].low, dists["direction_index"].high
+    if not lo <= space.paper_layer <= hi:
+        return []
+    last = space.n_layers - 1
+    flat = {}
+    for c in COMPONENTS:  # weight 1 on every layer: max = min = 1 around the middle, reaching both ends
+        flat.update({f"{c}.max_weight": 1.0, f"{c}.max_position": last / 2, f"{c}.min_weight": 1.0})
+        flat[f"{c}.min_distance"] = 0.8 * last
+    base = {"scope": "global", "direction_index": float(space.paper_layer), "embed": 1.0, **flat}
+    out = [{**base, "biproject": False, "norm": n} for n in space.norms if n != "none"]
+    return out + [{**base, "biproject": True, "norm": n} for n in space.norms]

@@ -30,7 +30,7 @@ from refdir.core.io import load_tensors, write_json
 from refdir.core.runtime import Runtime
 from refdir.evaluation.trial_scores import ProxyScorer, confirm
 from refdir.method.directions import load_direction
-from refdir.method.search_space import PAPER, SearchSpace, distributions, edit_for, sample
+from refdir.method.search_space import PAPER, SearchSpace, anchors, distributions, edit_for, sample
 from refdir.method.weighted import WeightedAblation
 from refdir.run.folder import RunFolder
 
@@ -174,6 +174,9 @@ class Search:
             k = min(self.s.batch_trials, self.s.trials - len(self.done))
             params: list[dict] = [PAPER] if not self.done else []
             study.sampler = _sampler(self.s.sampler, self.s.seed + len(self.done))
+            if len(self.done) == 0:  # the anchors go first, in the first batches
+                for p in anchors(self.space):
+                    study.enqueue_trial(p)
             asked = [study.ask() for _ in range(k - len(params))]
             params += [sample(t, self.space) for t in asked]
             scores = scorer.score([edit_for(p, self.space) for p in params])
