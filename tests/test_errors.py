@@ -400,6 +400,32 @@ CASES = [
         "computed on model",
     ),
     (
+        "export a trial of a run never searched",
+        lambda t, m, r: (
+            ["export", "--model", str(m), "--run", _prompts_only_run(t, "x"), "--trial", "3"]
+            + ["--out", str(t / "o")]
+        ),
+        "has no search trial 3",
+    ),
+    (
+        "export --trial without --run",
+        lambda t, m, r: ["export", "--model", str(m), "--trial", "3", "--out", str(t / "o")],
+        "--trial needs --run",
+    ),
+    (
+        "search: unknown channel norm",
+        lambda t, m, r: ["search", "--model", str(m), "--run", _prompts_only_run(t, "x"), "--norms", "rows"],
+        "unknown norm rows",
+    ),
+    (
+        "evaluate a trial under activation addition",
+        lambda t, m, r: (
+            ["evaluate", "--model", str(m), "--direction", _prompts_only_run(t, "x"), "--trial"]
+            + ["1", "--intervention", "actadd", "--prompts", "builtin:harmful", "--out", str(t / "o.json")]
+        ),
+        "--trial takes --intervention ablate",
+    ),
+    (
         "export into a non-empty folder",
         lambda t, m, r: [
             "export",
