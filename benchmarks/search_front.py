@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=48)
     ap.add_argument("--batch-trials", type=int, default=8)
     ap.add_argument("--confirm", type=int, default=6)
+    ap.add_argument("--n-proxy", type=int, default=16, help="validation prompts per side for the proxy")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--heretic", default=str(ROOT / "results" / f"vs_heretic-{DEFAULT_MODEL}.json"))
     ap.add_argument("--shared", default=str(SHARED))
@@ -116,7 +117,14 @@ def main() -> None:
         "--batch-trials",
         str(a.batch_trials),
     ]
-    cmd += ["--confirm", str(a.confirm), "--max-new-tokens", str(a.max_new_tokens)]
+    cmd += [
+        "--confirm",
+        str(a.confirm),
+        "--max-new-tokens",
+        str(a.max_new_tokens),
+        "--n-proxy",
+        str(a.n_proxy),
+    ]
     search_s = timed(cmd, work, "search")
     front = json.loads((run / "front.json").read_text())
     h = json.loads(Path(a.heretic).read_text())

@@ -280,21 +280,13 @@ def _three(mixed: bool) -> list[WeightedAblation]:
     ]
 
 
-POST_NORM_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="src bug: with a norm-keeping edit in the batch, a norm='none' edit's rows are hooked at the "
-    "writers, before the post-sublayer norm, while its hooks alone sit on the block output after it",
-)
-
-
 @pytest.mark.parametrize(
     "family,mixed",
     [
         ("llama", True),
         ("phi3", True),
         ("gemma2", False),
-        pytest.param("gemma2", True, marks=POST_NORM_BUG),
+        ("gemma2", True),
         ("qwen2_moe", False),
         ("gpt_oss", False),
     ],

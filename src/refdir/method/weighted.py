@@ -267,10 +267,10 @@ def _stack_or_none(items: list[torch.Tensor | None], size: int) -> torch.Tensor 
 class TrialRows:
     """Batch row ``i`` runs under ``edits[groups[i]]``: K trials scored in one forward pass.
 
-    Sites: the embeddings, and per layer the attention and MLP outputs — each block's output when no edit
-    restores norms, else each writer module (there each trial's scales apply). Tables are built once
-    (float64 scales, same numbers as :func:`write_weights`). Like ``RowInterventions``: ``groups`` ``[B]``,
-    :meth:`active` (the rows a pass holds), :meth:`attached` (the hooks)."""
+    Sites: the embeddings, and per layer the attention and MLP outputs — each block's output for edits
+    that keep no norms, each writer module for those that do (there each trial's scales apply). Tables
+    are built once (float64 scales, same numbers as :func:`write_weights`). Like ``RowInterventions``:
+    ``groups`` ``[B]``, :meth:`active` (the rows a pass holds), :meth:`attached` (the hooks)."""
 
     def __init__(self, model: Model, edits: list[WeightedAblation], groups: torch.Tensor):
         self.ad = ad = get_adapter(model)
@@ -306,6 +306,7 @@ class TrialRows:
             return torch.stack([torch.cat([x[layer], x.new_zeros(k - x.shape[1])]) for x in coefs[c]])
 
         sites: list[tuple[nn.Module, SiteTable]] = []
+        plain = torch.tensor([e.norm == "none" for e in edits])  # [K]
         emb = coef_at("embed", 0)
         if emb.any():
             basis0 = torch.stack([p[0] for p in pad])
@@ -315,13 +316,14 @@ class TrialRows:
             basis = torch.stack([p[layer] for p in pad])  # [K, k, d]
             for comp, block in (("attn", ad.attn_write[layer]), ("mlp", ad.mlp_write[layer])):
                 coef = coef_at(comp, layer)  # [K, k]
-                if not coef.any():
-                    continue
-                if not self.per_writer:
-                    sites.append((block, SiteTable(basis, coef)))
-                    continue
-                for group in by_module(component_writers(ad, layer)[comp]):
-                    sites.append((group[0].module, self._writer_table(group, basis, coef, edits)))
+                # norm='none' edits act on the block's output (after any post-sublayer norm, as
+                # directional ablation does); norm-keeping ones on each writer module (their scales)
+                on_block, on_writers = coef * plain[:, None], coef * ~plain[:, None]
+                if on_block.any():
+                    sites.append((block, SiteTable(basis, on_block)))
+                if on_writers.any():
+                    for group in by_module(component_writers(ad, layer)[comp]):
+                        sites.append((group[0].module, self._writer_table(group, basis, on_writers, edits)))
         return sites
 
     @staticmethod

@@ -68,7 +68,11 @@ def load_space(folder: RunFolder, norms: tuple[str, ...] = ("none", "output")) -
     n_post = t["directions"].shape[0]
     p = direction.pos + n_post if direction.pos < 0 else direction.pos
     return SearchSpace(
-        t["directions"][p].float(), t["mean_harmless"][p].float(), direction.vector.float(), norms
+        t["directions"][p].float(),
+        t["mean_harmless"][p].float(),
+        direction.vector.float(),
+        norms,
+        direction.layer,
     )
 
 
@@ -131,10 +135,20 @@ class Search:
         self.rt, self.folder, self.s, self.log = rt, folder, settings, log
         self.rows = settings.batch_rows or rt.batch.select_rows
         self.data = folder.read_meta("prompts.json")
-        self.space = load_space(folder, settings.norms)
+        norms = settings.norms
+        if rt.adapter.is_moe and any(w.tensor.dim() == 3 for w in rt.adapter.all_writers()):
+            if set(norms) - {"none"}:
+                log(
+                    "search: fused experts sum every expert's output in one module, so norm-keeping edits "
+                    "have no hook form to score them with: searching norm=none only"
+                )
+            norms = ("none",)
+        self.space = load_space(folder, norms)
         if self.space.n_layers != rt.adapter.n_layers:
             raise RefdirError(f"{folder.path} was made with another model ({self.space.n_layers} layers)")
         self.done = read_trials(folder.search_trials)
+        if folder.search_trials.exists():  # drop a line cut by a kill, so new lines start clean
+            folder.search_trials.write_text("".join(json.dumps(t) + "\n" for t in self.done))
         self.seconds = {"proxy": sum(t["seconds"] for t in self.done), "confirm": 0.0}
 
     def _prompts(self, key: str, n: int | None) -> list[str]:
@@ -169,14 +183,13 @@ class Search:
         scorer = self.scorer()
         study = _study(self.space, self.done, self.s)
         bar = tqdm(total=self.s.trials, initial=len(self.done), desc="search", disable=not progress)
+        for p in anchors(self.space)[max(0, len(self.done) - 1) :]:  # trials 1..A, resumed where they were
+            study.enqueue_trial(p)
         while len(self.done) < self.s.trials:
             t0 = time.perf_counter()
             k = min(self.s.batch_trials, self.s.trials - len(self.done))
             params: list[dict] = [PAPER] if not self.done else []
             study.sampler = _sampler(self.s.sampler, self.s.seed + len(self.done))
-            if len(self.done) == 0:  # the anchors go first, in the first batches
-                for p in anchors(self.space):
-                    study.enqueue_trial(p)
             asked = [study.ask() for _ in range(k - len(params))]
             params += [sample(t, self.space) for t in asked]
             scores = scorer.score([edit_for(p, self.space) for p in params])
