@@ -167,7 +167,10 @@ def main() -> None:
         "run_s": run_s,
         "search_s": search_s,
         "front": {k: front[k] for k in ("front", "confirmed_front", "timing", "settings")},
-        "confirmed": [{"number": t["number"], "params": t["params"], **t["confirmed"]} for t in conf],
+        "confirmed": [
+            {"number": t["number"], "params": t["params"], "proxy": t["proxy"], **t["confirmed"]}
+            for t in conf
+        ],
         "reached": None if reach is None else {"trial": reach[0]["number"], "minutes": r_min},
         "heretic": {"chosen": chosen, "points": h_pts, "minutes": h_min, "source": a.heretic},
         "line": line,
@@ -175,7 +178,11 @@ def main() -> None:
     write_json(out / f"search_front-{a.model}.json", result)
     for t in conf:
         c = t["confirmed"]
-        log(work, f"trial {t['number']:3d} refusal {c['refusal']:.2f} KL {c['kl']:.4f} params {t['params']}")
+        log(
+            work,
+            f"trial {t['number']:3d} refusal {c['refusal']:.2f} KL {c['kl']:.4f} "
+            f"(proxy {t['proxy']['refusal']:.3f} / {t['proxy']['kl']:.4f}) params {t['params']}",
+        )
     log(work, line)
 
 

@@ -331,11 +331,16 @@ class TrialRows:
         group: list[ResidualWriter], basis: torch.Tensor, coef: torch.Tensor, edits: list[WeightedAblation]
     ) -> SiteTable:
         main = _module_weight(group)
-        mat = as_matrix(main.tensor, main.axis)  # [d, in]
+        if main.tensor.device.type == "meta" or not main.tensor.is_floating_point():
+            raise RefdirError(
+                f"norm-keeping edits need {main.name}'s weights for their scales, but they are offloaded or "
+                "quantized: score with norm='none' (refdir search --norms none)"
+            )
+        mat = as_matrix(main.tensor, main.axis)  # [d, in] float64, on the weight's device
         outs: list[torch.Tensor | None] = []
         ins: list[torch.Tensor | None] = []
-        for t, e in enumerate(edits):
-            s = channel_scales(mat, basis[t], coef[t], e.norm) if e.norm != "none" else None
+        for t, e in enumerate(edits):  # scales kept on the CPU with the other tables, placed per pass
+            s = channel_scales(mat, basis[t], coef[t], e.norm).cpu() if e.norm != "none" else None
             outs.append(s if e.norm == "output" else None)
             ins.append(s if e.norm == "input" else None)
         return SiteTable(basis, coef, _stack_or_none(outs, mat.shape[0]), _stack_or_none(ins, mat.shape[1]))

@@ -126,6 +126,16 @@ def _study(space: SearchSpace, done: list[dict], settings: SearchSettings) -> An
     return study
 
 
+def _no_norm_hooks(rt: Runtime) -> str | None:
+    """Why norm-keeping edits have no hook form on this model (None: they have one)."""
+    writers = rt.adapter.all_writers()
+    if any(w.tensor.dim() == 3 for w in writers):
+        return "fused experts sum every expert's output in one module"
+    if any(w.tensor.device.type == "meta" or not w.tensor.is_floating_point() for w in writers):
+        return "some writers are offloaded or quantized (their channel norms are not in memory)"
+    return None
+
+
 class Search:
     """One search on a run folder: proxy scorer, study, trial log."""
 
@@ -136,12 +146,9 @@ class Search:
         self.rows = settings.batch_rows or rt.batch.select_rows
         self.data = folder.read_meta("prompts.json")
         norms = settings.norms
-        if rt.adapter.is_moe and any(w.tensor.dim() == 3 for w in rt.adapter.all_writers()):
-            if set(norms) - {"none"}:
-                log(
-                    "search: fused experts sum every expert's output in one module, so norm-keeping edits "
-                    "have no hook form to score them with: searching norm=none only"
-                )
+        why = _no_norm_hooks(rt)
+        if why and set(norms) - {"none"}:
+            log(f"search: {why}, so norm-keeping edits cannot be scored by hooks: searching norm=none only")
             norms = ("none",)
         self.space = load_space(folder, norms)
         if self.space.n_layers != rt.adapter.n_layers:
