@@ -83,10 +83,12 @@ def test_per_layer_directions():
     e = edit_for(_params(scope="per_layer", embed=0.0, norm="none"), space)
     assert e.directions.shape == (L, 1, D)
     units = space.candidates / space.candidates.norm(dim=-1, keepdim=True)
-    assert (e.directions[:, 0] - units).abs().max() < 1e-6
+    nxt = list(range(1, L)) + [L - 1]  # layer l's writers: the direction of layer l+1's input
+    assert (e.directions[:, 0] - units[nxt]).abs().max() < 1e-6
     assert (e.embed, e.norm) == (0.0, "none")
     bi = edit_for(_params(scope="per_layer", biproject=True), space).directions[:, 0].double()
     means = space.harmless_mean.double() / space.harmless_mean.double().norm(dim=-1, keepdim=True)
+    means = means[nxt]
     assert (bi * means).sum(-1).abs().max() < 1e-6
     assert (bi.norm(dim=-1) - 1).abs().max() < 1e-6
 
@@ -149,3 +151,21 @@ def test_missing_params_raise():
             edit_for(p, space)
     with pytest.raises(RefdirError, match="trial parameters lack"):
         edit_for({"paper": False}, space)
+
+
+def test_position_is_a_choice_when_every_position_is_given():
+    """With the candidates of every post-instruction position, ``position`` picks the row (from the end);
+    without it, the selected position's candidates are used."""
+    space = _space()
+    g = torch.Generator().manual_seed(9)
+    space.all_candidates = torch.randn(3, L, D, generator=g)
+    space.all_harmless = torch.randn(3, L, D, generator=g) + 2
+    space.paper_pos = -2
+    assert distributions(space)["position"].choices == (-3, -2, -1)
+    for pos in (-3, -1):
+        e = edit_for(_params(scope="global", biproject=False, position=pos), space)
+        want = interpolate_direction(space.all_candidates[pos], _params()["direction_index"])
+        assert (e.directions - want).abs().max() < 1e-6
+    space.paper_layer = 3
+    assert all(p["position"] == -2 for p in anchors(space))
+    assert "position" not in distributions(_space())

@@ -25,13 +25,18 @@ COMPONENTS = ("attn", "mlp")
 
 @dataclass
 class SearchSpace:
-    """The run's candidates at the selected position and the paper's direction."""
+    """The run's candidates at the selected position and the paper's direction; with
+    ``all_candidates``, every post-instruction position is a choice too (``position``, counted from the
+    end like the run's ``pos``; heretic uses the last token, the paper selects one)."""
 
     candidates: torch.Tensor  # [L, d]: difference of means at every layer (selected position)
     harmless_mean: torch.Tensor  # [L, d]: mean harmless activation, same position
     paper_direction: torch.Tensor  # [d]
     norms: tuple[str, ...] = ("none", "output")  # channel norms a trial may keep
     paper_layer: int = -1  # the paper direction's layer (its candidate row), -1: unknown
+    all_candidates: torch.Tensor | None = None  # [P, L, d]: every post-instruction position
+    all_harmless: torch.Tensor | None = None  # [P, L, d]
+    paper_pos: int = -1  # the selected position, counted from the end (-P..-1)
 
     @property
     def n_layers(self) -> int:
@@ -50,6 +55,8 @@ def distributions(space: SearchSpace) -> dict[str, Any]:
         "embed": CategoricalDistribution([0.0, 1.0]),
         "norm": CategoricalDistribution(list(space.norms)),
     }
+    if space.all_candidates is not None and space.all_candidates.shape[0] > 1:
+        out["position"] = CategoricalDistribution(list(range(-space.all_candidates.shape[0], 0)))
     for c in COMPONENTS:
         out[f"{c}.max_weight"] = FloatDistribution(0.8, 1.5)
         out[f"{c}.max_position"] = FloatDistribution(0.4 * last, 1.0 * last)
@@ -70,19 +77,32 @@ def sample(trial: Any, space: SearchSpace) -> dict[str, Any]:
     }
 
 
+def _at(params: dict[str, Any], space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates and harmless means ``[L, d]`` at the trial's position (the selected one by default)."""
+    if "position" not in params or space.all_candidates is None or space.all_harmless is None:
+        return space.candidates, space.harmless_mean
+    p = int(params["position"])
+    return space.all_candidates[p], space.all_harmless[p]
+
+
 def _direction(params: dict[str, Any], space: SearchSpace) -> torch.Tensor:
-    """``[d]`` (global) or ``[L, 1, d]`` (per layer), biprojected if asked."""
+    """``[d]`` (global) or ``[L, 1, d]`` (per layer), biprojected if asked.
+
+    Per layer, the writers of layer l remove the direction of the stream they write into — layer l+1's
+    input (the last layer's own) — as heretic does; layer 0's input is the embeddings, whose difference
+    of means at template positions is zero."""
+    cands, means = _at(params, space)
     if params["scope"] == "per_layer":
-        dirs = torch.nn.functional.normalize(space.candidates.double(), dim=-1).float()  # [L, d]
+        nxt = torch.cat([torch.arange(1, space.n_layers), torch.tensor([space.n_layers - 1])])
+        dirs = torch.nn.functional.normalize(cands[nxt].double(), dim=-1).float()  # [L, d]
         if params["biproject"]:
-            dirs = biproject(dirs, space.harmless_mean)
+            dirs = biproject(dirs, means[nxt])
         return dirs[:, None]
     index = float(params["direction_index"])
-    v = interpolate_direction(space.candidates, index)
+    v = interpolate_direction(cands, index)
     if params["biproject"]:
         lo, hi = int(index), min(int(index) + 1, space.n_layers - 1)
-        frac = index - int(index)
-        v = biproject(v, torch.lerp(space.harmless_mean[lo].double(), space.harmless_mean[hi].double(), frac))
+        v = biproject(v, torch.lerp(means[lo].double(), means[hi].double(), index - int(index)))
     return v
 
 
@@ -126,5 +146,7 @@ def anchors(space: SearchSpace) -> list[dict[str, Any]]:
         flat.update({f"{c}.max_weight": 1.0, f"{c}.max_position": last / 2, f"{c}.min_weight": 1.0})
         flat[f"{c}.min_distance"] = 0.8 * last
     base = {"scope": "global", "direction_index": float(space.paper_layer), "embed": 1.0, **flat}
+    if "position" in dists:
+        base["position"] = space.paper_pos
     out = [{**base, "biproject": False, "norm": n} for n in space.norms if n != "none"]
     return out + [{**base, "biproject": True, "norm": n} for n in space.norms]

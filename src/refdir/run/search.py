@@ -73,6 +73,9 @@ def load_space(folder: RunFolder, norms: tuple[str, ...] = ("none", "output")) -
         direction.vector.float(),
         norms,
         direction.layer,
+        t["directions"].float(),
+        t["mean_harmless"].float(),
+        p - n_post,
     )
 
 
