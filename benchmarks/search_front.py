@@ -74,6 +74,48 @@ def heretic_points(h: dict) -> tuple[tuple[float, float], list[dict], float]:
     return chosen, pts, h["heretic"]["wall_s"] / 60
 
 
+def vs_paper(a: argparse.Namespace, work: Path, front: dict, run_s: float, search_s: float) -> None:
+    """No other tool: the front beside the paper's direction (trial 0) — the confirmed trial with the
+    paper's refusal or less at the lowest KL."""
+    from refdir.core.io import write_json
+    from refdir.outputs.front_plot import save_front_png
+
+    conf = {t["number"]: t for t in front["trials"] if t["confirmed"]}
+    paper = conf[0]["confirmed"]
+    better = [t for n, t in conf.items() if n != 0 and t["confirmed"]["refusal"] <= paper["refusal"]]
+    best = min(better, key=lambda t: t["confirmed"]["kl"]) if better else None
+    timing = front["timing"]
+    line = f"paper_refusal={paper['refusal']:.2f} paper_kl={paper['kl']:.4f} " + (
+        f"refdir_trial={best['number']} refdir_refusal={best['confirmed']['refusal']:.2f} "
+        f"refdir_kl={best['confirmed']['kl']:.4f} kl_ratio={best['confirmed']['kl'] / paper['kl']:.2f} "
+        if best
+        else "refdir_trial=none "
+    )
+    line += (
+        f"trials={len(front['trials'])} proxy_trials_per_min={timing['proxy_trials_per_min']} "
+        f"confirmed_trials_per_min={timing['confirmed_trials_per_min']} minutes={(run_s + search_s) / 60:.1f}"
+    )
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_front_png(front, out / f"search_front-{a.model}.png")
+    result = {
+        "model": a.model,
+        "run_s": run_s,
+        "search_s": search_s,
+        "front": {k: front[k] for k in ("front", "confirmed_front", "timing", "settings")},
+        "confirmed": [
+            {"number": n, "params": t["params"], "proxy": t["proxy"], **t["confirmed"]}
+            for n, t in conf.items()
+        ],
+        "line": line,
+    }
+    write_json(out / f"search_front-{a.model}.json", result)
+    for n, t in conf.items():
+        c = t["confirmed"]
+        log(work, f"trial {n:3d} refusal {c['refusal']:.2f} KL {c['kl']:.4f} params {t['params']}")
+    log(work, line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -82,7 +124,11 @@ def main() -> None:
     ap.add_argument("--confirm", type=int, default=6)
     ap.add_argument("--n-proxy", type=int, default=16, help="validation prompts per side for the proxy")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--heretic", default=str(ROOT / "results" / f"vs_heretic-{DEFAULT_MODEL}.json"))
+    ap.add_argument(
+        "--heretic",
+        default=str(ROOT / "results" / f"vs_heretic-{DEFAULT_MODEL}.json"),
+        help="a vs_heretic result JSON, or none: the front beside the paper's direction only",
+    )
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(ROOT / "results"))
@@ -95,7 +141,11 @@ def main() -> None:
     s = Path(a.shared)
     exe = [sys.executable, "-m", "refdir.cli"]
     run_s = 0.0
-    if not (a.reuse_run and (run / "direction.json").exists()):
+    if a.reuse_run and (run / "direction.json").exists():  # its stages' own seconds count as cold start
+        stages = json.loads((run / "stages.json").read_text())["stages"]
+        run_s = sum(v["seconds"] for v in stages.values())
+        log(work, f"reusing {run}: its stages took {run_s:.1f} s")
+    else:
         shutil.rmtree(run, ignore_errors=True)
         cmd = exe + ["run", "--model", a.model, "--out", str(run), "--harmful", str(s / "harmful_train.json")]
         cmd += [
@@ -127,6 +177,8 @@ def main() -> None:
     ]
     search_s = timed(cmd, work, "search")
     front = json.loads((run / "front.json").read_text())
+    if a.heretic == "none":
+        return vs_paper(a, work, front, run_s, search_s)
     h = json.loads(Path(a.heretic).read_text())
     chosen, h_pts, h_min = heretic_points(h)
     trials = front["trials"]
@@ -151,8 +203,9 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     save_front_png(front, out / f"search_front-{a.model}.png")
-    if reach is None:
-        best = min(conf, key=lambda t: (t["confirmed"]["refusal"], t["confirmed"]["kl"]))
+    if reach is None:  # the lowest refusal within heretic's KL limit
+        ok = [t for t in conf if t["confirmed"]["kl"] <= KL_LIMIT] or conf
+        best = min(ok, key=lambda t: (t["confirmed"]["refusal"], t["confirmed"]["kl"]))
         r_min, pt = (run_s + search_s) / 60, best["confirmed"]
     else:
         r_min, pt = (run_s + reach[1] + confirm_s) / 60, reach[0]["confirmed"]
@@ -171,7 +224,14 @@ def main() -> None:
             {"number": t["number"], "params": t["params"], "proxy": t["proxy"], **t["confirmed"]}
             for t in conf
         ],
-        "reached": None if reach is None else {"trial": reach[0]["number"], "minutes": r_min},
+        "reached": None
+        if reach is None
+        else {
+            "trial": reach[0]["number"],
+            "minutes": r_min,
+            # the same, had only that trial been confirmed (its share of the batched confirmation)
+            "minutes_own_confirmation": (run_s + reach[1] + reach[0]["confirmed"]["seconds"]) / 60,
+        },
         "heretic": {"chosen": chosen, "points": h_pts, "minutes": h_min, "source": a.heretic},
         "line": line,
     }
