@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=48)
     ap.add_argument("--batch-trials", type=int, default=8)
     ap.add_argument("--confirm", type=int, default=6)
+    ap.add_argument("--confirm-max-refusal", default=None, help="passed to refdir search")
     ap.add_argument("--n-proxy", type=int, default=16, help="validation prompts per side for the proxy")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument(
@@ -175,6 +176,8 @@ def main() -> None:
         "--n-proxy",
         str(a.n_proxy),
     ]
+    if a.confirm_max_refusal is not None:
+        cmd += ["--confirm-max-refusal", str(a.confirm_max_refusal)]
     search_s = timed(cmd, work, "search")
     front = json.loads((run / "front.json").read_text())
     if a.heretic == "none":

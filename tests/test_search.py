@@ -207,3 +207,14 @@ def test_search_on_fused_experts_keeps_no_norms(tiny_search):
     search = Search(Runtime(model, tok), RunFolder(src), SearchSettings(**SMALL), log=said.append)
     assert search.space.norms == ("none",)
     assert len(said) == 1 and "fused experts" in said[0]
+
+
+def test_confirmation_picks_spread_front_trials_under_the_cap(tiny_search):
+    src, rt = tiny_search
+    search = Search(rt, RunFolder(src), SearchSettings(confirm=2, **{k: SMALL[k] for k in ("batch_trials",)}))
+    pts = [(0.5, 0.5), (0.1, 0.9), (0.2, 0.6), (0.3, 0.4), (0.9, 0.05), (0.6, 0.6)]
+    search.done = [{"number": i, "proxy": {"refusal": r, "kl": k}} for i, (r, k) in enumerate(pts)]
+    assert search.to_confirm({}) == [0, 1, 4]  # front (by refusal) 1, 2, 3, 0, 4 -> spread: first and last
+    assert search.to_confirm({0: {}, 1: {}}) == [4]
+    search.s.confirm_max_refusal = 0.25
+    assert search.to_confirm({}) == [0, 1, 2]

@@ -22,6 +22,12 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--trials", type=positive_int, default=64, help="trials in all, trial 0 the paper's")
     s.add_argument("--batch-trials", type=positive_int, default=8, help="trials scored per forward pass")
     s.add_argument("--confirm", type=int, default=6, help="proxy-front trials confirmed by generation")
+    s.add_argument(
+        "--confirm-max-refusal",
+        type=float,
+        default=None,
+        help="confirm only proxy-front trials whose proxy refusal is at most this (e.g. near the paper's)",
+    )
     s.add_argument("--n-proxy", type=positive_int, default=None, help="validation prompts per set (all)")
     s.add_argument("--n-eval", type=positive_int, default=None, help="evaluation prompts per set (all)")
     add_setting(s, "max_new_tokens", default=64, help="greedy tokens per confirming completion")
@@ -49,6 +55,7 @@ def cmd_search(a: argparse.Namespace) -> int:
         trials=a.trials,
         batch_trials=a.batch_trials,
         confirm=a.confirm,
+        confirm_max_refusal=a.confirm_max_refusal,
         n_proxy=a.n_proxy,
         n_eval=a.n_eval,
         max_new_tokens=a.max_new_tokens,

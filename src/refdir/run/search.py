@@ -42,6 +42,7 @@ class SearchSettings:
     trials: int = 64  # including trial 0 (the paper's direction)
     batch_trials: int = 8  # trials proposed and scored together
     confirm: int = 6  # proxy-front trials confirmed by generation (trial 0 always is)
+    confirm_max_refusal: float | None = None  # confirm only front trials at or below this proxy refusal
     n_proxy: int | None = None  # validation prompts per set for the proxy (None: all of the run's)
     n_eval: int | None = None  # evaluation prompts per set for confirmation (None: all)
     max_new_tokens: int = 64
@@ -218,7 +219,8 @@ class Search:
     def to_confirm(self, confirmed: dict[int, dict]) -> list[int]:
         """Trial 0 and up to ``confirm`` proxy-front trials spread along the front, not yet confirmed."""
         pts = {t["number"]: (t["proxy"]["refusal"], t["proxy"]["kl"]) for t in self.done}
-        front = [n for n in pareto(pts) if n != 0]
+        cap = self.s.confirm_max_refusal
+        front = [n for n in pareto(pts) if n != 0 and (cap is None or pts[n][0] <= cap)]
         if len(front) > self.s.confirm:
             step = (len(front) - 1) / max(1, self.s.confirm - 1)
             front = sorted({front[round(i * step)] for i in range(self.s.confirm)})
