@@ -28,6 +28,9 @@ Prints a markdown table, writes ``results/vs_heretic-<model>.json``; the last st
 
 (refusal: the substring judge's rate; speedup = heretic_minutes / refdir_minutes).
 
+The paper's single direction against heretic's search; ``benchmarks/search_front.py`` puts ``refdir
+search``'s whole front against this script's stored heretic result.
+
 heretic lives in its own environment (it pins its own transformers) and is AGPL: refdir never imports it.
 This script only starts it as a subprocess, running a small driver (written to the work folder at run time)
 that calls heretic's own ``heretic.main.run`` and answers its interactive menus (which trial, save, where)
