@@ -74,6 +74,21 @@ def heretic_points(h: dict) -> tuple[tuple[float, float], list[dict], float]:
     return chosen, pts, h["heretic"]["wall_s"] / 60
 
 
+def base_result(a: argparse.Namespace, front: dict, run_s: float, search_s: float) -> dict:
+    """What both comparisons record: timings, the fronts and every confirmed trial with its proxy."""
+    return {
+        "model": a.model,
+        "run_s": run_s,
+        "search_s": search_s,
+        "front": {k: front[k] for k in ("front", "confirmed_front", "timing", "settings")},
+        "confirmed": [
+            {"number": t["number"], "params": t["params"], "proxy": t["proxy"], **t["confirmed"]}
+            for t in front["trials"]
+            if t["confirmed"]
+        ],
+    }
+
+
 def vs_paper(a: argparse.Namespace, work: Path, front: dict, run_s: float, search_s: float) -> None:
     """No other tool: the front beside the paper's direction (trial 0) — the confirmed trial with the
     paper's refusal or less at the lowest KL."""
@@ -99,14 +114,7 @@ def vs_paper(a: argparse.Namespace, work: Path, front: dict, run_s: float, searc
     out.mkdir(parents=True, exist_ok=True)
     save_front_png(front, out / f"search_front-{a.model}.png")
     result = {
-        "model": a.model,
-        "run_s": run_s,
-        "search_s": search_s,
-        "front": {k: front[k] for k in ("front", "confirmed_front", "timing", "settings")},
-        "confirmed": [
-            {"number": n, "params": t["params"], "proxy": t["proxy"], **t["confirmed"]}
-            for n, t in conf.items()
-        ],
+        **base_result(a, front, run_s, search_s),
         "line": line,
     }
     write_json(out / f"search_front-{a.model}.json", result)
@@ -219,14 +227,7 @@ def main() -> None:
         + ("" if reach else " (no refdir point dominates heretic's chosen one: refdir's best shown)")
     )
     result = {
-        "model": a.model,
-        "run_s": run_s,
-        "search_s": search_s,
-        "front": {k: front[k] for k in ("front", "confirmed_front", "timing", "settings")},
-        "confirmed": [
-            {"number": t["number"], "params": t["params"], "proxy": t["proxy"], **t["confirmed"]}
-            for t in conf
-        ],
+        **base_result(a, front, run_s, search_s),
         "reached": None
         if reach is None
         else {
