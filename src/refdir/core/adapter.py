@@ -96,8 +96,14 @@ class ModelAdapter:
         return [w for per in self.writers for w in per]
 
     @property
+    def fused_experts(self) -> bool:
+        """Some writer holds every expert in one ``[E, ., .]`` parameter: one module sums their outputs,
+        so nothing can be hooked per expert (per-expert scales have no hook form)."""
+        return any(w.tensor.dim() == 3 for w in self.all_writers())
+
+    @property
     def is_moe(self) -> bool:
-        return any(w.tensor.dim() == 3 for w in self.all_writers()) or any(
+        return self.fused_experts or any(
             len([w for w in per if w.attr == "weight" and w.tensor.dim() == 2]) > 2 for per in self.writers
         )
 

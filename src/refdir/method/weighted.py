@@ -97,7 +97,7 @@ class WeightedAblation(Edit):
 
     def coefficients(self, component: str) -> torch.Tensor:
         """Strength per layer and basis vector ``[L, k]`` for ``attn``/``mlp`` (``embed``: ``[1, k]``)."""
-        k = self.bases().shape[1]
+        k = 1 if self.directions.dim() == 1 else self.directions.shape[-2]  # bases() has k rows too
         vec = torch.tensor(self.vector_strengths or [1.0] * k, dtype=torch.float64)
         if component == "embed":
             return (self.embed * vec)[None]
@@ -112,8 +112,7 @@ class WeightedAblation(Edit):
 
     def exact_on(self, model: Model) -> bool:
         ad = get_adapter(model)
-        fused = any(w.tensor.dim() == 3 for w in ad.all_writers())
-        return ad.linear_writes and not (self.norm != "none" and fused)
+        return ad.linear_writes and not (self.norm != "none" and ad.fused_experts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,7 +276,7 @@ class TrialRows:
         self.groups = groups.long().cpu()
         self._rows = torch.arange(len(groups))
         self.per_writer = any(e.norm != "none" for e in edits)
-        if self.per_writer and any(w.tensor.dim() == 3 for w in ad.all_writers()):
+        if self.per_writer and ad.fused_experts:
             raise RefdirError(
                 "norm-preserving edits have no hook form on fused experts: each expert's scales differ and "
                 "the experts' outputs are summed inside one module; score with norm='none' or use the "

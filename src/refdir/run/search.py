@@ -133,7 +133,7 @@ def _study(space: SearchSpace, done: list[dict], settings: SearchSettings) -> An
 def _no_norm_hooks(rt: Runtime) -> str | None:
     """Why norm-keeping edits have no hook form on this model (None: they have one)."""
     writers = rt.adapter.all_writers()
-    if any(w.tensor.dim() == 3 for w in writers):
+    if rt.adapter.fused_experts:
         return "fused experts sum every expert's output in one module"
     if any(w.tensor.device.type == "meta" or not w.tensor.is_floating_point() for w in writers):
         return "some writers are offloaded or quantized (their channel norms are not in memory)"
