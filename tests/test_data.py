@@ -93,3 +93,12 @@ def test_parsers_never_crash_with_other_errors(text):
             parse_prompts(text, suffix)
         except RefdirError:
             pass
+
+
+def test_xstest_ships_250_safe_prompts_of_ten_types_and_200_unsafe_contrasts():
+    safe, unsafe = load_builtin("xstest-safe"), load_builtin("xstest-unsafe")
+    assert (len(safe), len(unsafe)) == (250, 200)
+    assert len({p.category for p in safe}) == 10 and len({p.category for p in unsafe}) == 8
+    assert all(p.category and p.category.startswith("contrast_") for p in unsafe)
+    assert not {p.instruction for p in safe} & {p.instruction for p in unsafe}
+    assert [p.instruction for p in load_prompts("builtin:xstest-safe")] == [p.instruction for p in safe]

@@ -192,6 +192,11 @@ def print_summary(s: dict) -> None:
         print(
             "second judge, refusal rate: " + ", ".join(f"{k} {v:.3f}" for k, v in s["judge_refusal"].items())
         )
+    for name, conds in (s.get("overrefusal") or {}).items():  # XSTest
+        print(
+            f"{name} refusal: "
+            + ", ".join(f"{c} {v['substring']:.3f} (n={v['n']})" for c, v in conds.items())
+        )
     from refdir.evaluation.capabilities import changed_items  # torch-free
 
     for task, c in (s.get("capabilities") or {}).items():

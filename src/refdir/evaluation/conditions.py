@@ -86,6 +86,21 @@ class Judged:
     category: str | None = None
 
 
+def completion_rows(split: str, cond: str, items: list[Judged]) -> list[dict]:
+    """``completions.jsonl`` rows of one split under one condition."""
+    return [
+        {
+            "split": split,
+            "condition": cond,
+            "prompt": j.prompt,
+            "category": j.category,
+            "refused": j.refused,
+            "completion": j.completion,
+        }
+        for j in items
+    ]
+
+
 def refusal_rate(items: list[Judged]) -> float:
     return sum(j.refused for j in items) / max(len(items), 1)
 

@@ -21,6 +21,7 @@ from refdir.core.runtime import Runtime
 from refdir.evaluation.conditions import (
     GenJob,
     Judged,
+    completion_rows,
     condition,
     condition_factory,
     generate_conditions,
@@ -30,6 +31,14 @@ from refdir.evaluation.conditions import (
     refusal_rate,
 )
 from refdir.evaluation.judges import second_judge
+from refdir.evaluation.xstest import (
+    attach_judge,
+    new_block,
+    ortho_as_ablation,
+    record,
+    xstest_jobs,
+    xstest_prompts,
+)
 from refdir.method.directions import Direction
 from refdir.method.interventions import orthogonalize_weights
 from refdir.method.refusal import REFUSAL_PHRASES, last_logits
@@ -67,17 +76,7 @@ class Evaluation:
             "n": len(items),
             "per_category": per_category(items),
         }
-        self.rows.extend(
-            {
-                "split": split,
-                "condition": cond,
-                "prompt": j.prompt,
-                "category": j.category,
-                "refused": j.refused,
-                "completion": j.completion,
-            }
-            for j in items
-        )
+        self.rows.extend(completion_rows(split, cond, items))
 
 
 def instructions(items: list[dict]) -> list[str]:
@@ -101,9 +100,19 @@ def evaluate_conditions(
     cats = {"harmful": [x.get("category") for x in harm], "harmless": [x.get("category") for x in harmless]}
     out = Evaluation({"direction": direction.meta(), "refusal": {}})
     jobs = [GenJob(f"{s}/{c}", c, prompts[s], cats[s]) for s, c in CONDITIONS]
-    judged = generate_conditions(model, tok, jobs, direction, fmt, cfg.max_new_tokens, rt.batch.gen_rows)
+    xstest = xstest_prompts(cfg.overrefusal_n)  # over-refusal: XSTest's sets in the same batches
+    extra = xstest_jobs(xstest)
+    judged = generate_conditions(
+        model, tok, jobs + extra, direction, fmt, cfg.max_new_tokens, rt.batch.gen_rows
+    )
     for split, cond in REPORT_ORDER:
         out.record(cond, split, judged[f"{split}/{cond}"])
+    if xstest:
+        out.ev["overrefusal"] = new_block(xstest, cfg.overrefusal_n)
+        for job in extra:
+            split = job.name.split("/")[0]
+            record(out.ev["overrefusal"], split, job.condition, judged[job.name])
+            out.rows += completion_rows(split, job.condition, judged[job.name])
     if cfg.judge:
         log(f"evaluate: second judge ({cfg.judge})")
     out.ev["judge"] = (
@@ -111,6 +120,7 @@ def evaluate_conditions(
         if cfg.judge
         else None
     )
+    attach_judge(out.ev)
     log("evaluate: KL and cross-entropy on harmless prompts and text")
     ctx = {c: condition_factory(model, c, direction) for c in ("baseline", "ablation", "actadd+")}
     # KL and CE on harmless prompts, teacher-forced on the model's own baseline completions
@@ -167,6 +177,8 @@ def check_orthogonalized(
         ev["kl_ce_harmless"]["ortho"] = {**ev["kl_ce_harmless"]["ablation"], "from": same}
         if ev["ce_harmless_text"]:
             ev["ce_harmless_text"]["ortho"] = {**ev["ce_harmless_text"]["ablation"], "from": same}
+        if "overrefusal" in ev:
+            ortho_as_ablation(ev["overrefusal"])
 
 
 def _regenerate_ortho(owned: Runtime, data: dict, cfg: RunConfig, out: Evaluation) -> None:
@@ -180,6 +192,19 @@ def _regenerate_ortho(owned: Runtime, data: dict, cfg: RunConfig, out: Evaluatio
         "harmful",
         generate_judged(model, tok, hp, hcat, fmt, n_new, owned.batch.gen_rows, "harmful/ortho"),
     )
+    for split, ps in xstest_prompts(cfg.overrefusal_n).items():
+        items = generate_judged(
+            model,
+            tok,
+            [p.instruction for p in ps],
+            [p.category for p in ps],
+            fmt,
+            n_new,
+            owned.batch.gen_rows,
+            f"{split}/ortho",
+        )
+        record(out.ev["overrefusal"], split, "ortho", items)
+        out.rows += completion_rows(split, "ortho", items)
     # the baseline is gone from memory: CE of the baseline completions under the orthogonalized weights
     plain = {"baseline": contextlib.nullcontext}
     lp = instructions(data["eval_harmless"])

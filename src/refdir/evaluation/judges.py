@@ -217,7 +217,8 @@ def second_judge(
             + ", ".join(f"{s}/{c}" for s, c in pairs)
         )
     for split, cond in pairs:
-        if (split == "harmless" and not judge.judges_harmless) or (only and f"{split}/{cond}" not in only):
+        harmless = split in ("harmless", "xstest-safe")  # a harm classifier calls any answer there 'safe'
+        if (harmless and not judge.judges_harmless) or (only and f"{split}/{cond}" not in only):
             continue
         sel = [r for r in rows if r["split"] == split and r["condition"] == cond]
         labels = judge.labels([r["prompt"] for r in sel], [r["completion"] for r in sel])

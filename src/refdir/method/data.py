@@ -18,7 +18,15 @@ from pathlib import Path
 
 from refdir.core.errors import RefdirError
 
-BUILTIN = ("builtin:harmful", "builtin:harmless", "builtin:harmless_pairs")
+BUILTIN = (
+    "builtin:harmful",
+    "builtin:harmless",
+    "builtin:harmless_pairs",
+    "builtin:xstest-safe",
+    "builtin:xstest-unsafe",
+)
+# XSTest (Röttger et al., NAACL 2024; CC-BY-4.0, datasets/NOTICE.md): one file, split by its label
+XSTEST_LABELS = {"xstest-safe": "safe", "xstest-unsafe": "unsafe"}
 
 
 @dataclass(frozen=True)
@@ -122,11 +130,14 @@ def parse_prompts(text: str, suffix: str, name: str = "dataset", field: str = "i
 
 def load_builtin(which: str, field: str = "instruction") -> list[Prompt]:
     """The prompt sets shipped with refdir (280 harmful and 280 harmless instructions, and 32 harmless
-    instruction + response pairs; written for this project, with categories)."""
+    instruction + response pairs, written for this project with categories; XSTest's 250 safe and 200
+    unsafe contrast prompts, category = XSTest type, to measure over-refusal)."""
+    label = XSTEST_LABELS.get(which)
     # one joinpath step at a time: Traversable.joinpath takes a single segment before Python 3.11
-    text = (
-        resources.files("refdir").joinpath("datasets").joinpath(f"{which}.json").read_text(encoding="utf-8")
-    )
+    file = "xstest" if label else which
+    text = resources.files("refdir").joinpath("datasets").joinpath(f"{file}.json").read_text(encoding="utf-8")
+    if label:  # keep the rows of one label
+        text = json.dumps([r for r in json.loads(text) if r["label"] == label])
     return parse_prompts(text, ".json", f"builtin:{which}", field)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from refdir.core.errors import RefdirError
 from refdir.core.io import write_json, write_text
+from refdir.outputs.overrefusal_table import overrefusal_html
 from refdir.run.folder import RunFolder
 
 
@@ -142,6 +143,7 @@ def build_audit(run: str | Path) -> dict:
             "n": harmless["actadd+"]["n"],
         },
         "removal": _removals(harm, _load(folder.suffix)),
+        "overrefusal": ev.get("overrefusal"),  # XSTest; None when the run measured none
         "cost": _cost(ev, prompts),
         "capabilities": caps.get("results") if caps else None,
         "jailbreaks": ({k: jb[k] for k in ("n_prompts", "max_new_tokens", "judges", "rows")} if jb else None),
@@ -300,6 +302,9 @@ def render_audit(a: dict) -> str:
         f"<h1>Refusal audit: <code>{html.escape(str(a['model']))}</code></h1>",
         f"<p><b>{html.escape(_verdict(a))}</b></p>",
         _removal_section(a),
+        overrefusal_html(a["overrefusal"], _rows)
+        if a.get("overrefusal")
+        else "<p class=note>Over-refusal (XSTest): not measured (--overrefusal-n 0).</p>",
         _cost_section(a),
         _jailbreak_section(a["jailbreaks"]),
         _cone_section(a["cone"]),

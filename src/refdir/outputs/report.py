@@ -12,6 +12,7 @@ from pathlib import Path
 
 from refdir.core.io import read_jsonl, write_text
 from refdir.outputs.front_plot import front_section
+from refdir.outputs.overrefusal_table import overrefusal_html
 from refdir.outputs.page import html_table, png_uri, save_png
 from refdir.run.folder import RunFolder
 
@@ -380,6 +381,8 @@ def _evaluation_section(folder: RunFolder, ev: dict) -> list[str]:
     img = refusal_bars(ev["refusal"])
     save_png(folder.refusal_rates, img)
     parts.append(f"<h2>Refusal rate per condition</h2><img src='{img}'>")
+    if ev.get("overrefusal"):
+        parts.append(overrefusal_html(ev["overrefusal"], html_table))
     parts.append(_kl_ce_section(ev))
     if ev.get("judge"):
         parts += _judge_section(ev["judge"])

@@ -26,6 +26,7 @@ from refdir.core.runtime import BatchPolicy, Runtime
 from refdir.core.templates import PromptFormat, format_prompt
 from refdir.core.types import Model, Tokenizer
 from refdir.evaluation.judges import second_judge
+from refdir.evaluation.xstest import attach_judge, summary_of
 from refdir.method.directions import load_direction
 from refdir.method.interventions import orthogonalize_weights
 from refdir.run.folder import (
@@ -290,6 +291,7 @@ def judge_run(
     ev["judge"] = second_judge(
         model, tok, read_jsonl(folder.completions), judge_spec, fmt, only, load_options
     )
+    attach_judge(ev)  # the over-refusal block's second-judge rates follow the new judge
     write_json(folder.eval, ev)
     write_report(run_path)
     write_json(folder.summary, summarize(run_path))
@@ -334,4 +336,5 @@ def summarize(run_path: Path) -> dict:
             for k, v in ((ev.get("judge") or {}).get("conditions") or {}).items()
         },
         "capabilities": _capability_rows(caps),
+        "overrefusal": summary_of(ev),  # XSTest: {set: {condition: {substring, judge, n}}}
     }

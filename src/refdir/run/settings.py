@@ -57,6 +57,17 @@ def positive_int(v: str) -> int:
     return n
 
 
+def nonnegative_int(v: str) -> int:
+    """argparse ``type=`` of a count where 0 turns something off (``--overrefusal-n 0``)."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{v}'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {n}")
+    return n
+
+
 @dataclass
 class SelectionConfig:
     """Selection settings (paper §2.3). ``SelectionConfig()`` keeps the paper's induce threshold 0.0; a run's
@@ -219,6 +230,13 @@ class RunConfig:
         "second judge: 'self' (the model says whether each reply is a refusal), "
         "'self+evasive' or a safety classifier hub id/folder",
         "--judge",
+    )
+    overrefusal_n: int = _s(
+        50,
+        "XSTest prompts per set (safe, unsafe contrast) generated under each condition to measure "
+        "over-refusal, stratified over XSTest's types in a fixed order; 0: off; above 250/200: all",
+        "--overrefusal-n",
+        type=nonnegative_int,
     )
     # capability benchmarks (lm-evaluation-harness): baseline vs orthogonalized on the same items
     capabilities: str | None = _s(

@@ -252,7 +252,9 @@ def _settings_select(cfg: RunConfig) -> dict:
 
 
 def _settings_evaluate(cfg: RunConfig) -> dict:
-    return {"max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": cfg.judge}
+    key = {"max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": cfg.judge}
+    # XSTest prompts per set: absent when off, so folders evaluated without it keep their key
+    return {**key, "overrefusal_n": cfg.overrefusal_n} if cfg.overrefusal_n else key
 
 
 @dataclass(frozen=True)
