@@ -22,6 +22,7 @@ from refdir.cli import (
     judge,
     models,
     monitor,
+    overrefusal,
     run,
     search,
     suffix,
@@ -36,6 +37,7 @@ from refdir.cli.jailbreaks import cmd_jailbreaks
 from refdir.cli.judge import cmd_judge
 from refdir.cli.models import cmd_models
 from refdir.cli.monitor import cmd_monitor
+from refdir.cli.overrefusal import cmd_overrefusal
 from refdir.cli.run import cmd_run, cmd_select
 from refdir.cli.search import cmd_search
 from refdir.cli.suffix import cmd_analyze_suffix, cmd_compare_base, cmd_suffix
@@ -54,6 +56,7 @@ __all__ = [
     "cmd_judge",
     "cmd_models",
     "cmd_monitor",
+    "cmd_overrefusal",
     "cmd_run",
     "cmd_search",
     "cmd_select",
@@ -73,6 +76,7 @@ COMMANDS = (
     suffix,
     judge,
     cone,
+    overrefusal,
     audit,
     monitor,
     capabilities,

@@ -36,6 +36,11 @@ def add_parser(sub: Any) -> None:
         "cone (refdir cone) instead of its direction alone",
     )
     x.add_argument(
+        "--overrefusal",
+        action="store_true",
+        help="with --run: orthogonalize against the run's false-refusal direction (refdir overrefusal)",
+    )
+    x.add_argument(
         "--in-memory",
         action="store_true",
         help="load the model, edit it and save_pretrained (default: stream the source safetensors tensor "
@@ -53,6 +58,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not a.force:
         raise RefdirError(f"output folder {out} is not empty; pass --force to replace it")
     check_writable(out)
+    if a.overrefusal:
+        from refdir.cli.overrefusal import export_source
+
+        a.direction = export_source(a)
     if a.trial is not None:
         return _export_trial(a, out)
     if a.direction is None:

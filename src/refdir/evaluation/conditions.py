@@ -135,6 +135,7 @@ class GenJob:
     condition: str
     prompts: list[str]
     categories: list[str | None]
+    vector: torch.Tensor | None = None  # [d] ablated instead of the run's direction (a second direction)
 
 
 def _row_tables(
@@ -146,7 +147,7 @@ def _row_tables(
     for g, job in enumerate(jobs):
         abl, coef = _parse_condition(job.condition, coeff)
         if abl:
-            ablate[g] = direction.vector.float()
+            ablate[g] = (direction.vector if job.vector is None else job.vector).float()
         if coef is not None:
             add[g] = coef * direction.vector.float()
     return ablate, add

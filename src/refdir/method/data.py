@@ -22,6 +22,7 @@ BUILTIN = (
     "builtin:harmful",
     "builtin:harmless",
     "builtin:harmless_pairs",
+    "builtin:pseudo-harmful",  # safe prompts that sound unsafe: false-refusal training (overrefusal)
     "builtin:xstest-safe",
     "builtin:xstest-unsafe",
 )
@@ -135,6 +136,7 @@ def load_builtin(which: str, field: str = "instruction") -> list[Prompt]:
     label = XSTEST_LABELS.get(which)
     # one joinpath step at a time: Traversable.joinpath takes a single segment before Python 3.11
     file = "xstest" if label else which
+    file = file.replace("-", "_")  # builtin:pseudo-harmful is pseudo_harmful.json
     text = resources.files("refdir").joinpath("datasets").joinpath(f"{file}.json").read_text(encoding="utf-8")
     if label:  # keep the rows of one label
         text = json.dumps([r for r in json.loads(text) if r["label"] == label])

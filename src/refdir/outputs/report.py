@@ -12,6 +12,7 @@ from pathlib import Path
 
 from refdir.core.io import read_jsonl, write_text
 from refdir.outputs.front_plot import front_section
+from refdir.outputs.overrefusal_section import overrefusal_section
 from refdir.outputs.overrefusal_table import overrefusal_html
 from refdir.outputs.page import html_table, png_uri, save_png
 from refdir.run.folder import RunFolder
@@ -435,6 +436,7 @@ def write_report(run_path: str | Path) -> Path:
         (folder.capabilities, capabilities_section),
         (folder.cone, cone_section),
         (folder.monitor, _monitor_section),
+        (folder.overrefusal, overrefusal_section),
         (folder.file("front.json"), front_section),  # refdir search
     ]
     for path, section in sections:

@@ -61,6 +61,10 @@ class RunFolder:
     cone_basis = property(lambda self: self.path / "cone.safetensors")
     monitor = property(lambda self: self.path / "monitor.json")
     monitor_items = property(lambda self: self.path / "monitor_items.json")
+    # refdir overrefusal: the false-refusal direction (Wang et al. 2025), its selection and evaluation
+    overrefusal = property(lambda self: self.path / "overrefusal.json")
+    overrefusal_direction = property(lambda self: self.path / "overrefusal_direction.safetensors")
+    overrefusal_completions = property(lambda self: self.path / "overrefusal_completions.jsonl")
     # refdir search: one line per finished trial (resume), and every trial with both fronts
     search_trials = property(lambda self: self.path / "search_trials.jsonl")
     front = property(lambda self: self.path / "front.json")
