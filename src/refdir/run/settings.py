@@ -27,7 +27,7 @@ DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized defaults (documented in the README): the paper's sizes, 64 new tokens.
     "default": {},
-    "quick": {"n_train": 32, "n_val": 8, "n_eval": 16, "max_new_tokens": 24},
+    "quick": {"n_train": 32, "n_val": 8, "n_eval": 16, "max_new_tokens": 24, "overrefusal_n": 10},
     "paper": {"max_new_tokens": 512, "regenerate_ortho": True},
 }
 
@@ -234,7 +234,7 @@ class RunConfig:
     overrefusal_n: int = _s(
         50,
         "XSTest prompts per set (safe, unsafe contrast) generated under each condition to measure "
-        "over-refusal, stratified over XSTest's types in a fixed order; 0: off; above 250/200: all",
+        "over-refusal, stratified over XSTest's types in a fixed order (--preset quick: 10); 0: off",
         "--overrefusal-n",
         type=nonnegative_int,
     )
