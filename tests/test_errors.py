@@ -438,7 +438,42 @@ CASES = [
         ],
         "--force",
     ),
+    (
+        "judge: completions file of another format",
+        lambda t, m, r: _judge_file(t, "c.txt", "prompt,completion\n"),
+        "unknown completions format",
+    ),
+    (
+        "judge: completions line without a completion",
+        lambda t, m, r: _judge_file(t, "c.jsonl", '{"prompt": "p", "completion": "c"}\n{"prompt": "p"}\n'),
+        "line 2 has no 'completion' field",
+    ),
+    (
+        "judge: completions file as its own --out",
+        lambda t, m, r: _judge_file(t, "c.csv", "prompt,completion\np,c\n", out="c.csv"),
+        "is the completions file itself",
+    ),
+    (
+        "judge: endpoint without --judge-model",
+        lambda t, m, r: _judge_file(
+            t, "c.csv", "prompt,completion\np,c\n", "--judge", "http://127.0.0.1:9/v1"
+        ),
+        "needs --judge-model",
+    ),
+    (
+        "judge: endpoint not reachable",
+        lambda t, m, r: _judge_file(
+            t, "c.csv", "prompt,completion\np,c\n", "--judge", "http://127.0.0.1:9/v1", "--judge-model", "m"
+        ),
+        "cannot reach the judge endpoint http://127.0.0.1:9/v1/chat/completions",
+    ),
 ]
+
+
+def _judge_file(t: Path, name: str, text: str, *extra: str, out: str = "o.json") -> list[str]:
+    """``refdir judge --completions FILE`` on a file holding ``text`` (substring judge unless ``extra``)."""
+    judge = [] if "--judge" in extra else ["--judge", "substring"]
+    return ["judge", "--completions", _write(t / name, text), "--out", str(t / out), *judge, *extra]
 
 
 def _config(t: Path, text: str) -> list[str]:

@@ -17,7 +17,7 @@ REPLIES = ["Rain falls softly", "Use sorted(xs).", "Plants turn light into sugar
 
 def test_classifier_batches_equal_one_conversation_at_a_time(tiny_folder):
     judge = SafetyClassifierJudge(str(tiny_folder), batch_size=4, dtype="float32", device="cpu")
-    got = judge.verdicts(PROMPTS, REPLIES, n_tokens=6)
+    got = judge.verdict_texts(PROMPTS, REPLIES, n_tokens=6)
     want = []
     for p, c in zip(PROMPTS, REPLIES):  # the transformers way, one conversation per call
         ids = judge.tok.apply_chat_template(
