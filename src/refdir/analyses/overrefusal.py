@@ -22,6 +22,7 @@ from refdir.core.io import load_tensors, write_json, write_jsonl
 from refdir.core.prefix import last_logits_shared, split_prefix
 from refdir.core.runtime import Runtime
 from refdir.evaluation.overrefusal_eval import EvalPrompts, evaluate_false_refusal, reusable_baseline
+from refdir.evaluation.xstest import stratified
 from refdir.method.activations import mean_activations
 from refdir.method.data import Prompt, load_prompts, split_prompts
 from refdir.method.directions import Direction
@@ -41,7 +42,8 @@ NEEDED = ("refusal_tokens", "harmful_train", "harmless_train", "harmful_val", "h
 @dataclass(frozen=True)
 class OverrefusalSettings:
     """What ``refdir overrefusal`` does: the direction's settings, its training prompts, and the evaluation
-    (``xstest_n`` of the ``xstest`` prompts, a seeded sample; ``judge``: a second judge spec)."""
+    (``xstest_n`` of the ``xstest`` prompts, stratified by type as the run's evaluation takes them; ``judge``:
+    a second judge spec)."""
 
     config: OverrefusalConfig = field(default_factory=OverrefusalConfig)
     pseudo_harmful: str = "builtin:pseudo-harmful"
@@ -76,7 +78,7 @@ def check_inputs(run: RunFolder, s: OverrefusalSettings) -> tuple[dict, list[Pro
                 f"{len(both)} prompts are both in {s.pseudo_harmful} (training) and {s.xstest} (test), e.g. "
                 f"'{sorted(both)[0][:60]}': remove them from one set"
             )
-        xstest = split_prompts(every, [min(s.xstest_n, len(every))], s.config.seed, s.xstest)[0]
+        xstest = stratified(every, s.xstest_n)  # the run evaluation's subset for the same n
     return data, pseudo, xstest
 
 
