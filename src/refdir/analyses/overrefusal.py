@@ -166,6 +166,9 @@ def measure_overrefusal(
     returns ``overrefusal.json``'s content. No candidate passing is an error (the table is written)."""
     t = time.time()
     data, pseudo, xstest = check_inputs(run, s)
+    old = run.overrefusal_direction  # a previous result must not outlive this one (export reads it)
+    for f in (old, old.with_suffix(".json"), run.overrefusal_completions):
+        f.unlink(missing_ok=True)
     fr, record = find_false_refusal(run, rt, refusal, pseudo, data, s.config, progress)
     res = {
         "format": 1,
