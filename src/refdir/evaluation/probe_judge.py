@@ -114,6 +114,39 @@ def judge_ids(
 
 
 @torch.no_grad()
+def judge_activations(
+    model: Model,
+    tok: Tokenizer,
+    prompts: list[str],
+    completions: list[str],
+    layers: list[int],
+    chars: int,
+    fmt: PromptFormat = PromptFormat(),
+    template: str = PROBE_PROMPT,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Residual stream ``[N, len(layers), d]`` (float32, CPU) entering each of ``layers`` at the judge
+    prompt's last token. Rows run in batches of similar length (replies differ a lot); the pass stops
+    at the last of ``layers``."""
+    from refdir.method.activations import read_resid_pre
+
+    ids = judge_ids(tok, prompts, completions, chars, fmt, template)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.zeros(len(ids), len(layers), model.config.hidden_size)
+    dev = model.get_input_embeddings().weight.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    slot = {layer: j for j, layer in enumerate(layers)}
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        b = left_padded([ids[i] for i in idx], 1, dev, pad)
+
+        def read(layer: int, x: torch.Tensor, idx: list[int] = idx) -> None:
+            out[idx, slot[layer]] = x[:, -1].float().cpu()  # [B, d]
+
+        read_resid_pre(model, b.input_ids, b.attention_mask, layers, read)
+    return out
+
+
 def probe_features(
     model: Model,
     tok: Tokenizer,
@@ -125,25 +158,9 @@ def probe_features(
     template: str = PROBE_PROMPT,
     batch_size: int = 16,
 ) -> torch.Tensor:
-    """Residual stream ``[N, d]`` (float32, CPU) entering ``layer`` at the judge prompt's last token.
-
-    Rows run in batches of similar length (replies differ a lot); the pass stops at ``layer``."""
-    from refdir.method.activations import read_resid_pre
-
-    ids = judge_ids(tok, prompts, completions, chars, fmt, template)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = torch.zeros(len(ids), model.config.hidden_size)
-    dev = model.get_input_embeddings().weight.device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        b = left_padded([ids[i] for i in idx], 1, dev, pad)
-
-        def read(_: int, x: torch.Tensor, idx: list[int] = idx) -> None:
-            out[idx] = x[:, -1].float().cpu()  # [B, d]
-
-        read_resid_pre(model, b.input_ids, b.attention_mask, [layer], read)
-    return out
+    """The probe's features ``[N, d]``: :func:`judge_activations` at one layer."""
+    acts = judge_activations(model, tok, prompts, completions, [layer], chars, fmt, template, batch_size)
+    return acts[:, 0]
 
 
 def fit_probe(
