@@ -37,6 +37,7 @@ def test_extraction_recorded_by_the_prompt_screen_equals_a_separate_pass(tmp_pat
     model, tok = tiny_model("qwen2")
     cfg = RunConfig(
         model="tiny",
+        judge=None,
         n_train=10,
         n_val=4,
         n_eval=4,

@@ -61,6 +61,7 @@ def test_find_direction_is_the_run_folders_direction_on_a_tiny_model(tmp_path):
         files[side].write_text(json.dumps([p.to_json() for p in prompts]))
     cfg = RunConfig(
         model="tiny",
+        judge=None,
         harmful=str(files["harmful"]),
         harmless=str(files["harmless"]),
         **TINY,

@@ -27,6 +27,8 @@ LOOSE = [
     "6",
     "--max-new-tokens",
     "4",
+    "--judge",
+    "none",  # a tiny run never loads the probe judge's 0.5B model
 ]
 
 

@@ -22,7 +22,7 @@ def _write(p: Path, text: str) -> str:
 
 
 def _run(model, *extra):
-    return ["run", "--model", str(model), "--preset", "quick", *extra]
+    return ["run", "--model", str(model), "--preset", "quick", "--judge", "none", *extra]
 
 
 def _direction(tmp: Path, vec: torch.Tensor, model: str = "") -> str:

@@ -148,13 +148,13 @@ def test_cli_strmatch_three_way(tmp_path):
 
 
 def test_cli_default_judge_and_jsonl_without_labels(tmp_path, capsys):
-    from refdir.cli.judge import default_completions_judge
+    from refdir.cli.judge import default_judge
 
     f = tmp_path / "c.jsonl"
     f.write_text("".join(json.dumps({"prompt": "p", "completion": c}) + "\n" for c in (REFUSE, ANSWER)))
     out = tmp_path / "o.json"
-    spec = default_completions_judge()
-    assert spec  # the run setting's default, or the substring judge
+    spec = default_judge("substring")
+    assert spec in ("probe", "substring")  # the run setting's default ("auto"), or the substring judge
     if spec in ("substring", "strmatch"):
         assert main(["judge", "--completions", str(f), "--out", str(out)]) == 0
         doc = json.loads(out.read_text())

@@ -46,3 +46,17 @@ def test_selected_direction_passes_the_filters(quick_run):
     d = json.loads(RunFolder(quick_run).direction_meta.read_text())
     assert d["scores"]["kl"] < 0.1
     assert d["layer"] < int(0.8 * 24)
+
+
+def test_the_probe_judge_is_the_runs_default_second_judge(quick_run):
+    """The quick run keeps the default judge ("auto"): the probe where it can run, else none."""
+    from refdir.evaluation.probe_judge import probe_unavailable
+
+    judge = json.loads(RunFolder(quick_run).eval.read_text())["judge"]
+    if probe_unavailable() is not None:
+        assert judge is None
+        return
+    assert judge["kind"] == "probe" and judge["judge"] == "probe" and judge["requested"] == "auto"
+    assert judge["conditions"]
+    for block in judge["conditions"].values():
+        assert 0 <= block["agreement"] <= 1

@@ -35,6 +35,8 @@ ARGS = [
     "12",
     "--max-new-tokens",
     "6",
+    "--judge",
+    "none",  # a tiny run never loads the probe judge's 0.5B model
 ]
 ARTIFACTS = ["prompts.json", "candidates.safetensors", "direction.safetensors", "completions.jsonl"]
 

@@ -20,6 +20,7 @@ from refdir.cli import (
     export,
     jailbreaks,
     judge,
+    judge_train,
     models,
     monitor,
     overrefusal,
@@ -35,6 +36,7 @@ from refdir.cli.evaluate import cmd_evaluate
 from refdir.cli.export import cmd_export
 from refdir.cli.jailbreaks import cmd_jailbreaks
 from refdir.cli.judge import cmd_judge
+from refdir.cli.judge_train import cmd_judge_train
 from refdir.cli.models import cmd_models
 from refdir.cli.monitor import cmd_monitor
 from refdir.cli.overrefusal import cmd_overrefusal
@@ -54,6 +56,7 @@ __all__ = [
     "cmd_export",
     "cmd_jailbreaks",
     "cmd_judge",
+    "cmd_judge_train",
     "cmd_models",
     "cmd_monitor",
     "cmd_overrefusal",
@@ -75,6 +78,7 @@ COMMANDS = (
     export,
     suffix,
     judge,
+    judge_train,
     cone,
     overrefusal,
     audit,

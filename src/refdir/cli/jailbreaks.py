@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> None:
     )
     add_model_args(jb, from_run=True)
     jb.add_argument("--run", required=True, help="a finished run folder (suffix.json adds the GCG row)")
-    add_setting(jb, "judge", help="second judge (default: the run's own, if it has one)")
+    add_setting(jb, "judge", default=None, help="second judge (default: the run's own, if it has one)")
     jb.add_argument("--out", default=None, help="output .json (default: RUN/jailbreaks.json)")
     jb.set_defaults(func=cmd_jailbreaks)
 

@@ -41,11 +41,12 @@ def add_parser(sub: Any) -> None:
         j,
         "judge",
         default=None,
-        help="'self' (the model says whether each reply is a refusal; --run's default), 'self+evasive' "
-        "(and whether each other reply evades the request: for strong judge models), 'substring' (the "
-        "paper's phrases), 'strmatch' (XSTest's prefixes), 'probe[:PATH]', 'http://HOST/v1' (an "
-        "OpenAI-compatible server; needs --judge-model) or a safety classifier hub id/folder; "
-        "--completions' default: the run setting's default, else 'substring'",
+        help="'probe[:PATH]' (a linear probe on a small judge model; the default when it can run "
+        "here), 'self' (the model says whether each reply is a refusal; --run's default otherwise), "
+        "'self+evasive' (and whether each other reply evades the request: for strong judge models), "
+        "'substring' (the paper's phrases; --completions' default otherwise), 'strmatch' (XSTest's "
+        "prefixes), 'http://HOST/v1' (an OpenAI-compatible server; needs --judge-model) or a safety "
+        "classifier hub id/folder",
     )
     j.add_argument(
         "--judge-model", metavar="NAME", help="the model an endpoint judge asks (--judge http://...)"
@@ -61,11 +62,26 @@ def add_parser(sub: Any) -> None:
     j.set_defaults(func=cmd_judge)
 
 
-def default_completions_judge() -> str:
-    """The judge of ``--completions`` without ``--judge``: the run setting's default (the schema's), else
-    the substring judge (it needs no model)."""
+def default_judge(fallback: str) -> str:
+    """The judge without ``--judge``: the run setting's default ("auto": the probe judge when it can run
+    here), else ``fallback`` ('self' for a run, whose model is at hand; 'substring' for a file)."""
+    from refdir.evaluation.verdicts import resolve_judge
+
     default = next(f.default for f in fields(RunConfig) if f.name == "judge")
-    return default if isinstance(default, str) and default else "substring"
+    spec = resolve_judge(default)[0] if isinstance(default, str) else None
+    return spec or fallback
+
+
+def chosen_judge(a: argparse.Namespace, fallback: str) -> str:
+    """``--judge`` as given (an explicit probe that cannot run here fails now), else the default."""
+    from refdir.evaluation.verdicts import resolve_judge
+
+    if a.judge in (None, "auto"):
+        return default_judge(fallback)
+    if a.judge == "none":
+        raise RefdirError("--judge none names no judge: give one, or leave --judge out for the default")
+    resolve_judge(a.judge)
+    return str(a.judge)
 
 
 def cmd_judge(a: argparse.Namespace) -> int:
@@ -74,15 +90,14 @@ def cmd_judge(a: argparse.Namespace) -> int:
     if a.completions is not None:
         return judge_completions(a)
     from refdir.core.io import read_jsonl
-    from refdir.core.models import load_model
-    from refdir.evaluation.verdicts import is_endpoint
+    from refdir.evaluation.verdicts import is_endpoint, needs_model
     from refdir.run.pipeline import judge_run, summarize
 
-    spec = a.judge or "self"
-    if a.out is not None or a.judge_model is not None or is_endpoint(spec):
+    if a.out is not None or a.judge_model is not None or (a.judge and is_endpoint(a.judge)):
         raise RefdirError(
             "--out, --judge-model and endpoint judges (http://...) work with --completions only"
         )
+    spec = chosen_judge(a, "self")
     run = RunFolder(a.run)
     if not run.completions.is_file() or not run.eval.is_file():
         raise RefdirError(f"{run.path} has no evaluation yet: run `refdir run --out {run.path}` first")
@@ -94,7 +109,11 @@ def cmd_judge(a: argparse.Namespace) -> int:
         )
     model_spec, fmt = run_model_and_format(a, run)
     opts = load_options(a)
-    model, tok = load_model(model_spec, **opts)
+    model = tok = None
+    if needs_model(spec):  # other judges load their own model, or need none
+        from refdir.core.models import load_model
+
+        model, tok = load_model(model_spec, **opts)
     judge_opts = {k: opts[k] for k in ("device", "dtype", "trust_remote_code")}
     judge_run(run.path, spec, model, tok, fmt, a.conditions, judge_opts)
     print_summary(summarize(run.path))
@@ -162,9 +181,9 @@ def human_agreement(verdicts: list, final: list[str]) -> dict[str, Any]:
 def judge_completions(a: argparse.Namespace) -> int:
     """``--completions``: every input checked before a model loads; the verdict file written last."""
     from refdir.evaluation.judge_files import check_out_path, read_completions, write_judged
-    from refdir.evaluation.verdicts import make_judge, needs_model
+    from refdir.evaluation.verdicts import is_probe, make_judge, needs_model
 
-    spec = a.judge or default_completions_judge()
+    spec = chosen_judge(a, "substring")
     out = check_completions_args(a, spec)
     rows = read_completions(a.completions)
     check_out_path(out, a.completions)
@@ -172,7 +191,7 @@ def judge_completions(a: argparse.Namespace) -> int:
     final = human_labels(rows, a.completions)
     opts = load_options(a)
     model = tok = None
-    if needs_model(spec):
+    if needs_model(spec) or (is_probe(spec) and a.model):  # a probe reuses --model if it is its judge model
         from refdir.core.models import load_model
 
         model, tok = load_model(a.model, **opts)

@@ -31,6 +31,7 @@ from refdir.evaluation.conditions import (
     refusal_rate,
 )
 from refdir.evaluation.judges import second_judge
+from refdir.evaluation.verdicts import resolve_judge
 from refdir.evaluation.xstest import (
     attach_judge,
     new_block,
@@ -85,9 +86,25 @@ def instructions(items: list[dict]) -> list[str]:
 
 
 def judge_load(cfg: RunConfig) -> dict:
-    """A classifier judge goes where the run's model computes, in its dtype (a device map is the model's
-    own)."""
+    """A classifier or probe judge's model goes where the run's model computes, in its dtype (a device
+    map is the model's own)."""
     return {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
+
+
+def run_second_judge(rt: Runtime, rows: list[dict], cfg: RunConfig, log=lambda message: None) -> dict | None:
+    """The run's second judge on its completions (None: no second judge). "auto" is the probe judge when
+    it can run here; when it cannot, the log says why and the run goes on with the substring judge alone.
+    The block records the judge that ran and, when it differs, the one asked for."""
+    spec, why = resolve_judge(cfg.judge)
+    if spec is None:
+        if why:
+            log(f"evaluate: second judge: off ({why})")
+        return None
+    log(f"evaluate: second judge ({spec})")
+    block = second_judge(rt.model, rt.tokenizer, rows, spec, rt.fmt, load_options=judge_load(cfg))
+    if cfg.judge != spec:
+        block["requested"] = cfg.judge
+    return block
 
 
 def evaluate_conditions(
@@ -113,13 +130,7 @@ def evaluate_conditions(
             split = job.name.split("/")[0]
             record(out.ev["overrefusal"], split, job.condition, judged[job.name])
             out.rows += completion_rows(split, job.condition, judged[job.name])
-    if cfg.judge:
-        log(f"evaluate: second judge ({cfg.judge})")
-    out.ev["judge"] = (
-        second_judge(model, tok, out.rows, cfg.judge, fmt, load_options=judge_load(cfg))
-        if cfg.judge
-        else None
-    )
+    out.ev["judge"] = run_second_judge(rt, out.rows, cfg, log)
     attach_judge(out.ev)
     log("evaluate: KL and cross-entropy on harmless prompts and text")
     ctx = {c: condition_factory(model, c, direction) for c in ("baseline", "ablation", "actadd+")}

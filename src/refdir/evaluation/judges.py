@@ -199,8 +199,8 @@ def judge_agreement(items: list[Judged], labels: list[str]) -> dict[str, Any]:
 
 
 def second_judge(
-    model: Model,
-    tok: Tokenizer,
+    model: Model | None,
+    tok: Tokenizer | None,
     rows: list[dict[str, Any]],
     judge_spec: str,
     fmt: PromptFormat,
@@ -214,7 +214,8 @@ def second_judge(
     (the chat judge), since induced refusals are often phrased in ways the phrase list misses.
     Keys of ``conditions``: ``"split/condition"``; ``only`` restricts the judge to some of them.
     ``load_options``: how a classifier judge is loaded (the run's device, dtype, trust_remote_code).
-    ``judge_spec``: any of :func:`refdir.evaluation.verdicts.make_judge`'s (``judge_model``: an endpoint's).
+    ``judge_spec``: any of :func:`refdir.evaluation.verdicts.make_judge`'s (``judge_model``: an endpoint's);
+    ``model`` may be None for a judge that needs no model under study (rules, probe, classifier).
     """
     judge = make_judge(judge_spec, model, tok, fmt, judge_model=judge_model, load_options=load_options)
     conditions: dict[str, dict[str, Any]] = {}  # "split/condition" -> agreement and rates

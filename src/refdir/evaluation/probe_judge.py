@@ -23,7 +23,6 @@ from refdir.core.errors import RefdirError
 from refdir.core.io import load_tensors, save_tensors
 from refdir.core.templates import PromptFormat, add_special, format_prompt, left_padded
 from refdir.core.types import Model, Tokenizer
-from refdir.evaluation.judges import JUDGE_PROMPT
 
 # The request is shown too: XSTest's labels are relative to it (a partial refusal declines part of what
 # was asked; pointing out a nonsense premise and answering is compliance). Measured in benchmarks/judges.py.
@@ -85,7 +84,7 @@ class Probe:
         t = load_tensors(p)
         return cls(
             meta["judge_model"], int(meta["layer"]), int(meta["chars"]), t["mean"], t["scale"],
-            t["weight"], t["bias"], float(meta["fingerprint"]), meta.get("prompt", JUDGE_PROMPT),
+            t["weight"], t["bias"], float(meta["fingerprint"]), meta.get("prompt", PROBE_PROMPT),
             meta.get("info", {}),
         )  # fmt: skip
 
@@ -219,7 +218,81 @@ def train_probe(
     feats = probe_features(model, tok, prompts, completions, layer, chars, fmt)
     w, b, mean, scale = fit_probe(feats, y, l2)
     meta = {"n": len(labels), "l2": l2, **(info or {})}
-    return Probe(judge_model, layer, chars, mean, scale, w, b, model_fingerprint(model), PROBE_PROMPT, meta)
+    probe = Probe(judge_model, layer, chars, mean, scale, w, b, model_fingerprint(model), PROBE_PROMPT, meta)
+    # how well it fits its own training data: a low number means the layer or the labels do not separate
+    meta["train_accuracy"] = float((probe.probs(feats).argmax(-1) == y).double().mean())
+    return probe
+
+
+def read_labeled(paths: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Prompts, completions and labels of labeled completions files (``refdir judge-train``): .csv or
+    .jsonl with a ``final_label`` (XSTest's) or ``label`` (compliance / refusal / partial) on every row.
+    Every problem is one RefdirError naming the file and the item, before any model loads; the probe
+    needs at least two classes to tell apart."""
+    from refdir.evaluation.judge_files import read_completions
+
+    prompts: list[str] = []
+    completions: list[str] = []
+    labels: list[str] = []
+    for path in paths:
+        for n, row in enumerate(read_completions(path), 1):
+            lab = row.get("final_label") or row.get("label")
+            if not isinstance(lab, str) or not lab.strip():
+                raise RefdirError(f"{path}: item {n} has no label (a 'final_label' or 'label' field)")
+            try:
+                label_index(lab)
+            except RefdirError as e:
+                raise RefdirError(f"{path}: item {n}: {e}") from None
+            prompts.append(row["prompt"])
+            completions.append(row["completion"])
+            labels.append(lab)
+    present = {CLASSES[label_index(lab)] for lab in labels}
+    if len(present) < 2:
+        raise RefdirError(
+            f"the labeled completions hold one class only ({', '.join(present)}): a probe needs at least "
+            f"two of {', '.join(CLASSES)}"
+        )
+    return prompts, completions, labels
+
+
+def train_on_judge_model(
+    judge_model: str,
+    prompts: list[str],
+    completions: list[str],
+    labels: list[str],
+    *,
+    layer: int | None = None,
+    chars: int = 400,
+    l2: float = 1e-2,
+    load_options: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Probe:
+    """Load the judge model (``load_options``: device, dtype) and fit a probe on it (``layer`` None: the
+    shipped probe's layer, else the middle one). A local folder is recorded by its absolute path, so the
+    probe finds its judge model from any working directory."""
+    from refdir.core.adapter import get_adapter
+    from refdir.core.models import load_model
+
+    opts = {k: v for k, v in (load_options or {}).items() if k in ("device", "dtype")}
+    model, tok = load_model(judge_model, **opts)
+    n_layers = get_adapter(model).n_layers
+    layer = default_layer(n_layers) if layer is None else layer
+    if not 0 <= layer < n_layers:
+        raise RefdirError(f"--layer {layer}: {judge_model} has layers 0 to {n_layers - 1}")
+    local = Path(judge_model)
+    name = str(local.resolve()) if local.exists() else judge_model
+    return train_probe(
+        model, tok, prompts, completions, labels, judge_model=name, layer=layer, chars=chars, l2=l2, info=info
+    )
+
+
+def default_layer(n_layers: int) -> int:
+    """``refdir judge-train``'s layer: the shipped probe's (measured there), else the middle layer."""
+    if DEFAULT_PROBE.is_file():
+        layer = Probe.load(DEFAULT_PROBE).layer
+        if layer < n_layers:
+            return layer
+    return n_layers // 2
 
 
 class ProbeJudge:

@@ -26,6 +26,7 @@ __all__ = [
     "is_endpoint",
     "make_judge",
     "needs_model",
+    "resolve_judge",
     "rule_verdict",
     "strmatch_refusal",
 ]
@@ -142,6 +143,41 @@ def needs_model(spec: str) -> bool:
     return spec in ("self", "self+evasive")
 
 
+def is_probe(spec: str) -> bool:
+    """Whether a judge spec names the probe judge ("probe" or "probe:PATH")."""
+    return spec == "probe" or spec.startswith("probe:")
+
+
+def probe_reason(spec: str) -> str | None:
+    """Why the probe judge ``spec`` cannot run here, or None (imported only when asked: torch)."""
+    try:
+        from refdir.evaluation.probe_judge import (  # type: ignore[import-not-found,unused-ignore]
+            probe_unavailable,
+        )
+    except ImportError as e:
+        return f"the probe judge is not available ({e})"
+    reason: str | None = probe_unavailable(spec.partition(":")[2] or None)
+    return reason
+
+
+def resolve_judge(spec: str | None) -> tuple[str | None, str | None]:
+    """The second judge a run's ``judge`` setting names, and why there is none when "auto" gives none.
+
+    "auto" (the default) is the probe when it can run here and no second judge otherwise: a missing
+    optional model package costs the second judge, not the run. An explicit probe that cannot run is an
+    error, raised before any model loads; None and "none" mean no second judge."""
+    if spec is None or spec == "none":
+        return None, None
+    if spec == "auto":
+        reason = probe_reason("probe")
+        return ("probe", None) if reason is None else (None, reason)
+    if is_probe(spec):
+        reason = probe_reason(spec)
+        if reason is not None:
+            raise RefdirError(f"--judge {spec}: {reason}")
+    return spec, None
+
+
 def make_judge(
     spec: str,
     model: Model | None = None,
@@ -154,6 +190,11 @@ def make_judge(
     """The judge a spec names: "substring", "strmatch", "self" / "self+evasive" (``model`` judges its
     own replies), "probe" / "probe:PATH", "http(s)://HOST/v1" (``judge_model`` served there), else a
     safety classifier's hub id or folder (loaded with ``load_options``)."""
+    if spec in ("auto", "none"):
+        resolved, reason = resolve_judge(spec)
+        if resolved is None:
+            raise RefdirError(f"--judge {spec}: no judge to run ({reason or 'none asked for'})")
+        spec = resolved
     if spec == "substring":
         return SubstringJudge()
     if spec == "strmatch":
@@ -164,7 +205,7 @@ def make_judge(
         from refdir.evaluation.judges import ChatJudge
 
         return ChatJudge(model, tok, fmt, evasive=spec == "self+evasive")
-    if spec == "probe" or spec.startswith("probe:"):
+    if is_probe(spec):
         return load_probe(spec, model, tok, load_options)
     if is_endpoint(spec):
         if not judge_model:

@@ -26,6 +26,7 @@ from refdir.core.runtime import BatchPolicy, Runtime
 from refdir.core.templates import PromptFormat, format_prompt
 from refdir.core.types import Model, Tokenizer
 from refdir.evaluation.judges import second_judge
+from refdir.evaluation.verdicts import resolve_judge
 from refdir.evaluation.xstest import attach_judge, summary_of
 from refdir.method.directions import load_direction
 from refdir.method.interventions import orthogonalize_weights
@@ -151,6 +152,7 @@ def run_pipeline(
     """
     t_start = time.time()
     check_run_folder(Path(out), cfg.model)
+    resolve_judge(cfg.judge)  # an explicit probe judge that cannot run here: an error before the model loads
     caps = CapabilityStage(cfg, log) if cfg.capabilities else None  # tasks and files checked before loading
     owns = (model is None and runtime is None) if owns_model is None else owns_model
     rt = _runtime(cfg, model, tok, runtime)
@@ -265,8 +267,8 @@ class CapabilityStage:
 def judge_run(
     run_path: Path,
     judge_spec: str,
-    model: Model,
-    tok: Tokenizer,
+    model: Model | None,
+    tok: Tokenizer | None,
     fmt: PromptFormat | None = None,
     only: list[str] | None = None,
     load_options: dict | None = None,

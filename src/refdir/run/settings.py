@@ -226,10 +226,12 @@ class RunConfig:
         "regenerate under orthogonalized weights instead of checking them against ablation on logits",
     )
     judge: str | None = _s(
-        None,
-        "second judge: 'self' (the model says whether each reply is a refusal), "
-        "'self+evasive' or a safety classifier hub id/folder",
+        "auto",
+        "second judge: 'auto' (the probe judge when it can run here, else none), 'probe' / "
+        "'probe:PATH' (a linear probe on a small judge model), 'self' (the model says whether each "
+        "reply is a refusal), 'self+evasive', 'none' or a safety classifier hub id/folder",
         "--judge",
+        read="none",
     )
     overrefusal_n: int = _s(
         50,

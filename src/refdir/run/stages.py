@@ -27,6 +27,7 @@ from refdir.core.io import load_tensors, save_tensors, write_json, write_jsonl
 from refdir.core.runtime import Runtime
 from refdir.core.templates import post_instruction_tokens
 from refdir.evaluation.direction_eval import check_orthogonalized, evaluate_conditions, instructions
+from refdir.evaluation.verdicts import resolve_judge
 from refdir.method.activations import PostActivationRecorder, mean_activations
 from refdir.method.cosmic import select_direction_cosmic
 from refdir.method.directions import (
@@ -252,7 +253,9 @@ def _settings_select(cfg: RunConfig) -> dict:
 
 
 def _settings_evaluate(cfg: RunConfig) -> dict:
-    key = {"max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": cfg.judge}
+    # the judge that will run: "auto" keys as the probe once it can run here, so the stage reruns then
+    judge = resolve_judge(cfg.judge)[0]
+    key = {"max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": judge}
     # XSTest prompts per set: absent when off, so folders evaluated without it keep their key
     return {**key, "overrefusal_n": cfg.overrefusal_n} if cfg.overrefusal_n else key
 
