@@ -467,7 +467,44 @@ CASES = [
         ),
         "cannot reach the judge endpoint http://127.0.0.1:9/v1/chat/completions",
     ),
+    (
+        "judge: --judge none",
+        lambda t, m, r: _judge_file(t, "c.csv", "prompt,completion\np,c\n", "--judge", "none"),
+        "--judge none names no judge",
+    ),
+    (
+        "run: a probe judge file that does not exist",
+        lambda t, m, r: [*_run(m, "--out", str(t / "r")), "--judge", "probe:nope.safetensors"],
+        "--judge probe:nope.safetensors: no probe judge at nope.safetensors",
+    ),
+    (
+        "judge-train: a row without a label",
+        lambda t, m, r: _train(
+            t, '{"prompt": "p", "completion": "c", "label": "refusal"}\n{"prompt": "p", "completion": "c"}\n'
+        ),
+        "item 2 has no label",
+    ),
+    (
+        "judge-train: a label outside the three classes",
+        lambda t, m, r: _train(t, '{"prompt": "p", "completion": "c", "final_label": "4_other"}\n'),
+        "item 1: unknown label '4_other'",
+    ),
+    (
+        "judge-train: one class only",
+        lambda t, m, r: _train(t, '{"prompt": "p", "completion": "c", "label": "refusal"}\n' * 2),
+        "a probe needs at least two of compliance, refusal, partial",
+    ),
+    (
+        "judge-train: the probe file is a labeled file",
+        lambda t, m, r: _train(t, '{"prompt": "p", "completion": "c", "label": "refusal"}\n', out="l.jsonl"),
+        "is the completions file itself",
+    ),
 ]
+
+
+def _train(t: Path, text: str, out: str = "p.safetensors") -> list[str]:
+    """``refdir judge-train`` on a labeled file holding ``text`` (never reaches the judge model)."""
+    return ["judge-train", "--labeled", _write(t / "l.jsonl", text), "--out", str(t / out)]
 
 
 def _judge_file(t: Path, name: str, text: str, *extra: str, out: str = "o.json") -> list[str]:

@@ -186,3 +186,101 @@ def test_label_index():
 def test_probe_unavailable_says_why(tmp_path):
     reason = probe_unavailable(tmp_path / "nothing.safetensors")
     assert isinstance(reason, str) and "no probe judge" in reason
+
+
+def labeled_file(path, rows=REPLIES, mixed: bool = True) -> str:
+    """A JSON-lines file of labeled replies: refdir's class names and XSTest's final labels (every other
+    row, ``mixed``), or XSTest's only."""
+    xstest = {"compliance": "1_full_compliance", "refusal": "2_full_refusal", "partial": "3_partial_refusal"}
+    lines = []
+    for i, (p, c, lab) in enumerate(rows):
+        key, value = ("final_label", xstest[lab]) if i % 2 or not mixed else ("label", lab)
+        lines.append(json.dumps({"prompt": p, "completion": c, key: value}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_judge_train_then_judge_a_file_with_it(tiny_folder, tmp_path, capsys, monkeypatch):
+    from refdir.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the probe records the judge model's absolute path
+    data = labeled_file(tmp_path / "labeled.jsonl")
+    probe = tmp_path / "p.safetensors"
+    argv = ["judge-train", "--labeled", data, "--out", str(probe), "--judge-model", str(tiny_folder)]
+    assert main([*argv, "--chars", "60", "--l2", "1e-3"]) == 0
+    assert "training accuracy 1.000 on 7" in capsys.readouterr().out
+    p = Probe.load(probe)
+    assert p.judge_model == str(tiny_folder.resolve()) and p.layer == 2 and p.chars == 60  # 4 layers: middle
+    out = tmp_path / "v.json"
+    xs = labeled_file(tmp_path / "xstest.jsonl", mixed=False)
+    judge = ["judge", "--completions", xs, "--out", str(out), "--judge", f"probe:{probe}"]
+    assert main([*judge, "--model", str(tiny_folder)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["n"] == len(REPLIES) and doc["kind"] == "probe"
+    assert [i["label"] for i in doc["items"]] == [r[2] for r in REPLIES]  # three-way labels
+    assert doc["human_agreement"]["three_way"]["accuracy"] == 1.0
+    assert main([*argv, "--layer", "9"]) == 2  # the tiny judge has 4 layers
+    assert "has layers 0 to 3" in capsys.readouterr().err
+
+
+def test_judge_train_bad_input_writes_nothing(tiny_folder, tmp_path, capsys):
+    from refdir.cli import main
+
+    data = labeled_file(tmp_path / "labeled.jsonl")
+    one = labeled_file(tmp_path / "one.jsonl", [r for r in REPLIES if r[2] == "refusal"])
+    base = ["judge-train", "--judge-model", str(tiny_folder), "--out", str(tmp_path / "p.safetensors")]
+    before = sorted(tmp_path.iterdir())
+    cases = [
+        (["--labeled", one], "at least two"),
+        (["--labeled", data, str(tmp_path / "missing.jsonl")], "not found"),
+        (["--labeled", data, "--layer", "-1"], "--layer must be 0 or more"),
+        (["--labeled", data, "--out", data], "is the completions file itself"),
+    ]
+    for extra, msg in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    with pytest.raises(SystemExit) as e:  # argparse
+        main([*base, "--labeled", data, "--chars", "0"])
+    assert e.value.code == 2
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_run_takes_the_probe_when_it_can_run_and_rekeys_when_it_cannot(
+    tiny_folder, tmp_path, capsys, monkeypatch
+):
+    """The default judge "auto" on a tiny run, with a probe trained on the tiny model as the shipped one:
+    the run's own model is the judge model (reused), eval.json says probe (asked: auto); without the probe
+    the evaluation reruns with no second judge and the log says why."""
+    from test_cli import LOOSE
+
+    import refdir.core.models
+    import refdir.evaluation.probe_judge as pj
+    from refdir.cli import main
+
+    data = labeled_file(tmp_path / "labeled.jsonl")
+    probe = tmp_path / "p.safetensors"
+    argv = ["judge-train", "--labeled", data, "--out", str(probe), "--judge-model", str(tiny_folder)]
+    assert main(argv) == 0
+    monkeypatch.setattr(pj, "DEFAULT_PROBE", probe)
+    real_load = refdir.core.models.load_model
+    loads = []
+
+    def counted(spec, **k):
+        loads.append(spec)
+        return real_load(spec, **k)
+
+    monkeypatch.setattr(refdir.core.models, "load_model", counted)
+    run = tmp_path / "run"
+    args = ["run", "--model", str(tiny_folder), "--out", str(run), *LOOSE, "--judge", "auto"]
+    assert main(args) == 0
+    judge = json.loads((run / "eval.json").read_text())["judge"]
+    assert judge["kind"] == "probe" and judge["judge"] == "probe" and judge["requested"] == "auto"
+    assert all(0 <= c["agreement"] <= 1 for c in judge["conditions"].values())
+    assert loads == [str(tiny_folder)]  # the judge model is the run's own: not loaded twice
+    capsys.readouterr()
+    monkeypatch.setattr(pj, "DEFAULT_PROBE", tmp_path / "gone.safetensors")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "second judge: off (no probe judge at" in err and err.count("reused") == 3
+    assert json.loads((run / "eval.json").read_text())["judge"] is None
