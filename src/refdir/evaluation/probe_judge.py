@@ -174,7 +174,7 @@ def fit_probe(
     w = torch.zeros(n_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     present = torch.bincount(labels, minlength=n_classes) > 0
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=500, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -319,7 +319,7 @@ class ProbeJudge:
         when it is that model (same embeddings), else the judge model loaded with ``load_options``."""
         probe = Probe.load(path or DEFAULT_PROBE)
         if model is not None and tok is not None:
-            if abs(model_fingerprint(model) - probe.fingerprint) <= 1e-4 * max(abs(probe.fingerprint), 1.0):
+            if abs(model_fingerprint(model) - probe.fingerprint) <= 1e-2 * max(abs(probe.fingerprint), 1.0):
                 return cls(probe, model, tok)
         from refdir.core.models import load_model
 
