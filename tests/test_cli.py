@@ -88,7 +88,7 @@ def test_judge_command_labels_a_finished_run(tiny_run, tmp_path, capsys):
     run = tmp_path / "jc"
     shutil.copytree(tiny_run, run)
     comps = (run / "completions.jsonl").read_bytes()
-    assert main(["judge", "--run", str(run)]) == 0
+    assert main(["judge", "--run", str(run), "--judge", "self"]) == 0  # the default is the probe
     ev = json.loads((run / "eval.json").read_text())
     assert (run / "completions.jsonl").read_bytes() == comps
     rows = [json.loads(x) for x in comps.decode().splitlines()]
@@ -114,7 +114,7 @@ def test_judge_command_labels_a_finished_run(tiny_run, tmp_path, capsys):
     assert json.loads((run / "summary.json").read_text())["judge_refusal"]["harmless/actadd+"] == round(
         got["refusal_rate"], 3
     )
-    assert main(["judge", "--run", str(run), "--conditions", "harmless/actadd+"]) == 0
+    assert main(["judge", "--run", str(run), "--judge", "self", "--conditions", "harmless/actadd+"]) == 0
     assert set(json.loads((run / "eval.json").read_text())["judge"]["conditions"]) == {"harmless/actadd+"}
     # self+evasive: the same refusal verdicts; the other replies are asked about evasion against the request
     assert (
