@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -27,7 +28,7 @@ from refdir.core.io import load_tensors, save_tensors, write_json, write_jsonl
 from refdir.core.runtime import Runtime
 from refdir.core.templates import post_instruction_tokens
 from refdir.evaluation.direction_eval import check_orthogonalized, evaluate_conditions, instructions
-from refdir.evaluation.verdicts import resolve_judge
+from refdir.evaluation.verdicts import is_probe, resolve_judge
 from refdir.method.activations import PostActivationRecorder, mean_activations
 from refdir.method.cosmic import select_direction_cosmic
 from refdir.method.directions import (
@@ -38,7 +39,7 @@ from refdir.method.directions import (
 )
 from refdir.method.screen import prepare_prompts
 from refdir.method.selection import SelectionConfig, paper_scores, require_choice, select_direction
-from refdir.run.folder import RunFolder
+from refdir.run.folder import RunFolder, file_hash
 from refdir.run.settings import RunConfig
 
 
@@ -252,9 +253,21 @@ def _settings_select(cfg: RunConfig) -> dict:
     return {"sel": {k: v for k, v in sel if k != "batch_rows" and not (k == "selector" and v == "paper")}}
 
 
+def judge_key(spec: str | None) -> str | None:
+    """What keys the evaluate stage for a second judge: its spec, and for a probe the digest of its
+    file as well, so a probe retrained in place (or a new shipped one) reruns the verdicts rather than
+    leaving the old probe's numbers under the new probe's name."""
+    if spec is None or not is_probe(spec):
+        return spec
+    from refdir.evaluation.probe_judge import DEFAULT_PROBE
+
+    path = Path(spec.partition(":")[2] or DEFAULT_PROBE)
+    return f"{spec}#{file_hash(path)}" if path.is_file() else spec
+
+
 def _settings_evaluate(cfg: RunConfig) -> dict:
     # the judge that will run: "auto" keys as the probe once it can run here, so the stage reruns then
-    judge = resolve_judge(cfg.judge)[0]
+    judge = judge_key(resolve_judge(cfg.judge)[0])
     key = {"max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": judge}
     # XSTest prompts per set: absent when off, so folders evaluated without it keep their key
     return {**key, "overrefusal_n": cfg.overrefusal_n} if cfg.overrefusal_n else key
