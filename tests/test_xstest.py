@@ -118,9 +118,14 @@ def test_regenerated_ortho_generates_both_sets(xs_run, tiny_folder, tmp_path):
     shutil.copytree(xs_run, run)
     toml = tmp_path / "run.toml"
     toml.write_text("regenerate_ortho = true\noverrefusal_n = 10\n")
-    assert main(["run", "--model", str(tiny_folder), "--out", str(run), *LOOSE, "--config", str(toml)]) == 0
-    block = json.loads((run / "eval.json").read_text())["overrefusal"]
+    args = ["run", "--model", str(tiny_folder), "--out", str(run), *LOOSE, "--config", str(toml)]
+    assert main([*args, "--judge", "strmatch"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    block = ev["overrefusal"]
     counts = Counter((r["split"], r["condition"]) for r in _rows(run))
+    labelled = ev["judge"]["conditions"]
+    assert "harmful/ortho" in labelled  # the second judge also labels the rows generated after it ran
     for name, s in block["sets"].items():
         ortho = s["conditions"]["ortho"]
         assert "from" not in ortho and ortho["n"] == 10 and counts[(name, "ortho")] == 10
+        assert ortho["judge_refusal_rate"] == labelled[f"{name}/ortho"]["refusal_rate"] is not None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from refdir.core.adapter import get_adapter
 from refdir.core.models import release_memory
 from refdir.core.runtime import Runtime
+from refdir.core.templates import PromptFormat
 from refdir.evaluation.conditions import (
     GenJob,
     Judged,
@@ -31,7 +32,7 @@ from refdir.evaluation.conditions import (
     refusal_rate,
 )
 from refdir.evaluation.judges import second_judge
-from refdir.evaluation.verdicts import resolve_judge
+from refdir.evaluation.verdicts import needs_model, resolve_judge
 from refdir.evaluation.xstest import (
     attach_judge,
     new_block,
@@ -195,6 +196,7 @@ def check_orthogonalized(
 def _regenerate_ortho(owned: Runtime, data: dict, cfg: RunConfig, out: Evaluation) -> None:
     """``--preset paper``: generate the orthogonalized condition and score CE under the edited weights."""
     model, tok, fmt, bs = owned.model, owned.tokenizer, owned.fmt, owned.batch.prompt_rows
+    first_new = len(out.rows)
     harm = data["eval_harmful"]
     hp, hcat = instructions(harm), [x.get("category") for x in harm]
     n_new = cfg.max_new_tokens
@@ -216,6 +218,7 @@ def _regenerate_ortho(owned: Runtime, data: dict, cfg: RunConfig, out: Evaluatio
         )
         record(out.ev["overrefusal"], split, "ortho", items)
         out.rows += completion_rows(split, "ortho", items)
+    _judge_regenerated(out, out.rows[first_new:], cfg, fmt)
     # the baseline is gone from memory: CE of the baseline completions under the orthogonalized weights
     plain = {"baseline": contextlib.nullcontext}
     lp = instructions(data["eval_harmless"])
@@ -233,3 +236,20 @@ def _regenerate_ortho(owned: Runtime, data: dict, cfg: RunConfig, out: Evaluatio
         ce_t = kl_and_ce(model, tok, ins, resp, fmt, plain, 64, bs)["baseline"]
         text = out.ev["ce_harmless_text"]
         text["ortho"] = {**text["ablation"], "ce": ce_t["ce"], "kl_from": "ablation (logit-equivalent)"}
+
+
+def _judge_regenerated(out: Evaluation, rows: list[dict], cfg: RunConfig, fmt: PromptFormat) -> None:
+    """The run's second judge on the regenerated orthogonalized rows (it ran before they existed).
+
+    A judge that reads the run's own model (``self``) would now read the orthogonalized weights: it is
+    skipped and the block says so. The others need no model of the run's: a probe loads its judge
+    model afresh from disk (never the edited copy), rules and classifiers read only the text."""
+    block = out.ev.get("judge")
+    if not block or not rows:
+        return
+    if needs_model(block["judge"]):
+        block["ortho"] = "not judged: the self judge would read the orthogonalized weights"
+        return
+    extra = second_judge(None, None, rows, block["judge"], fmt, load_options=judge_load(cfg))
+    block["conditions"].update(extra["conditions"])
+    attach_judge(out.ev)
