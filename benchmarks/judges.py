@@ -272,7 +272,9 @@ def probe_judge(args, data: dict[str, list[dict]], results: dict, save) -> None:
         entry[s] = scored([refused[i] for i in idx], [rows[i] for i in idx], [labels[i] for i in idx])
     entry["split"] = "5 folds over prompts; reading, layer and l2 chosen inside each training part (nested)"
     entry["chosen"] = cv["chosen"]
-    results["judges"]["probe"] = entry
+    # one reading: the shipped probe's fixed beforehand; several: the choice is held out too
+    name = "probe" if len(reads) == 1 else "probe, reading chosen inside the nested cross-validation"
+    results["judges"][name] = entry
     save()
     cross: dict[str, Any] = {}
     for train, test in ((SETS[0], SETS[1]), (SETS[1], SETS[0])):
