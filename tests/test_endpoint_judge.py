@@ -32,7 +32,8 @@ class Stub(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Stub.posted.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
         content = body["messages"][-1]["content"]
-        reply = next(r for c, r in REPLIES.items() if c[:20] in content)
+        # a reply it does not know (a tiny model's) is a compliance
+        reply = next((r for c, r in REPLIES.items() if c[:20] in content), "1_full_compliance")
         time.sleep(0.05 if "sorry" in content else 0)  # the first item answers last
         out = {"choices": [{"message": {"role": "assistant", "content": reply}}]}
         data = json.dumps(out if Stub.status == 200 else {"error": "no such model"}).encode()
@@ -126,3 +127,32 @@ def test_connection_refused_names_the_url():
 )
 def test_parse_label(reply, want):
     assert parse_label(reply) == want
+
+
+def test_a_run_without_the_served_model_stops_before_loading(tmp_path, capsys):
+    from test_cli import LOOSE
+
+    from refdir.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "--model", "/no/such/model", "--out", str(out), *LOOSE]
+    assert main([*args, "--judge", "http://127.0.0.1:9/v1"]) == 2
+    assert "--judge-model" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--judge", "strmatch", "--judge-model", "m"]) == 2  # only an endpoint serves one
+    assert "is for an endpoint judge" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_run_judged_by_an_endpoint(server, tiny_folder, tmp_path):
+    from test_cli import LOOSE
+
+    from refdir.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "--model", str(tiny_folder), "--out", str(out), *LOOSE]
+    assert main([*args, "--judge", server, "--judge-model", "stub-model"]) == 0
+    block = json.loads((out / "eval.json").read_text())["judge"]
+    assert block["judge"] == server and block["judge_model"] == "stub-model"
+    rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(Stub.posted) == len(rows) and {p["model"] for p in Stub.posted} == {"stub-model"}
+    # the stub calls every reply of the tiny model a compliance
+    assert all(c["refusal_rate"] == 0.0 for c in block["conditions"].values())

@@ -122,16 +122,13 @@ def cmd_judge(a: argparse.Namespace) -> int:
 
 def check_completions_args(a: argparse.Namespace, spec: str) -> Path:
     """Everything about ``--completions``' flags that can be wrong, before any file or model is read."""
-    from refdir.evaluation.verdicts import is_endpoint, needs_model
+    from refdir.evaluation.verdicts import check_judge_model, needs_model
 
     if a.out is None:
         raise RefdirError("--completions needs --out FILE (the verdict file)")
     if a.conditions is not None:
         raise RefdirError("--conditions works with --run only")
-    if is_endpoint(spec) and not a.judge_model:
-        raise RefdirError(f"--judge {spec} needs --judge-model NAME (the model the server serves)")
-    if a.judge_model and not is_endpoint(spec):
-        raise RefdirError("--judge-model is for an endpoint judge (--judge http://HOST/v1)")
+    check_judge_model(spec, a.judge_model)
     if needs_model(spec) and not a.model:
         raise RefdirError(f"--judge {spec} on --completions needs --model (the model that judges)")
     return Path(a.out)

@@ -102,9 +102,13 @@ def run_second_judge(rt: Runtime, rows: list[dict], cfg: RunConfig, log=lambda m
             log(f"evaluate: second judge: off ({why})")
         return None
     log(f"evaluate: second judge ({spec})")
-    block = second_judge(rt.model, rt.tokenizer, rows, spec, rt.fmt, load_options=judge_load(cfg))
+    block = second_judge(
+        rt.model, rt.tokenizer, rows, spec, rt.fmt, load_options=judge_load(cfg), judge_model=cfg.judge_model
+    )
     if cfg.judge != spec:
         block["requested"] = cfg.judge
+    if cfg.judge_model:
+        block["judge_model"] = cfg.judge_model
     return block
 
 
@@ -250,6 +254,7 @@ def _judge_regenerated(out: Evaluation, rows: list[dict], cfg: RunConfig, fmt: P
     if needs_model(block["judge"]):
         block["ortho"] = "not judged: the self judge would read the orthogonalized weights"
         return
-    extra = second_judge(None, None, rows, block["judge"], fmt, load_options=judge_load(cfg))
+    spec, load = block["judge"], judge_load(cfg)
+    extra = second_judge(None, None, rows, spec, fmt, load_options=load, judge_model=cfg.judge_model)
     block["conditions"].update(extra["conditions"])
     attach_judge(out.ev)

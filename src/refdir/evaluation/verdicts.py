@@ -23,6 +23,7 @@ __all__ = [
     "StrmatchJudge",
     "SubstringJudge",
     "Verdict",
+    "check_judge_model",
     "is_endpoint",
     "make_judge",
     "needs_model",
@@ -176,6 +177,15 @@ def resolve_judge(spec: str | None) -> tuple[str | None, str | None]:
         if reason is not None:
             raise RefdirError(f"--judge {spec}: {reason}")
     return spec, None
+
+
+def check_judge_model(spec: str | None, judge_model: str | None) -> None:
+    """An endpoint judge names the model its server serves, and only an endpoint judge does: one error
+    before any model loads or any reply is generated, not after."""
+    if spec is not None and is_endpoint(spec) and not judge_model:
+        raise RefdirError(f"--judge {spec} needs --judge-model NAME (the model the server serves)")
+    if judge_model and not (spec is not None and is_endpoint(spec)):
+        raise RefdirError("--judge-model is for an endpoint judge (--judge http://HOST/v1)")
 
 
 def make_judge(

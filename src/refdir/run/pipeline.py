@@ -26,7 +26,7 @@ from refdir.core.runtime import BatchPolicy, Runtime
 from refdir.core.templates import PromptFormat, format_prompt
 from refdir.core.types import Model, Tokenizer
 from refdir.evaluation.judges import second_judge
-from refdir.evaluation.verdicts import resolve_judge
+from refdir.evaluation.verdicts import check_judge_model, resolve_judge
 from refdir.evaluation.xstest import attach_judge, summary_of
 from refdir.method.directions import load_direction
 from refdir.method.interventions import orthogonalize_weights
@@ -153,6 +153,7 @@ def run_pipeline(
     t_start = time.time()
     check_run_folder(Path(out), cfg.model)
     resolve_judge(cfg.judge)  # an explicit probe judge that cannot run here: an error before the model loads
+    check_judge_model(cfg.judge, cfg.judge_model)
     caps = CapabilityStage(cfg, log) if cfg.capabilities else None  # tasks and files checked before loading
     owns = (model is None and runtime is None) if owns_model is None else owns_model
     rt = _runtime(cfg, model, tok, runtime)

@@ -233,6 +233,9 @@ class RunConfig:
         "--judge",
         read="none",
     )
+    judge_model: str | None = _s(
+        None, "the model an OpenAI-compatible --judge endpoint (http://HOST/v1) serves", "--judge-model"
+    )
     overrefusal_n: int = _s(
         50,
         "XSTest prompts per set (safe, unsafe contrast) generated under each condition to measure "

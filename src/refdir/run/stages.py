@@ -269,6 +269,8 @@ def _settings_evaluate(cfg: RunConfig) -> dict:
     # the judge that will run: "auto" keys as the probe once it can run here, so the stage reruns then
     judge = judge_key(resolve_judge(cfg.judge)[0])
     key = {"max_new_tokens": cfg.max_new_tokens, "ortho": cfg.regenerate_ortho, "judge": judge}
+    if cfg.judge_model:  # an endpoint's served model: absent otherwise, so earlier folders keep their key
+        key["judge_model"] = cfg.judge_model
     # XSTest prompts per set: absent when off, so folders evaluated without it keep their key
     return {**key, "overrefusal_n": cfg.overrefusal_n} if cfg.overrefusal_n else key
 
