@@ -246,3 +246,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tiny_folder, 
     assert "refdir overrefusal --run" in capsys.readouterr().err and not out.exists()
     assert main(["export", "--model", str(tiny_folder), "--overrefusal", "--out", str(out)]) == 2
     assert "needs --run" in capsys.readouterr().err
+
+
+def test_overrefusal_reuses_the_runs_xstest_completions(tiny_run, tiny_folder, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    run_block = json.loads((run / "eval.json").read_text())["overrefusal"]["sets"]["xstest-safe"]
+    n = run_block["conditions"]["baseline"]["n"]
+    argv = ["overrefusal", "--run", str(run), "--model", str(tiny_folder), "--xstest-n", str(n)]
+    argv += ["--n-val", "6", "--kl-threshold", "1e9", "--harmful-margin", "1e9", "--layer-stride", "2"]
+    assert main(argv) == 0
+    got = json.loads((run / "overrefusal.json").read_text())["evaluation"]["refusal"]["xstest_safe"]
+    # the same prompts, length and direction: the run's completions, not a second generation
+    for cond, run_cond in (("baseline", "baseline"), ("refusal_ablation", "ablation")):
+        assert got[cond]["from"] == "the run's completions.jsonl" and got[cond]["n"] == n
+        assert got[cond]["refusal_rate"] == run_block["conditions"][run_cond]["refusal_rate"]
+    assert "from" not in got["false_refusal_ablation"]
+    rows = [json.loads(x) for x in (run / "overrefusal_completions.jsonl").read_text().splitlines()]
+    assert sum(r["split"] == "xstest_safe" for r in rows) == 3 * n

@@ -21,7 +21,7 @@ from refdir.core.errors import RefdirError
 from refdir.core.io import load_tensors, write_json, write_jsonl
 from refdir.core.prefix import last_logits_shared, split_prefix
 from refdir.core.runtime import Runtime
-from refdir.evaluation.overrefusal_eval import EvalPrompts, evaluate_false_refusal, reusable_baseline
+from refdir.evaluation.overrefusal_eval import EvalPrompts, evaluate_false_refusal, reusable_completions
 from refdir.evaluation.xstest import stratified
 from refdir.method.activations import mean_activations
 from refdir.method.data import Prompt, load_prompts, split_prompts
@@ -198,8 +198,8 @@ def measure_overrefusal(
             [x.get("category") for x in harm],
             _texts(data.get("eval_harmless") or data["harmless_val"]),
         )
-        base = reusable_baseline(run.completions, prompts.harmful, n_new, run.eval)
-        ev, rows = evaluate_false_refusal(rt, refusal, fr, prompts, n_new, base, s.judge)
+        reused = reusable_completions(run.completions, run.eval, prompts, n_new, refusal)
+        ev, rows = evaluate_false_refusal(rt, refusal, fr, prompts, n_new, reused, s.judge)
         res["evaluation"] = {"xstest_source": s.xstest, "n_xstest": len(xstest), **ev}
         write_jsonl(run.overrefusal_completions, rows)
     res["seconds"] = round(time.time() - t, 1)

@@ -4,8 +4,9 @@ are still refused, and at what cost on harmless prompts?
 
 Greedy completions, in shared batches (:func:`~refdir.evaluation.conditions.generate_conditions`), of
 XSTest's safe prompts under baseline, refusal-direction ablation and false-refusal ablation, and of the
-run's harmful evaluation prompts under false-refusal ablation (their baseline is the run's own completions
-when ``completions.jsonl`` holds them at the same length); refusal rates by the substring judge and, when
+run's harmful evaluation prompts under false-refusal ablation (the baselines, and XSTest under the refusal
+direction's ablation, are the run's own completions when ``completions.jsonl`` holds them for the same
+prompts, length and direction); refusal rates by the substring judge and, when
 asked, a second judge; first-token KL on the run's harmless evaluation prompts.
 """
 
@@ -55,27 +56,47 @@ class EvalPrompts:
     harmless: list[str]
 
 
-def reusable_baseline(
-    completions: Path, prompts: list[str], max_new_tokens: int, eval_json: Path
-) -> list[str]:
-    """The run's harmful baseline completions, when ``completions.jsonl`` holds them for exactly these
-    prompts at the same ``max_new_tokens`` (else []: they are generated again)."""
+# job -> the run's (split, condition) in completions.jsonl that already holds it; ablation only when the
+# run's evaluation ablated the same refusal direction
+RUN_ROWS = {
+    f"{HARMFUL}/baseline": ("harmful", "baseline"),
+    f"{XSTEST}/baseline": ("xstest-safe", "baseline"),
+    f"{XSTEST}/refusal_ablation": ("xstest-safe", "ablation"),
+}
+REUSED = "the run's completions.jsonl"
+
+
+def reusable_completions(
+    completions: Path, eval_json: Path, prompts: EvalPrompts, max_new_tokens: int, refusal: Direction
+) -> dict[str, list[str]]:
+    """The completions of every job of :data:`RUN_ROWS` that the run's evaluation already generated: same
+    prompts in the same order, same ``max_new_tokens`` and, for the ablation, the same direction (layer,
+    position). Jobs not found are generated again."""
     if not completions.is_file() or not eval_json.is_file():
-        return []
-    if json.loads(eval_json.read_text()).get("max_new_tokens") != max_new_tokens:
-        return []
+        return {}
+    ev = json.loads(eval_json.read_text())
+    if ev.get("max_new_tokens") != max_new_tokens:
+        return {}
+    same_direction = (ev.get("direction") or {}).get("layer") == refusal.layer and (
+        ev.get("direction") or {}
+    ).get("pos") == refusal.pos
     rows = [json.loads(line) for line in completions.read_text().splitlines() if line.strip()]
-    base = [r for r in rows if r.get("split") == "harmful" and r.get("condition") == "baseline"]
-    if [r["prompt"] for r in base] != prompts:
-        return []
-    return [r["completion"] for r in base]
+    out = {}
+    for job, (split, cond) in RUN_ROWS.items():
+        if cond == "ablation" and not same_direction:
+            continue
+        got = [r for r in rows if r.get("split") == split and r.get("condition") == cond]
+        want = prompts.harmful if job.startswith(HARMFUL) else prompts.xstest
+        if got and [r["prompt"] for r in got] == want:
+            out[job] = [r["completion"] for r in got]
+    return out
 
 
-def _jobs(p: EvalPrompts, fr: torch.Tensor, reuse: bool) -> list[GenJob]:
-    """The generation jobs; ``fr``: the false-refusal vector ``[d]`` (the run's direction is the default)."""
+def _jobs(p: EvalPrompts, fr: torch.Tensor, reused: set[str]) -> list[GenJob]:
+    """The generation jobs not in ``reused``; ``fr``: the false-refusal vector ``[d]``."""
     out = []
     for split, cond in JOBS:
-        if split == HARMFUL and cond == "baseline" and reuse:
+        if f"{split}/{cond}" in reused:
             continue
         texts, cats = (
             (p.xstest, p.xstest_categories) if split == XSTEST else (p.harmful, p.harmful_categories)
@@ -118,29 +139,29 @@ def evaluate_false_refusal(
     false_refusal: Direction,
     prompts: EvalPrompts,
     max_new_tokens: int,
-    baseline_harmful: list[str] | None = None,
+    reused: dict[str, list[str]] | None = None,
     judge: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """The numbers (for ``overrefusal.json``) and the completions (``overrefusal_completions.jsonl`` rows):
     refusal rates per split and condition (substring judge, and ``judge`` when given), first-token KL on
-    the harmless prompts under each ablation. ``baseline_harmful``: the run's harmful baseline completions
-    (:func:`reusable_baseline`), generated again when None or empty."""
+    the harmless prompts under each ablation. ``reused``: completions of jobs the run already generated
+    (:func:`reusable_completions`); the other jobs are generated, in shared batches."""
     model, tok = rt.model, rt.tokenizer
-    reuse = bool(baseline_harmful)
-    jobs = _jobs(prompts, false_refusal.vector, reuse)
+    reused = reused or {}
+    jobs = _jobs(prompts, false_refusal.vector, set(reused))
     judged = generate_conditions(model, tok, jobs, refusal, rt.fmt, max_new_tokens, rt.batch.gen_rows)
-    if reuse:
-        judged[f"{HARMFUL}/baseline"] = [
-            Judged(p, c, is_refusal(c), cat)
-            for p, c, cat in zip(prompts.harmful, baseline_harmful or [], prompts.harmful_categories)
-        ]
+    for job, texts in reused.items():
+        ps, cats = (prompts.harmful, prompts.harmful_categories)
+        if not job.startswith(HARMFUL):
+            ps, cats = prompts.xstest, prompts.xstest_categories
+        judged[job] = [Judged(p, c, is_refusal(c), cat) for p, c, cat in zip(ps, texts, cats, strict=True)]
     refusal_table: dict[str, dict] = {}
     rows = []
     for split, cond in JOBS:
         items = judged[f"{split}/{cond}"]
         entry = {"refusal_rate": refusal_rate(items), "n": len(items), "per_category": per_category(items)}
-        if reuse and split == HARMFUL and cond == "baseline":
-            entry["from"] = "the run's completions.jsonl"
+        if f"{split}/{cond}" in reused:
+            entry["from"] = REUSED
         refusal_table.setdefault(split, {})[cond] = entry
         rows += completion_rows(split, cond, items)
     ev = {
