@@ -357,7 +357,9 @@ def main() -> int:
     ap.add_argument("--judge-model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--layers", default="6,8,10,12,14,16", help="candidate layers of the probe")
     ap.add_argument(
-        "--reads", default="request:400,reply:400,request:200", help="candidate readings (nested choice)"
+        "--reads",
+        default="request:400",
+        help="candidate readings, READ:CHARS (READ: request or reply); several: chosen in the nested CV",
     )
     ap.add_argument("--self-model", default="qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--self-n", type=int, default=100, help="replies per set for the self judge (0: skip)")

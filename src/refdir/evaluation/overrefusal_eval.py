@@ -77,19 +77,23 @@ def reusable_completions(
     ev = json.loads(eval_json.read_text())
     if ev.get("max_new_tokens") != max_new_tokens:
         return {}
-    same_direction = (ev.get("direction") or {}).get("layer") == refusal.layer and (
-        ev.get("direction") or {}
-    ).get("pos") == refusal.pos
+    d = ev.get("direction") or {}
+    same_direction = (d.get("layer"), d.get("pos")) == (refusal.layer, refusal.pos)
     rows = [json.loads(line) for line in completions.read_text().splitlines() if line.strip()]
     out = {}
     for job, (split, cond) in RUN_ROWS.items():
         if cond == "ablation" and not same_direction:
             continue
         got = [r for r in rows if r.get("split") == split and r.get("condition") == cond]
-        want = prompts.harmful if job.startswith(HARMFUL) else prompts.xstest
+        want = _prompts_of(prompts, job.split("/")[0])[0]
         if got and [r["prompt"] for r in got] == want:
             out[job] = [r["completion"] for r in got]
     return out
+
+
+def _prompts_of(p: EvalPrompts, split: str) -> tuple[list[str], list[str | None]]:
+    """The texts and categories of a job's split (XSTest safe or the run's harmful prompts)."""
+    return (p.xstest, p.xstest_categories) if split == XSTEST else (p.harmful, p.harmful_categories)
 
 
 def _jobs(p: EvalPrompts, fr: torch.Tensor, reused: set[str]) -> list[GenJob]:
@@ -98,9 +102,7 @@ def _jobs(p: EvalPrompts, fr: torch.Tensor, reused: set[str]) -> list[GenJob]:
     for split, cond in JOBS:
         if f"{split}/{cond}" in reused:
             continue
-        texts, cats = (
-            (p.xstest, p.xstest_categories) if split == XSTEST else (p.harmful, p.harmful_categories)
-        )
+        texts, cats = _prompts_of(p, split)
         mode = "baseline" if cond == "baseline" else "ablation"
         out.append(GenJob(f"{split}/{cond}", mode, texts, cats, fr if cond.startswith("false") else None))
     return out
@@ -151,9 +153,7 @@ def evaluate_false_refusal(
     jobs = _jobs(prompts, false_refusal.vector, set(reused))
     judged = generate_conditions(model, tok, jobs, refusal, rt.fmt, max_new_tokens, rt.batch.gen_rows)
     for job, texts in reused.items():
-        ps, cats = (prompts.harmful, prompts.harmful_categories)
-        if not job.startswith(HARMFUL):
-            ps, cats = prompts.xstest, prompts.xstest_categories
+        ps, cats = _prompts_of(prompts, job.split("/")[0])
         judged[job] = [Judged(p, c, is_refusal(c), cat) for p, c, cat in zip(ps, texts, cats, strict=True)]
     refusal_table: dict[str, dict] = {}
     rows = []

@@ -27,6 +27,7 @@ __all__ = [
     "is_endpoint",
     "make_judge",
     "needs_model",
+    "probe_path",
     "resolve_judge",
     "rule_verdict",
     "strmatch_refusal",
@@ -149,6 +150,11 @@ def is_probe(spec: str) -> bool:
     return spec == "probe" or spec.startswith("probe:")
 
 
+def probe_path(spec: str) -> str | None:
+    """The file a probe spec names: PATH of "probe:PATH", None for the probe shipped with refdir."""
+    return spec.partition(":")[2] or None
+
+
 def probe_reason(spec: str) -> str | None:
     """Why the probe judge ``spec`` cannot run here, or None (imported only when asked: torch)."""
     try:
@@ -157,7 +163,7 @@ def probe_reason(spec: str) -> str | None:
         )
     except ImportError as e:
         return f"the probe judge is not available ({e})"
-    reason: str | None = probe_unavailable(spec.partition(":")[2] or None)
+    reason: str | None = probe_unavailable(probe_path(spec))
     return reason
 
 
@@ -182,9 +188,10 @@ def resolve_judge(spec: str | None) -> tuple[str | None, str | None]:
 def check_judge_model(spec: str | None, judge_model: str | None) -> None:
     """An endpoint judge names the model its server serves, and only an endpoint judge does: one error
     before any model loads or any reply is generated, not after."""
-    if spec is not None and is_endpoint(spec) and not judge_model:
+    endpoint = spec is not None and is_endpoint(spec)
+    if endpoint and not judge_model:
         raise RefdirError(f"--judge {spec} needs --judge-model NAME (the model the server serves)")
-    if judge_model and not (spec is not None and is_endpoint(spec)):
+    if judge_model and not endpoint:
         raise RefdirError("--judge-model is for an endpoint judge (--judge http://HOST/v1)")
 
 
@@ -237,6 +244,6 @@ def load_probe(
         from refdir.evaluation.probe_judge import ProbeJudge  # type: ignore[import-not-found,unused-ignore]
     except ImportError as e:
         raise RefdirError(f"--judge {spec}: the probe judge is not available ({e})") from None
-    path = spec.partition(":")[2] or None
+    path = probe_path(spec)
     judge: Judge = ProbeJudge.load(path, model=model, tok=tok, load_options=dict(load_options or {}))
     return judge

@@ -28,7 +28,7 @@ from refdir.core.io import load_tensors, save_tensors, write_json, write_jsonl
 from refdir.core.runtime import Runtime
 from refdir.core.templates import post_instruction_tokens
 from refdir.evaluation.direction_eval import check_orthogonalized, evaluate_conditions, instructions
-from refdir.evaluation.verdicts import is_probe, resolve_judge
+from refdir.evaluation.verdicts import is_probe, probe_path, resolve_judge
 from refdir.method.activations import PostActivationRecorder, mean_activations
 from refdir.method.cosmic import select_direction_cosmic
 from refdir.method.directions import (
@@ -261,7 +261,7 @@ def judge_key(spec: str | None) -> str | None:
         return spec
     from refdir.evaluation.probe_judge import DEFAULT_PROBE
 
-    path = Path(spec.partition(":")[2] or DEFAULT_PROBE)
+    path = Path(probe_path(spec) or DEFAULT_PROBE)
     return f"{spec}#{file_hash(path)}" if path.is_file() else spec
 
 
